@@ -1,0 +1,67 @@
+"""3D layers on plain ``tf.compat.v1`` variables (no tflearn, no Keras).
+
+All tensors are ``[batch, X, Y, Z, channels]``. Weights default to the original code's
+tflearn initialisation: truncated normal, stddev 0.02; biases start at 0.
+"""
+from .tfv1 import tf
+
+DEFAULT_INIT_STDDEV = 0.02
+
+
+def leaky_relu(x, alpha=0.1):
+    return tf.nn.leaky_relu(x, alpha=alpha)
+
+
+def _activate(x, activation):
+    if activation is None:
+        return x
+    if activation == 'relu':
+        return tf.nn.relu(x)
+    if activation == 'leaky_relu':
+        return leaky_relu(x)
+    raise ValueError('unknown activation {!r}'.format(activation))
+
+
+def _as_triple(v):
+    return list(v) if isinstance(v, (list, tuple)) else [v] * 3
+
+
+def conv3d(name, x, channels, kernel, stride=1, activation=None, bias=True,
+           padding='SAME', init_stddev=DEFAULT_INIT_STDDEV):
+    """3D convolution. ``kernel``: int or [kx, ky, kz]; output spatial size ceil(n / stride) for SAME."""
+    k = _as_triple(kernel)
+    with tf.variable_scope(name):
+        w = tf.get_variable('W', k + [int(x.shape[-1]), channels],
+                            initializer=tf.truncated_normal_initializer(stddev=init_stddev))
+        y = tf.nn.conv3d(x, w, [1, stride, stride, stride, 1], padding)
+        if bias:
+            y = y + tf.get_variable('b', [channels], initializer=tf.zeros_initializer())
+    return _activate(y, activation)
+
+
+def conv3d_transpose(name, x, channels, kernel, stride, activation=None, bias=False,
+                     init_stddev=DEFAULT_INIT_STDDEV):
+    """3D transposed convolution (SAME padding): spatial size multiplied by ``stride``."""
+    k = _as_triple(kernel)
+    size = [int(d) * stride for d in x.shape[1:4]]
+    with tf.variable_scope(name):
+        w = tf.get_variable('W', k + [channels, int(x.shape[-1])],
+                            initializer=tf.truncated_normal_initializer(stddev=init_stddev))
+        out_shape = tf.stack([tf.shape(x)[0]] + size + [channels])
+        y = tf.nn.conv3d_transpose(x, w, out_shape, [1, stride, stride, stride, 1], 'SAME')
+        y = tf.reshape(y, [-1] + size + [channels])
+        if bias:
+            y = y + tf.get_variable('b', [channels], initializer=tf.zeros_initializer())
+    return _activate(y, activation)
+
+
+def upsample_nearest(x, factor=2):
+    """Nearest-neighbour upsampling of the three spatial axes by an integer factor."""
+    for axis in (1, 2, 3):
+        shape = x.shape.as_list()
+        tiles = [1] * (len(shape) + 1)
+        tiles[axis + 1] = factor
+        x = tf.tile(tf.expand_dims(x, axis + 1), tiles)
+        shape[axis] *= factor
+        x = tf.reshape(x, [-1] + shape[1:])
+    return x

@@ -1,0 +1,49 @@
+"""Sonnet-1-style module base: a module owns one variable scope and builds into the graph.
+
+The first call creates variables under ``<enclosing scope>/<name>/``; every later call
+reuses them (shared weights, e.g. RCN's ``-r`` repeats or a second tower).
+"""
+from .tfv1 import tf
+
+
+class Module:
+    """Base class. Subclasses implement ``_build(*args, **kwargs)``."""
+
+    def __init__(self, name):
+        self.name = name
+        self._scope = None
+
+    def __call__(self, *args, **kwargs):
+        if self._scope is None:
+            with tf.variable_scope(self.name) as scope:
+                self._scope = scope
+                return self._build(*args, **kwargs)
+        with tf.variable_scope(self._scope, reuse=True):
+            return self._build(*args, **kwargs)
+
+    def _build(self, *args, **kwargs):
+        raise NotImplementedError
+
+    @property
+    def scope_name(self):
+        """Full variable-scope name; None before the first call."""
+        return None if self._scope is None else self._scope.name
+
+    @property
+    def trainable_variables(self):
+        """The module's own trainable variables (empty before the first call)."""
+        if self._scope is None:
+            return []
+        return tf.get_collection(tf.GraphKeys.TRAINABLE_VARIABLES, scope=self._scope.name + '/')
+
+    @property
+    def variables(self):
+        """All of the module's global variables (empty before the first call)."""
+        if self._scope is None:
+            return []
+        return tf.get_collection(tf.GraphKeys.GLOBAL_VARIABLES, scope=self._scope.name + '/')
+
+
+def count_parameters(variables):
+    """Total number of scalars in a list of variables."""
+    return int(sum(int(v.shape.num_elements()) for v in variables))
