@@ -35,7 +35,7 @@ def conv3d(name, x, channels, kernel, stride=1, activation=None, bias=True,
                             initializer=tf.truncated_normal_initializer(stddev=init_stddev))
         y = tf.nn.conv3d(x, w, [1, stride, stride, stride, 1], padding)
         if bias:
-            y = y + tf.get_variable('b', [channels], initializer=tf.zeros_initializer())
+            y = tf.nn.bias_add(y, tf.get_variable("b", [channels], initializer=tf.zeros_initializer()))
     return _activate(y, activation)
 
 
@@ -51,7 +51,7 @@ def conv3d_transpose(name, x, channels, kernel, stride, activation=None, bias=Fa
         y = tf.nn.conv3d_transpose(x, w, out_shape, [1, stride, stride, stride, 1], 'SAME')
         y = tf.reshape(y, [-1] + size + [channels])
         if bias:
-            y = y + tf.get_variable('b', [channels], initializer=tf.zeros_initializer())
+            y = tf.nn.bias_add(y, tf.get_variable("b", [channels], initializer=tf.zeros_initializer()))
     return _activate(y, activation)
 
 

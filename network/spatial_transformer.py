@@ -105,3 +105,14 @@ def warp_tf(image, flow, padding='border'):
     """Pure-TF trilinear warp; same contract as ``warp``."""
     sizes = image.shape.as_list()[1:4]
     return sample_tf(image, identity_grid(sizes)[None] + flow, padding)
+
+
+def warp_nearest(image, flow):
+    """Nearest-neighbour warp (for label maps): samples at the rounded position p + flow(p)."""
+    grid = identity_grid(image.shape.as_list()[1:4])[None]
+    return warp(image, tf.round(grid + flow) - grid)
+
+
+def sample_points(volume, points):
+    """Trilinear samples of ``volume`` [B,X,Y,Z,C] at ``points`` [B,K,3] (voxels) -> [B,K,C]; border clamped."""
+    return sample_tf(volume, points)

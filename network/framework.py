@@ -1,0 +1,194 @@
+"""The training / evaluation graph around an RCN: placeholders, towers, optimiser, metrics.
+
+Feeds (names as the original's): 'voxel1' (FIXED) and 'voxel2' (MOVING) [B,X,Y,Z,1] in 0..255,
+'seg1', 'seg2' [B,X,Y,Z,1] (0/255 masks or label values), 'point1', 'point2' [B,K,3] (voxels,
+-1 = missing), 'learningRate' scalar. The network sees images / 255.
+
+Subclasses extend training by overriding ``_tower_loss`` (extra loss terms per tower) and
+``train_step`` (extra optimisers); ALDK does both.
+"""
+import numpy as np
+
+from . import metrics
+from .augment import augment_moving
+from .cascade import RecursiveCascade
+from .module import count_parameters
+from .tfv1 import tf
+
+FEEDS = ('voxel1', 'voxel2', 'seg1', 'seg2', 'point1', 'point2')
+
+
+def parse_devices(flag):
+    """'-1' -> ['/cpu:0']; 'cpu:N' -> N logical CPU towers; '0,1' -> GPU towers. ValueError if malformed."""
+    flag = str(flag).strip()
+    if flag == '-1':
+        return ['/cpu:0']
+    if flag.startswith('cpu:'):
+        n = flag[4:]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError('bad -g {!r}: expected cpu:N with N >= 1'.format(flag))
+        return ['/cpu:%d' % i for i in range(int(n))]
+    ids = flag.split(',')
+    if not all(i.strip().isdigit() for i in ids):
+        raise ValueError('bad -g {!r}: expected -1 (CPU), cpu:N, or GPU ids like 0,1'.format(flag))
+    return ['/gpu:%d' % i for i in range(len(ids))]
+
+
+def session_config(devices, threads=None):
+    """ConfigProto with enough logical CPU devices for CPU towers; ``threads`` caps both pools."""
+    n_cpu = max([int(d.split(':')[1]) + 1 for d in devices if d.startswith('/cpu')] + [1])
+    config = tf.ConfigProto(device_count={'CPU': n_cpu}, allow_soft_placement=False)
+    config.gpu_options.allow_growth = True
+    if threads:
+        config.intra_op_parallelism_threads = threads
+        config.inter_op_parallelism_threads = threads
+    return config
+
+
+class Framework:
+    """Builds one RCN into the default graph for training (``validation=False``) and evaluation.
+
+    net_args: keyword arguments of ``RecursiveCascade``; image_size: [X, Y, Z];
+    segmentation_class_value: {name: value} or None (binary 0/255 masks);
+    devices: tower devices (the batch is split evenly across them); augment: random B-spline
+    deformation of the moving image during training.
+    """
+
+    def __init__(self, net_args, image_size, segmentation_class_value=None, devices=('/cpu:0',),
+                 augment=True, validation=False, scope='rcn'):
+        self.image_size = list(image_size)
+        self.devices = list(devices)
+        self.class_names = list(segmentation_class_value) if segmentation_class_value else None
+        self.class_values = list(segmentation_class_value.values()) if segmentation_class_value else None
+        self.augment = augment
+        self.net = RecursiveCascade(scope, **net_args)
+        if any(s % self.net.stride for s in self.image_size):
+            raise ValueError('image size {} is not divisible by {}, the stride of this network'.format(
+                'x'.join(map(str, self.image_size)), self.net.stride))
+        shape = [None] + self.image_size + [1]
+        self.feeds = {k: tf.placeholder(tf.float32, shape, name=k) for k in FEEDS[:4]}
+        self.feeds.update({k: tf.placeholder(tf.float32, [None, None, 3], name=k) for k in FEEDS[4:]})
+        self.learning_rate = tf.placeholder(tf.float32, [], name='learningRate')
+        self.global_step = tf.train.get_or_create_global_step()
+        with tf.device(self.devices[0]):
+            self.outputs = self._build_eval()
+        if not validation:
+            self._build_train()
+
+    @property
+    def trainable_variables(self):
+        return self.net.trainable_variables
+
+    @property
+    def parameter_count(self):
+        """Parameters of the registration network alone (what inference needs)."""
+        return count_parameters(self.net.trainable_variables)
+
+    def _build_eval(self):
+        """Un-augmented forward pass and metrics on the whole fed batch."""
+        f = self.feeds
+        out = self.net(f['voxel1'] / 255.0, f['voxel2'] / 255.0)
+        flow = out['flow']
+        dice, jacc = metrics.segmentation_overlap(f['seg1'], f['seg2'], flow, self.class_values)
+        jac_std, folding = metrics.jacobian_stats(flow)
+        return {'flow': flow, 'warped': out['warped'] * 255.0, 'loss': out['loss'],
+                'dices': dice, 'jaccs': jacc,
+                'landmark_dists': metrics.landmark_distances(f['point1'], f['point2'], flow),
+                'jacobian_det': jac_std, 'folding': folding,
+                'terms': out['terms'], 'stages': out['stages']}
+
+    def _tower_inputs(self):
+        """Per tower: (fixed, moving) in 0..1, the moving one augmented when enabled."""
+        n = len(self.devices)
+        fixed = tf.split(self.feeds['voxel1'] / 255.0, n)
+        moving = tf.split(self.feeds['voxel2'] / 255.0, n)
+        seg = tf.split(self.feeds['seg2'], n)
+        pts = tf.split(self.feeds['point2'], n)
+        towers = []
+        for i in range(n):
+            m = moving[i]
+            if self.augment:
+                with tf.device(self.devices[i]):
+                    m, _, _ = augment_moving(m, seg[i], pts[i])
+            towers.append((fixed[i], m))
+        return towers
+
+    def _tower_loss(self, fixed, moving):
+        """The loss to minimise on one tower and its named scalar terms."""
+        out = self.net(fixed, moving)
+        return out['loss'], dict(out['terms'])
+
+    def _build_train(self):
+        """Towers with averaged gradients; Adam on the RCN's variables; summaries."""
+        self.optimizer = tf.train.AdamOptimizer(self.learning_rate)
+        tower_grads, tower_terms, tower_losses = [], [], []
+        for i, (fixed, moving) in enumerate(self._tower_inputs()):
+            with tf.device(self.devices[i]), tf.name_scope('tower%d' % i):
+                loss, terms = self._tower_loss(fixed, moving)
+                tower_grads.append(self.optimizer.compute_gradients(loss, self.trainable_variables))
+                tower_terms.append(terms)
+                tower_losses.append(loss)
+        grads = average_gradients(tower_grads)
+        self.loss = tf.add_n(tower_losses)
+        self.terms = {k: tf.add_n([t[k] for t in tower_terms]) for k in tower_terms[0]}
+        self.grad_norm = tf.global_norm([g for g, _ in grads])
+        with tf.control_dependencies(tf.get_collection(tf.GraphKeys.UPDATE_OPS)):
+            self.train_op = self.optimizer.apply_gradients(grads, global_step=self.global_step)
+        scalars = [tf.summary.scalar('loss', self.loss), tf.summary.scalar('grad_norm', self.grad_norm)]
+        scalars += [tf.summary.scalar('loss_' + k, v) for k, v in self.terms.items()]
+        self.summary = tf.summary.merge(scalars)
+
+    def feed_dict(self, batch, **extra):
+        """Placeholder feed from a data batch (dict of arrays keyed as FEEDS) plus named extras."""
+        fd = {self.feeds[k]: batch[k] for k in FEEDS if k in batch}
+        if 'learning_rate' in extra:
+            fd[self.learning_rate] = extra['learning_rate']
+        return fd
+
+    def train_step(self, sess, batch, learning_rate, with_summary=False):
+        """One optimiser step. Returns {'loss', 'grad_norm', terms..., ['summary']} as floats."""
+        fetch = {'loss': self.loss, 'grad_norm': self.grad_norm, 'terms': self.terms, 'train': self.train_op}
+        if with_summary:
+            fetch['summary'] = self.summary
+        res = sess.run(fetch, self.feed_dict(batch, learning_rate=learning_rate))
+        scalars = {'loss': float(res['loss']), 'grad_norm': float(res['grad_norm'])}
+        scalars.update({k: float(v) for k, v in res['terms'].items()})
+        if with_summary:
+            scalars['summary'] = res['summary']
+        return scalars
+
+    def evaluate_batch(self, sess, batch, keys=('dices', 'jaccs', 'landmark_dists', 'jacobian_det', 'folding')):
+        """Metrics of one batch as NumPy arrays keyed like ``self.outputs``."""
+        return sess.run({k: self.outputs[k] for k in keys}, self.feed_dict(batch))
+
+    def validate(self, sess, generator):
+        """Mean metrics over a finite generator of batches (NaNs ignored)."""
+        acc = {'dice': [], 'jacc': [], 'landmark_dist': [], 'jacobian_det': [], 'folding': []}
+        for batch in generator:
+            res = self.evaluate_batch(sess, batch)
+            acc['dice'].extend(np.nanmean(res['dices'], axis=1))
+            acc['jacc'].extend(np.nanmean(res['jaccs'], axis=1))
+            acc['landmark_dist'].extend(_nanmean_rows(res['landmark_dists']))
+            acc['jacobian_det'].extend(res['jacobian_det'])
+            acc['folding'].extend(res['folding'])
+        return {k: float(np.nanmean(v)) if len(v) and not np.all(np.isnan(v)) else float('nan')
+                for k, v in acc.items()}
+
+
+def _nanmean_rows(a):
+    """Row means ignoring NaN; NaN for all-NaN rows (no warnings)."""
+    a = np.asarray(a, np.float64)
+    count = np.sum(~np.isnan(a), axis=1)
+    total = np.nansum(a, axis=1)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def average_gradients(tower_grads):
+    """Average per-variable gradients over towers: list of [(grad, var)] -> [(grad, var)]."""
+    if len(tower_grads) == 1:
+        return tower_grads[0]
+    out = []
+    for pairs in zip(*tower_grads):
+        grads = [g for g, _ in pairs if g is not None]
+        out.append((tf.add_n(grads) / len(grads) if grads else None, pairs[0][1]))
+    return out

@@ -1,0 +1,107 @@
+"""Compile ``warp_op.cc`` into a TensorFlow op library, cached under ``network/ops/_build/``.
+
+Usage: ``python -m network.ops.build [--force]`` (``network.ops.load_warp_op`` also calls
+``build()`` on first use). The library's file name holds a hash of everything that
+changes the binary: the TensorFlow version, the source, the compiler and its flags. A
+cached library is reused without compiling. Concurrent builds are safe: builders of the
+same key serialise on a file lock, and the library is written to a temporary file and
+renamed into place, so no process ever loads a half-written file.
+"""
+import argparse
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from network.tfv1 import tf
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, 'warp_op.cc')
+BUILD_DIR = os.path.join(HERE, '_build')
+
+# -O3 without -march: the library must run on any x86-64 the cache directory travels to.
+BASE_FLAGS = ['-std=c++17', '-shared', '-fPIC', '-O3']
+
+
+class BuildError(RuntimeError):
+    """The op library could not be built (no compiler, or the compiler failed)."""
+
+
+def compiler():
+    """Path of the C++ compiler ($CXX, else g++); BuildError if there is none."""
+    name = os.environ.get('CXX', 'g++')
+    path = shutil.which(name)
+    if path is None:
+        raise BuildError('no C++ compiler found ({!r} is not on PATH)'.format(name))
+    return path
+
+
+def command(output):
+    """The full compiler command line that writes the library to ``output``."""
+    return ([compiler()] + BASE_FLAGS + tf.sysconfig.get_compile_flags() + [SOURCE, '-o', output]
+            + tf.sysconfig.get_link_flags())
+
+
+def library_path():
+    """Where the library for the current TensorFlow, source, compiler and flags lives."""
+    key = hashlib.sha256()
+    key.update(tf.VERSION.encode())
+    with open(SOURCE, 'rb') as f:
+        key.update(f.read())
+    key.update('\0'.join(command('OUT')).encode())
+    return os.path.join(BUILD_DIR, 'warp_op_{}.so'.format(key.hexdigest()[:16]))
+
+
+def _compile(output):
+    """Run the compiler; BuildError with the compiler's first error line on failure."""
+    result = subprocess.run(command(output), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True)
+    if result.returncode != 0:
+        lines = result.stdout.strip().splitlines()
+        errors = [line for line in lines if 'error' in line] or lines[-1:]
+        reason = errors[0] if errors else 'exit status {}'.format(result.returncode)
+        raise BuildError('compiling {} failed: {}'.format(os.path.basename(SOURCE), reason))
+
+
+def build(force=False, verbose=False):
+    """Path of the compiled library, compiling it only if it is not cached (or ``force``)."""
+    path = library_path()
+    if os.path.exists(path) and not force:
+        return path
+    os.makedirs(BUILD_DIR, exist_ok=True)
+    with open(path + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # Another process may have finished the same build while this one waited.
+        if os.path.exists(path) and not force:
+            return path
+        print('network.ops: compiling the warp op (one-off, ~30 s) -> {}'.format(path),
+              file=sys.stderr)
+        if verbose:
+            print(' '.join(command(path)), file=sys.stderr)
+        fd, tmp = tempfile.mkstemp(suffix='.so.tmp', dir=BUILD_DIR)
+        os.close(fd)
+        try:
+            _compile(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--force', action='store_true', help='rebuild even if cached')
+    parser.add_argument('-v', '--verbose', action='store_true', help='print the compiler command')
+    args = parser.parse_args()
+    try:
+        print(build(force=args.force, verbose=args.verbose))
+    except BuildError as error:
+        sys.exit('error: {}'.format(error))
+
+
+if __name__ == '__main__':
+    main()
