@@ -5,6 +5,8 @@ Composition: agg_k = warp(agg_{k-1}, flow_k) + flow_k and warped_k = warp(moving
 After the affine stem the composition is taken exactly, agg = A flow + affine_flow, which is
 what warp(affine_flow, flow) + flow equals for a linear field (no interpolation, no clamping).
 """
+import inspect
+
 from . import losses
 from .module import Module
 from .spatial_transformer import warp
@@ -84,3 +86,31 @@ class RecursiveCascade(Module):
         if 'W' in prev:
             return tf.einsum('bij,bxyzj->bxyzi', prev['W'] + tf.eye(3), flow) + prev['agg_flow']
         return warp(prev['agg_flow'], flow, self.warp_padding) + flow
+
+
+DEFAULT_AFFINE = {'VTN': 'VTN', 'VoxelMorph': 'VTN', 'LDR': 'light', 'LDROriginal': 'light'}
+RCN_KEYS = ('affine', 'flow_multiplier', 'warp_padding')
+
+
+def make_net_args(base_network, n_cascades, rep=1, extra=None):
+    """RecursiveCascade kwargs from train.py's -b/-n/-r and the --net_args dict.
+
+    --net_args keys 'affine' ('VTN', 'light' or None; default VTN for the teacher-side bases,
+    light for LDR), 'flow_multiplier' and 'warp_padding' configure the cascade; any other key
+    is a constructor argument of the base network (e.g. channels=16, head='deconv').
+    """
+    extra = dict(extra or {})
+    if base_network not in BASE_NETWORKS:
+        raise ValueError('unknown base network {!r} (choose from {})'.format(
+            base_network, ', '.join(BASE_NETWORKS)))
+    args = {'base_network': base_network, 'n_cascades': int(n_cascades), 'rep': int(rep),
+            'affine': DEFAULT_AFFINE[base_network]}
+    args.update({k: extra.pop(k) for k in RCN_KEYS if k in extra})
+    if args['affine'] in ('none', 'None'):
+        args['affine'] = None
+    accepted = inspect.signature(BASE_NETWORKS[base_network].__init__).parameters
+    unknown = [k for k in extra if k not in accepted or k in ('self', 'name')]
+    if unknown:
+        raise ValueError('unknown --net_args key(s) for {}: {}'.format(base_network, ', '.join(unknown)))
+    args['base_args'] = extra
+    return args

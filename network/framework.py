@@ -157,9 +157,20 @@ class Framework:
             scalars['summary'] = res['summary']
         return scalars
 
-    def evaluate_batch(self, sess, batch, keys=('dices', 'jaccs', 'landmark_dists', 'jacobian_det', 'folding')):
-        """Metrics of one batch as NumPy arrays keyed like ``self.outputs``."""
-        return sess.run({k: self.outputs[k] for k in keys}, self.feed_dict(batch))
+    def register(self, sess, batch):
+        """Final composed flow [B,X,Y,Z,3] (voxels) of a batch: the network alone, for timing."""
+        return sess.run(self.outputs['flow'], self.feed_dict(batch))
+
+    def evaluate_batch(self, sess, batch, keys=('dices', 'jaccs', 'landmark_dists', 'jacobian_det', 'folding'),
+                       flow=None):
+        """Metrics of one batch as NumPy arrays keyed like ``self.outputs``.
+
+        With ``flow`` (from ``register``) the network is not run again: the flow is fed.
+        """
+        fd = self.feed_dict(batch)
+        if flow is not None:
+            fd[self.outputs['flow']] = flow
+        return sess.run({k: self.outputs[k] for k in keys}, fd)
 
     def validate(self, sess, generator):
         """Mean metrics over a finite generator of batches (NaNs ignored)."""

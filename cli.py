@@ -1,0 +1,159 @@
+"""Shared command-line plumbing of train.py, eval.py and predict.py.
+
+Errors a user can cause end in one line ``error: ...`` on stderr and exit status 2; outputs are
+written atomically (temp file + rename) so an interrupted run never leaves half a file.
+"""
+import ast
+import json
+import os
+import re
+import sys
+import tempfile
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem with the user's input; reported as one line."""
+
+
+def fail(message):
+    """Print ``error: message`` (one line) and exit with status 2."""
+    print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def run(main):
+    """Call ``main()``; turn user-caused exceptions into one-line errors (exit 2)."""
+    from data_util.dataset import DataError
+    try:
+        return main()
+    except (UserError, DataError, ValueError, FileNotFoundError, KeyError, OSError) as e:
+        fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    except KeyboardInterrupt:
+        fail('interrupted')
+
+
+def parse_kwargs(text, flag):
+    """Parse ``"a=1, b='x'"`` (the original's --net_args/--data_args syntax) into a dict, safely."""
+    text = (text or '').strip()
+    if not text:
+        return {}
+    try:
+        call = ast.parse('f({})'.format(text), mode='eval').body
+        if call.args:
+            raise ValueError('positional value')
+        return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError) as e:
+        raise UserError('cannot parse {} {!r}: expected key=value pairs of literals ({})'.format(flag, text, e))
+
+
+def write_atomic(path, data, mode='w'):
+    """Write ``data`` (str or bytes) to ``path`` through a temp file in the same directory + rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2, default=float) + '\n')
+
+
+CHECKPOINT_RE = re.compile(r'model-(\d+)\.index$')
+
+
+def list_checkpoints(directory):
+    """{step: prefix} of complete checkpoints (index and data present) in a run directory."""
+    found = {}
+    for name in os.listdir(directory):
+        m = CHECKPOINT_RE.match(name)
+        if m:
+            prefix = os.path.join(directory, name[:-len('.index')])
+            if any(f.startswith(os.path.basename(prefix) + '.data-') for f in os.listdir(directory)):
+                found[int(m.group(1))] = prefix
+    return found
+
+
+def resolve_checkpoint(spec):
+    """'DIR', 'DIR:STEP' or a checkpoint prefix -> (run_dir, checkpoint_prefix, step).
+
+    A bare name is looked up under weights/. DIR picks the newest complete checkpoint; STEP the
+    one closest to STEP (as the original's eval.py).
+    """
+    step = None
+    m = re.match(r'^(.*):(\d+)$', spec)
+    if m:
+        spec, step = m.group(1), int(m.group(2))
+    if not os.path.exists(spec) and os.path.isdir(os.path.join('weights', spec)):
+        spec = os.path.join('weights', spec)
+    if os.path.isdir(spec):
+        found = list_checkpoints(spec)
+        if not found:
+            raise UserError('no checkpoint (model-N.index + data) in {}'.format(spec))
+        best = max(found) if step is None else min(found, key=lambda s: abs(s - step))
+        return spec, found[best], best
+    if os.path.exists(spec + '.index'):
+        m = re.search(r'model-(\d+)$', spec)
+        return os.path.dirname(spec) or '.', spec, int(m.group(1)) if m else None
+    raise UserError('checkpoint not found: {}'.format(spec))
+
+
+def load_run_args(run_dir):
+    """The args.json a training run wrote into its directory."""
+    path = os.path.join(run_dir, 'args.json')
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError('{} is missing: not a run directory of train.py'.format(path))
+    except json.JSONDecodeError as e:
+        raise UserError('{} is not valid JSON ({})'.format(path, e))
+
+
+def load_model(checkpoint, image_size=None, class_values=None, rep=None, flow_multiplier=None,
+               net_args_override=''):
+    """Build an evaluation Framework for a train.py checkpoint and restore it.
+
+    checkpoint: 'DIR', 'DIR:STEP' or a prefix. Returns (session, framework, run_args, prefix).
+    The graph holds the registration network only (no optimiser, critic or teacher).
+    """
+    from network.cascade import make_net_args
+    from network.framework import Framework, session_config
+    from network.tfv1 import tf
+    run_dir, prefix, _ = resolve_checkpoint(checkpoint)
+    run_args = load_run_args(run_dir)
+    extra = parse_kwargs(run_args.get('net_args', ''), 'the run\'s net_args')
+    extra.update(parse_kwargs(net_args_override, '--net_args'))
+    if flow_multiplier is not None:
+        extra['flow_multiplier'] = flow_multiplier
+    net_args = make_net_args(run_args['base_network'], run_args['n_cascades'],
+                             rep or run_args.get('rep', 1), extra)
+    size = image_size or run_args['image_size']
+    framework = Framework(net_args, size, class_values, validation=True)
+    sess = tf.Session(config=session_config(framework.devices))
+    restore_variables(sess, prefix, framework.net.variables)
+    return sess, framework, run_args, prefix
+
+
+def restore_variables(sess, prefix, variables):
+    """Restore ``variables`` from checkpoint ``prefix``; UserError naming it if they do not fit."""
+    from network.tfv1 import tf
+    try:
+        stored = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+    except (tf.errors.OpError, ValueError) as e:
+        raise UserError('cannot read checkpoint {}: {}'.format(prefix, str(e).splitlines()[0]))
+    bad = [v.op.name for v in variables if stored.get(v.op.name) != v.shape.as_list()]
+    if bad:
+        raise UserError('checkpoint {} does not fit this network: {} of {} variables missing or of another shape '
+                        '(e.g. {})'.format(prefix, len(bad), len(variables), bad[0]))
+    tf.train.Saver(variables).restore(sess, prefix)

@@ -1,0 +1,163 @@
+"""Evaluate a checkpoint on a subset, as the original eval.py.
+
+    python eval.py -c weights/my_run -d datasets/liver.json -v sliver-val
+    python eval.py -c weights/my_run:20000 -r 2 --paired -v lspig-val
+
+Writes <eval_output_dir>/<run>-<step>[-rep<R>][-<name>]-<subset>.txt (a line per pair and a
+Summary block, like the original) and the same name .json (per-pair, per-class and summary
+metrics, seconds per pair, parameter count). Existing results are kept unless --force.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+import cli
+
+METRICS = ('dice', 'jacc', 'landmark_dist', 'jacobian_det', 'folding')
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-c', '--checkpoint', required=True, help='run directory, DIR:STEP or checkpoint prefix')
+    p.add_argument('-d', '--dataset', default=None, help="JSON dataset spec (default: the run's)")
+    p.add_argument('-v', '--val_subset', default=None,
+                   help='comma-separated subsets or schemes to evaluate (default: scheme 2, validation)')
+    p.add_argument('--batch', type=int, default=1, help='pairs per batch')
+    p.add_argument('-r', '--rep', type=int, default=None, help='shared-weight repeats (may exceed training\'s)')
+    p.add_argument('-g', '--gpu', default='-1', help='-1 = CPU (default) or a GPU id')
+    p.add_argument('--paired', action='store_true', help='adjacent pairs (s0,s1),(s1,s0),... instead of all pairs')
+    p.add_argument('--flow_multiplier', type=float, default=None, help='scale of the predicted flows')
+    p.add_argument('--data_args', default='', help='dataset options as key=value pairs')
+    p.add_argument('--net_args', default='', help='network options overriding the run\'s')
+    p.add_argument('--eval_output_dir', default='evaluate', help='where result files go')
+    p.add_argument('--name', default=None, help='suffix of the result files')
+    p.add_argument('--force', action='store_true', help='overwrite existing result files')
+    p.add_argument('--fast_reconstruction', action='store_true', help='require the compiled warp op')
+    p.add_argument('--tf_warp', action='store_true', help='force the pure-TensorFlow warp')
+    return p
+
+
+def nanmean(values):
+    values = np.asarray(values, np.float64)
+    return float(np.mean(values[~np.isnan(values)])) if np.any(~np.isnan(values)) else float('nan')
+
+
+def nanstd(values):
+    values = np.asarray(values, np.float64)
+    return float(np.std(values[~np.isnan(values)])) if np.any(~np.isnan(values)) else float('nan')
+
+
+def evaluate(sess, framework, dataset, subset, batch_size):
+    """Per-pair records of one subset: ids, metrics, per-class dice/jacc, seconds (network only)."""
+    from tqdm import tqdm
+    records = []
+    progress = tqdm(total=dataset.num_pairs(subset), desc='evaluating {}'.format(subset), unit='pair',
+                    file=sys.stderr)
+    for batch in dataset.generator(subset, batch_size=batch_size):
+        t0 = time.perf_counter()
+        flow = framework.register(sess, batch)
+        seconds = (time.perf_counter() - t0) / len(flow)
+        res = framework.evaluate_batch(sess, batch, flow=flow)
+        for i in range(len(flow)):
+            records.append({
+                'id1': str(batch['id1'][i]), 'id2': str(batch['id2'][i]),
+                'dice': nanmean(res['dices'][i]), 'jacc': nanmean(res['jaccs'][i]),
+                'landmark_dist': nanmean(res['landmark_dists'][i]),
+                'jacobian_det': float(res['jacobian_det'][i]), 'folding': float(res['folding'][i]),
+                'dices': [float(v) for v in res['dices'][i]], 'jaccs': [float(v) for v in res['jaccs'][i]],
+                'seconds': seconds})
+        progress.update(len(flow))
+    progress.close()
+    return records
+
+
+def summarize(records, class_names):
+    """Mean and std of every metric over pairs, per-class means, median seconds per pair."""
+    summary = {m: {'mean': nanmean([r[m] for r in records]), 'std': nanstd([r[m] for r in records])}
+               for m in METRICS}
+    summary['seconds_per_pair'] = float(np.median([r['seconds'] for r in records]))
+    per_class = {}
+    if class_names:
+        for k, name in enumerate(class_names):
+            per_class[name] = {'dice': nanmean([r['dices'][k] for r in records]),
+                               'jacc': nanmean([r['jaccs'][k] for r in records])}
+    return summary, per_class
+
+
+def report_text(records, summary):
+    """The original's text format: 'id1 id2 dice jacc landmark jacobian' lines, then Summary."""
+    lines = ['{} {} {} {} {} {}'.format(r['id1'], r['id2'], r['dice'], r['jacc'], r['landmark_dist'],
+                                        r['jacobian_det']) for r in records]
+    s = summary
+    lines += ['Summary',
+              'Dice score: {} ({})'.format(s['dice']['mean'], s['dice']['std']),
+              'Jacc score: {} ({})'.format(s['jacc']['mean'], s['jacc']['std']),
+              'Landmark distance: {} ({})'.format(s['landmark_dist']['mean'], s['landmark_dist']['std']),
+              'Jacobian determinant: {} ({})'.format(s['jacobian_det']['mean'], s['jacobian_det']['std']),
+              'Folding fraction: {} ({})'.format(s['folding']['mean'], s['folding']['std']),
+              'Seconds per pair: {}'.format(s['seconds_per_pair'])]
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.gpu != '-1':
+        os.environ.setdefault('CUDA_VISIBLE_DEVICES', args.gpu)
+    from data_util.dataset import Dataset
+    from network import spatial_transformer
+    if args.tf_warp:
+        spatial_transformer.set_warp_impl('tf')
+    elif args.fast_reconstruction:
+        spatial_transformer.set_warp_impl('op')
+
+    run_dir, prefix, step = cli.resolve_checkpoint(args.checkpoint)
+    run_args = cli.load_run_args(run_dir)
+    dataset_path = args.dataset or run_args.get('dataset')
+    data_args = cli.parse_kwargs(args.data_args or run_args.get('data_args', ''), '--data_args')
+    if args.paired:
+        data_args['paired'] = True
+    dataset = Dataset(dataset_path, batch_size=args.batch, **data_args)
+    subsets = args.val_subset.split(',') if args.val_subset else [2]
+    for subset in subsets:
+        if subset not in dataset.schemes and subset not in dataset.subsets:
+            raise cli.UserError('subset {!r} is neither a scheme nor a subset of {}'.format(subset, dataset_path))
+
+    prefix_name = '{}-{}'.format(os.path.basename(os.path.normpath(run_dir)), step)
+    if args.rep:
+        prefix_name += '-rep{}'.format(args.rep)
+    if args.name:
+        prefix_name += '-' + args.name
+    outputs = {s: os.path.join(args.eval_output_dir, '{}-{}'.format(prefix_name, s)) for s in subsets}
+    for base in outputs.values():
+        for ext in ('.txt', '.json'):
+            if os.path.exists(base + ext) and not args.force:
+                raise cli.UserError('{} exists; use --force to overwrite or --name to write beside it'.format(base + ext))
+
+    seg_values = dataset.segmentation_class_value
+    sess, framework, run_args, prefix = cli.load_model(
+        prefix, dataset.image_size, seg_values, args.rep, args.flow_multiplier, args.net_args)
+    print('Evaluating {} ({:,} parameters, warp: {})'.format(prefix, framework.parameter_count,
+                                                              spatial_transformer.warp_impl()))
+    for subset, base in outputs.items():
+        dataset.check([subset])
+        records = evaluate(sess, framework, dataset, subset, args.batch)
+        summary, per_class = summarize(records, framework.class_names)
+        cli.write_atomic(base + '.txt', report_text(records, summary))
+        cli.write_json(base + '.json', {
+            'checkpoint': prefix, 'dataset': dataset_path, 'subset': subset, 'rep': args.rep or run_args.get('rep', 1),
+            'parameters': framework.parameter_count, 'warp': spatial_transformer.warp_impl(),
+            'summary': summary, 'per_class': per_class, 'pairs': records})
+        print('{}: Dice {:.4f} ({:.4f}), Jacc {:.4f}, landmark {:.3f}, Jacobian std {:.4f}, folding {:.5f}, '
+              '{:.3f} s/pair -> {}.txt'.format(subset, summary['dice']['mean'], summary['dice']['std'],
+                                               summary['jacc']['mean'], summary['landmark_dist']['mean'],
+                                               summary['jacobian_det']['mean'], summary['folding']['mean'],
+                                               summary['seconds_per_pair'], base))
+    sess.close()
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    cli.run(main)
