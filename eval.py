@@ -120,7 +120,7 @@ def main(argv=None):
     if args.paired:
         data_args['paired'] = True
     dataset = Dataset(dataset_path, batch_size=args.batch, **data_args)
-    subsets = args.val_subset.split(',') if args.val_subset else [2]
+    subsets = [int(s) if s.isdigit() else s for s in args.val_subset.split(',')] if args.val_subset else [2]
     for subset in subsets:
         if subset not in dataset.schemes and subset not in dataset.subsets:
             raise cli.UserError('subset {!r} is neither a scheme nor a subset of {}'.format(subset, dataset_path))

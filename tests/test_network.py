@@ -1,0 +1,144 @@
+"""Subnets, losses and the RCN builder on analytic cases and parameter counts."""
+import numpy as np
+import pytest
+
+from network import losses, subnets
+from network.augment import bspline_basis, invert_points, random_ffd
+from network.cascade import RecursiveCascade, make_net_args
+from network.module import count_parameters
+from network.tfv1 import tf
+from tests.helpers import run_graph
+
+
+def _params(cls, size=64):
+    with tf.Graph().as_default():
+        x = tf.placeholder(tf.float32, [1, size, size, size, 1])
+        m = cls('m')
+        m(x, x)
+        return count_parameters(m.trainable_variables)
+
+
+@pytest.mark.parametrize('cls,expected,tol', [
+    (subnets.VTN, 28.2e6, 0.03), (subnets.VTNAffineStem, 14.2e6, 0.03), (subnets.LDROriginal, 0.28e6, 0.03)])
+def test_parameter_counts(cls, expected, tol):
+    assert abs(_params(cls) - expected) / expected < tol
+
+
+def test_paper_ldr_is_an_order_of_magnitude_smaller_than_vtn():
+    ldr = _params(subnets.LDR)
+    print('paper LDR parameters:', ldr)
+    assert 5 < _params(subnets.VTN) / ldr < 30
+
+
+def test_module_reuses_variables_on_second_call():
+    with tf.Graph().as_default():
+        x = tf.placeholder(tf.float32, [1, 32, 32, 32, 1])
+        m = subnets.LDR('ldr')
+        m(x, x)
+        n = len(m.trainable_variables)
+        m(x, x)
+        assert len(m.trainable_variables) == n == len(tf.trainable_variables())
+
+
+@pytest.mark.parametrize('name', sorted(subnets.BASE_NETWORKS))
+def test_size_not_divisible_by_stride_is_refused(name):
+    cls = subnets.BASE_NETWORKS[name]
+    with tf.Graph().as_default():
+        x = tf.placeholder(tf.float32, [1, cls.stride + 8, 64, 64, 1])
+        with pytest.raises(ValueError, match='not divisible'):
+            cls('m')(x, x)
+
+
+def test_similarity_and_regularization_analytic():
+    rng = np.random.default_rng(0)
+    img = rng.random((2, 8, 8, 8, 1))
+    flow = np.ones((2, 8, 8, 8, 3)) * np.array([1.5, -2.0, 0.25])
+    sim_same, sim_neg, reg_const = run_graph(lambda a, f: (
+        losses.similarity_loss(a, a), losses.similarity_loss(a, -a), losses.regularization_loss(f)),
+        {'a': img, 'f': flow})
+    assert abs(sim_same) < 1e-4 and abs(sim_neg - 4.0) < 1e-4 and reg_const == 0.0
+    ramp = np.zeros((1, 4, 5, 6, 3))
+    ramp[..., 0] = np.arange(4)[:, None, None] * 2.0  # forward difference 2 along X, 3*5*6 pairs
+    reg = run_graph(lambda f: losses.regularization_loss(f), {'f': ramp})
+    assert abs(reg - (3 * 5 * 6 * 4 / 2) / (4 * 5 * 6 * 3)) < 1e-6
+
+
+def test_det_and_ortho_losses_against_numpy():
+    rng = np.random.default_rng(1)
+    A = np.eye(3) + rng.normal(0, 0.2, (3, 3, 3))
+    det, ortho = run_graph(lambda a: (losses.det_loss(a), losses.ortho_loss(a)), {'a': A})
+    assert abs(det - np.sum((np.linalg.det(A) - 1) ** 2) / 2) < 1e-4
+    e = losses.ORTHO_EPS
+    ref = 0.0
+    for a in A:
+        k = np.linalg.eigvalsh(a.T @ a + e * np.eye(3))
+        ref += np.sum(k + (1 + e) ** 2 / k) - 6 * (1 + e)  # s1 + (1+e)^2 s2/s3 = sum k + (1+e)^2 sum 1/k
+    assert abs(ortho - ref) < 1e-3 * max(1, abs(ref))
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    assert abs(run_graph(lambda a: losses.ortho_loss(a), {'a': q[None]})) < 1e-4
+
+
+def test_affine_flow_of_known_W_b():
+    W = np.array([[[0.1, 0.0, 0.2], [0.0, -0.1, 0.0], [0.3, 0.0, 0.0]]])
+    b = np.array([[1.0, -2.0, 0.5]])
+    sizes = (5, 6, 7)
+    flow = run_graph(lambda W, b: subnets.affine_flow(W, b, sizes), {'W': W, 'b': b})
+    p = np.array([4, 1, 3])
+    c = (np.array(sizes) - 1) / 2
+    np.testing.assert_allclose(flow[0, 4, 1, 3], W[0] @ (p - c) + b[0], atol=1e-5)
+
+
+def test_composition_of_two_translations_is_their_sum():
+    """With translation stems, the composed flow of the cascade equals t1 + t2."""
+    class Translate(subnets.DeformableNet):
+        def __init__(self, name, t, flow_multiplier=1.0):
+            super().__init__(name, flow_multiplier)
+            self.t = t
+
+        def _flow(self, pair):
+            return tf.zeros_like(tf.concat([pair, pair[..., :1]], axis=4)) + self.t
+
+    def build(img):
+        rcn = RecursiveCascade('rcn', 'VTN', n_cascades=2, affine=None)
+        rcn.cascades = [Translate('a', [1.0, 0.5, 0.0]), Translate('b', [0.0, 1.0, -2.0])]
+        return rcn(img, img)['flow']
+    flow = run_graph(build, {'img': np.zeros((1, 8, 8, 8, 1))})
+    np.testing.assert_allclose(flow[0, 3:5, 3:5, 3:5], np.broadcast_to([1.0, 1.5, -2.0], (2, 2, 2, 3)), atol=1e-5)
+
+
+def test_rcn_outputs_and_loss_terms():
+    rng = np.random.default_rng(2)
+    pair = rng.random((2, 64, 64, 64, 1)).astype(np.float32)
+
+    def build(a):
+        rcn = RecursiveCascade('rcn', **make_net_args('LDR', 2, rep=2))
+        return rcn(a, a[::-1])
+    out = run_graph(build, {'a': pair})
+    assert len(out['stages']) == 1 + 2 * 2
+    assert set(out['terms']) == {'det', 'ortho', 'similarity', 'regularization'}
+    assert out['flow'].shape == (2, 64, 64, 64, 3)
+    assert abs(out['loss'] - sum(out['terms'].values())) < 1e-5
+
+
+def test_make_net_args_rejects_unknown_keys():
+    with pytest.raises(ValueError, match='unknown base network'):
+        make_net_args('ResNet', 1)
+    with pytest.raises(ValueError, match='bogus'):
+        make_net_args('LDR', 1, extra={'bogus': 1})
+    assert make_net_args('LDR', 1, extra={'head': 'deconv'})['base_args'] == {'head': 'deconv'}
+
+
+def test_bspline_augmentation_field_and_landmark_inverse():
+    basis = bspline_basis(33)
+    np.testing.assert_allclose(basis.sum(axis=1)[8:25], 1.0, atol=1e-5)  # partition of unity inside
+
+    def build(points):
+        flow = random_ffd(2, (32, 32, 32), seed=3)
+        p = invert_points(points, flow)
+        from network.spatial_transformer import sample_points
+        return flow, p, p + sample_points(flow, p)
+    pts = np.array([[[10.0, 12, 14], [20, 8, 16], [-1, -1, -1]]] * 2)
+    flow, p, back = run_graph(build, {'points': pts})
+    assert 0.2 < np.abs(flow).max() < 0.4 * 8 * 1.01
+    np.testing.assert_allclose(back[:, :2], pts[:, :2], atol=0.05)
+    np.testing.assert_array_equal(p[:, 2], pts[:, 2])
