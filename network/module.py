@@ -12,12 +12,16 @@ class Module:
     def __init__(self, name):
         self.name = name
         self._scope = None
+        self._variables = []
 
     def __call__(self, *args, **kwargs):
         if self._scope is None:
+            existing = set(tf.global_variables())
             with tf.variable_scope(self.name) as scope:
                 self._scope = scope
-                return self._build(*args, **kwargs)
+                out = self._build(*args, **kwargs)
+            self._variables = [v for v in tf.global_variables() if v not in existing]
+            return out
         with tf.variable_scope(self._scope, reuse=True):
             return self._build(*args, **kwargs)
 
@@ -38,10 +42,8 @@ class Module:
 
     @property
     def variables(self):
-        """All of the module's global variables (empty before the first call)."""
-        if self._scope is None:
-            return []
-        return tf.get_collection(tf.GraphKeys.GLOBAL_VARIABLES, scope=self._scope.name + '/')
+        """The variables the module's first call created (not optimiser slots added later)."""
+        return list(self._variables)
 
 
 def count_parameters(variables):

@@ -2,16 +2,18 @@
 
 oneDNN is off by default on these AMD CPUs; without it a 64^3 LDR training step takes
 ~100x longer (Conv3DBackpropFilterV2). The environment defaults are applied before
-TensorFlow's first import unless the user set them already.
+TensorFlow's first import unless the user set them already. C++ log lines are silenced
+(TF_CPP_MIN_LOG_LEVEL=3: Grappler prints a harmless 'remapper failed' error for fused
+LeakyReLU gradients); set TF_CPP_MIN_LOG_LEVEL=0 to see them.
 """
 import os
 
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import tensorflow.compat.v1 as tf  # noqa: E402
 
-tf.disable_v2_behavior()
 tf.logging.set_verbosity(tf.logging.ERROR)
+tf.disable_v2_behavior()
 
 __all__ = ['tf']
