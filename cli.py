@@ -3,6 +3,7 @@
 Errors a user can cause end in one line ``error: ...`` on stderr and exit status 2; outputs are
 written atomically (temp file + rename) so an interrupted run never leaves half a file.
 """
+import argparse
 import ast
 import json
 import os
@@ -11,6 +12,29 @@ import sys
 import tempfile
 
 EXIT_USAGE = 2
+
+
+def parse_devices(flag):
+    """'-1' -> ['/cpu:0']; 'cpu:N' -> N logical CPU towers; '0,1' -> GPU towers. ValueError if malformed."""
+    flag = str(flag).strip()
+    if flag == '-1':
+        return ['/cpu:0']
+    if flag.startswith('cpu:'):
+        n = flag[4:]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError('bad -g {!r}: expected cpu:N with N >= 1'.format(flag))
+        return ['/cpu:%d' % i for i in range(int(n))]
+    ids = flag.split(',')
+    if not all(i.strip().isdigit() for i in ids):
+        raise ValueError('bad -g {!r}: expected -1 (CPU), cpu:N, or GPU ids like 0,1'.format(flag))
+    return ['/gpu:%d' % i for i in range(len(ids))]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: ...``, exit 2) instead of usage + message."""
+
+    def error(self, message):
+        fail(message)
 
 
 class UserError(Exception):

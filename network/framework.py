@@ -18,22 +18,6 @@ from .tfv1 import tf
 FEEDS = ('voxel1', 'voxel2', 'seg1', 'seg2', 'point1', 'point2')
 
 
-def parse_devices(flag):
-    """'-1' -> ['/cpu:0']; 'cpu:N' -> N logical CPU towers; '0,1' -> GPU towers. ValueError if malformed."""
-    flag = str(flag).strip()
-    if flag == '-1':
-        return ['/cpu:0']
-    if flag.startswith('cpu:'):
-        n = flag[4:]
-        if not n.isdigit() or int(n) < 1:
-            raise ValueError('bad -g {!r}: expected cpu:N with N >= 1'.format(flag))
-        return ['/cpu:%d' % i for i in range(int(n))]
-    ids = flag.split(',')
-    if not all(i.strip().isdigit() for i in ids):
-        raise ValueError('bad -g {!r}: expected -1 (CPU), cpu:N, or GPU ids like 0,1'.format(flag))
-    return ['/gpu:%d' % i for i in range(len(ids))]
-
-
 def session_config(devices, threads=None):
     """ConfigProto with enough logical CPU devices for CPU towers; ``threads`` caps both pools."""
     n_cpu = max([int(d.split(':')[1]) + 1 for d in devices if d.startswith('/cpu')] + [1])
@@ -83,6 +67,12 @@ class Framework:
     def parameter_count(self):
         """Parameters of the registration network alone (what inference needs)."""
         return count_parameters(self.net.trainable_variables)
+
+    @property
+    def training_state(self):
+        """Variables a resumable checkpoint holds besides the network and the global step:
+        the optimiser's (subclasses add theirs, e.g. ALDK's critic)."""
+        return self.optimizer.variables()
 
     def _build_eval(self):
         """Un-augmented forward pass and metrics on the whole fed batch."""

@@ -2,7 +2,8 @@
 import numpy as np
 
 from network.cascade import make_net_args
-from network.framework import Framework, parse_devices, session_config
+from cli import parse_devices
+from network.framework import Framework, session_config
 from network.tfv1 import tf
 
 
