@@ -145,11 +145,12 @@ def load_run_args(run_dir):
 
 
 def load_model(checkpoint, image_size=None, class_values=None, rep=None, flow_multiplier=None,
-               net_args_override=''):
+               net_args_override='', threads=None):
     """Build an evaluation Framework for a train.py checkpoint and restore it.
 
     checkpoint: 'DIR', 'DIR:STEP' or a prefix. Returns (session, framework, run_args, prefix).
     The graph holds the registration network only (no optimiser, critic or teacher).
+    threads: size of the session's intra- and inter-op thread pools (None = TensorFlow's choice).
     """
     from network.cascade import make_net_args
     from network.framework import Framework, session_config
@@ -164,7 +165,7 @@ def load_model(checkpoint, image_size=None, class_values=None, rep=None, flow_mu
                              rep or run_args.get('rep', 1), extra)
     size = image_size or run_args['image_size']
     framework = Framework(net_args, size, class_values, validation=True)
-    sess = tf.Session(config=session_config(framework.devices))
+    sess = tf.Session(config=session_config(framework.devices, threads))
     restore_variables(sess, prefix, framework.net.variables)
     return sess, framework, run_args, prefix
 
