@@ -94,18 +94,42 @@ def write_json(path, obj):
 
 
 CHECKPOINT_RE = re.compile(r'model-(\d+)\.index$')
+COMPLETE_SUFFIX = '.complete'
+
+
+def save_checkpoint(saver, sess, run_dir, step):
+    """Save ``model-<step>`` and then, atomically, its ``.complete`` marker.
+
+    A kill or a full disk during the save leaves a checkpoint without a marker, which
+    ``list_checkpoints`` ignores, so the previous one stays the newest usable checkpoint.
+    Returns the checkpoint prefix.
+    """
+    prefix = saver.save(sess, os.path.join(run_dir, 'model'), global_step=step, write_meta_graph=False)
+    write_atomic(prefix + COMPLETE_SUFFIX, '{}\n'.format(step))
+    for name in os.listdir(run_dir):
+        stale = name.endswith(COMPLETE_SUFFIX) and not os.path.exists(
+            os.path.join(run_dir, name[:-len(COMPLETE_SUFFIX)] + '.index'))
+        if stale:
+            os.remove(os.path.join(run_dir, name))
+    return prefix
 
 
 def list_checkpoints(directory):
-    """{step: prefix} of complete checkpoints (index and data present) in a run directory."""
+    """{step: prefix} of the complete checkpoints in a run directory.
+
+    Where any checkpoint carries a ``.complete`` marker (ours do), only marked ones count;
+    otherwise (e.g. a checkpoint of the original code) an index plus a data file suffice.
+    """
+    names = set(os.listdir(directory))
     found = {}
-    for name in os.listdir(directory):
+    for name in names:
         m = CHECKPOINT_RE.match(name)
         if m:
-            prefix = os.path.join(directory, name[:-len('.index')])
-            if any(f.startswith(os.path.basename(prefix) + '.data-') for f in os.listdir(directory)):
-                found[int(m.group(1))] = prefix
-    return found
+            base = name[:-len('.index')]
+            if any(f.startswith(base + '.data-') for f in names):
+                found[int(m.group(1))] = base
+    marked = {step: base for step, base in found.items() if base + COMPLETE_SUFFIX in names}
+    return {step: os.path.join(directory, base) for step, base in (marked or found).items()}
 
 
 def resolve_checkpoint(spec):
