@@ -1,0 +1,723 @@
+"""Register one image pair with a trained model; write the results on the fixed file's grid.
+
+    python predict.py -c weights/RUN --fixed F.nii.gz --moving M.nii.gz -o OUTDIR
+                      [--moving_seg MS.nii.gz] [--fixed_seg FS.nii.gz] [--modality mr|ct]
+    python predict.py -c weights/RUN --export EXPORT_DIR     # frozen inference graph
+    python predict.py -c EXPORT_DIR --fixed F --moving M -o OUTDIR   # run from the export
+
+Pipeline (all geometry in physical space, mm, LPS, as SimpleITK reads the files):
+1. read both images (NIfTI, MHA/MHD, NRRD, or a DICOM directory) and the optional label maps,
+   each of which must lie on its image's voxel grid;
+2. preprocess each image on its own exactly as the converter does (`data_util.prepare.preprocess`:
+   LPS-closest axes, crop to the foreground + margin, cube, image_size^3 isotropic grid, uint8).
+   Label maps do not enter the crop here, so the registration does not depend on whether
+   they are given;
+3. the network (a train.py checkpoint, or an export of `--export`) predicts the flow
+   [N, N, N, 3] in voxels of the FIXED preprocessed grid, sampling the MOVING preprocessed
+   grid: moving_grid_position = p + flow(p);
+4. the displacement field u on the fixed file's ORIGINAL grid, in mm: for the centre x of
+   every fixed voxel, p = its continuous position on the fixed preprocessed grid, the flow is
+   sampled there (trilinear), and u(x) = G_moving(p + flow(p)) - x, with G_moving the moving
+   grid's voxel-to-physical map (extended linearly beyond the grid). Outside the fixed
+   preprocessed cube the flow is extended by border clamping (the nearest border value,
+   the same rule as the network's warp), i.e. the background around the crop moves with
+   the crop's border;
+5. the warped moving image is exactly
+   ``sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field))`` with the field as
+   written to disk (read back), i.e. linear interpolation, default value 0 (--default_value),
+   the moving file's pixel type, the fixed file's size, spacing, origin and direction; the
+   warped label map the same with nearest-neighbour interpolation.
+
+Outputs in OUTDIR (format of the fixed file: .nii.gz, .nii, .mha, .mhd, .nrrd; DICOM -> .nii.gz;
+or --format):
+    warped.<ext>           the moving image resampled into the fixed file's grid
+    field.<ext>            the displacement field: vector image of 3 float64 components in mm
+                           along the physical x, y, z (LPS) axes (ITK order), on the fixed grid;
+                           fixed point x corresponds to moving point x + u(x) (ITK's convention
+                           for DisplacementFieldTransform, as ANTs / elastix pull fields);
+                           uncompressed in .mha/.mhd/.nrrd (float64 fields barely compress and
+                           zlib would cost more than the registration), gzip in .nii.gz
+    warped_seg.<ext>       the moving label map warped by nearest neighbour (with --moving_seg)
+    preview.png            mid slices (axial, coronal, sagittal in radiological view) of the
+                           fixed, the moving (on the fixed grid, before registration), the
+                           warped image, a fixed/warped checkerboard and |u| in mm; also one
+                           file per row: preview_fixed.png, preview_moving.png,
+                           preview_warped.png, preview_checkerboard.png, preview_flow.png
+    predict.json           inputs, model, grids, Dice per label on the fixed file's grid (with
+                           both label maps; after and before registration, i.e. warped vs
+                           identity-resampled moving labels), displacement statistics, wall / CPU
+                           seconds per stage: read, load_model, preprocess, network,
+                           resample, write
+Everything is written into a temporary directory beside OUTDIR and renamed at the end, so a
+failure leaves nothing behind. An existing OUTDIR is refused unless --force (and then only
+an earlier predict.py output directory or an empty one is replaced).
+
+Export (--export DIR): the checkpoint's inference graph with its weights folded in (a frozen
+GraphDef, see network/export.py), built with the pure-TensorFlow warp so that it imports
+anywhere (--export_warp op embeds the compiled warp op instead: faster, but the op library
+must be loadable where it runs). `-c DIR` then runs from the export without the network code.
+
+Errors print one line ``error: ...`` on stderr and exit with status 2.
+"""
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import cli
+
+FORMATS = {'nii.gz': '.nii.gz', 'nii': '.nii', 'mha': '.mha', 'mhd': '.mhd', 'nrrd': '.nrrd'}
+EXTENSION_FORMATS = (('.nii.gz', 'nii.gz'), ('.nii', 'nii'), ('.mha', 'mha'), ('.mhd', 'mhd'),
+                     ('.nrrd', 'nrrd'), ('.nhdr', 'nrrd'))
+REPORT = 'predict.json'
+STAGES = ('read', 'load_model', 'preprocess', 'network', 'resample', 'write')
+CHUNK_VOXELS = 1 << 20
+PREVIEWS = ('fixed', 'moving', 'warped', 'checkerboard', 'flow')
+VIEWS = ('axial', 'coronal', 'sagittal')
+CHECKER_TILES = 8
+
+
+def build_parser():
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-c', '--checkpoint', required=True,
+                   help='train.py run directory, DIR:STEP or checkpoint prefix; or an export directory')
+    p.add_argument('--fixed', help='fixed image file (or DICOM directory)')
+    p.add_argument('--moving', help='moving image file (or DICOM directory)')
+    p.add_argument('-o', '--output', help='output directory (must not exist unless --force)')
+    p.add_argument('--moving_seg', help='label map of the moving image: warped (nearest neighbour)')
+    p.add_argument('--fixed_seg', help='label map of the fixed image: Dice per label against the warped one')
+    p.add_argument('--modality', choices=('mr', 'ct'), default='mr',
+                   help='intensity normalisation as the converter: mr percentiles, ct HU window (default mr)')
+    p.add_argument('--percentiles', type=float, nargs=2, default=(0.5, 99.5), metavar=('LOW', 'HIGH'),
+                   help='mr: intensity percentiles mapped to 0 and 255 (default 0.5 99.5)')
+    p.add_argument('--window', type=float, nargs=2, default=(50.0, 400.0), metavar=('LEVEL', 'WIDTH'),
+                   help='ct: HU window mapped to 0..255 (default 50 400)')
+    p.add_argument('--threshold', type=float, default=None,
+                   help='foreground = intensity > THRESHOLD for the crop (default Otsu / -500 HU)')
+    p.add_argument('--margin', type=float, default=4.0, help='mm added around the foreground box (default 4)')
+    p.add_argument('--image_size', type=int, default=None,
+                   help="N of the N^3 network grid (default: the checkpoint's or export's image_size)")
+    p.add_argument('-r', '--rep', type=int, default=None, help='shared-weight repeats per cascade (checkpoints)')
+    p.add_argument('--format', choices=sorted(FORMATS), default=None,
+                   help="output image format (default: the fixed file's; DICOM -> nii.gz)")
+    p.add_argument('--default_value', type=float, default=0.0,
+                   help='warped intensity where the field points outside the moving image (default 0, as sitk.Resample)')
+    p.add_argument('--threads', type=int, default=2, help='CPU threads of TensorFlow and SimpleITK (default 2)')
+    p.add_argument('--force', action='store_true',
+                   help='replace an existing output directory (only one written by predict.py, or an empty one)')
+    p.add_argument('--tf_warp', action='store_true', help='force the pure-TensorFlow warp (checkpoints)')
+    p.add_argument('--export', metavar='DIR', default=None,
+                   help='instead of registering: write the frozen inference graph of -c into DIR')
+    p.add_argument('--export_warp', choices=('tf', 'op'), default='tf',
+                   help='warp inside the export: tf (portable, default) or op (compiled op, needs it to load)')
+    return p
+
+
+class Stopwatch:
+    """Wall-clock and process-CPU seconds per named stage; repeated stages accumulate."""
+
+    def __init__(self):
+        self.wall = {}
+        self.cpu = {}
+
+    @contextlib.contextmanager
+    def stage(self, name):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - wall
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
+
+    def report(self):
+        """{'seconds': {stage: wall}, 'cpu_seconds': {stage: cpu}} with totals, in STAGES order."""
+        names = [s for s in STAGES if s in self.wall] + [s for s in self.wall if s not in STAGES]
+        out = {}
+        for key, table in (('seconds', self.wall), ('cpu_seconds', self.cpu)):
+            out[key] = {name: round(table[name], 4) for name in names}
+            out[key]['total'] = round(sum(table.values()), 4)
+        return out
+
+
+def output_format(fixed_path, requested=None):
+    """The output format key of FORMATS: requested, else the fixed file's, else 'nii.gz'."""
+    if requested:
+        return requested
+    name = os.path.basename(os.path.normpath(fixed_path)).lower()
+    for extension, fmt in EXTENSION_FORMATS:
+        if name.endswith(extension):
+            return fmt
+    return 'nii.gz'
+
+
+def check_output_dir(path, force, marker):
+    """UserError unless ``path`` can be (re)placed: absent, or with --force an empty directory or
+    one holding ``marker`` (a previous output of this script). Its parent must exist."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise cli.UserError('{}: parent directory {} does not exist'.format(path, parent))
+    if not os.path.lexists(path):
+        return
+    if not force:
+        raise cli.UserError('{} exists; use --force to replace it or choose another directory'.format(path))
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise cli.UserError('{} exists and is not a directory; not replacing it'.format(path))
+    if os.listdir(path) and not os.path.isfile(os.path.join(path, marker)):
+        raise cli.UserError('{} exists and is not an output of predict.py (no {}); not replacing it'.format(
+            path, marker))
+
+
+@contextlib.contextmanager
+def staging_directory(path):
+    """A temporary directory beside ``path`` that replaces ``path`` when the block succeeds and is
+    removed when it fails (an existing ``path`` is swapped out and deleted only after success)."""
+    path = os.path.normpath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    staging = tempfile.mkdtemp(prefix='.' + name + '.', suffix='.tmp', dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    try:
+        yield staging
+        old = None
+        if os.path.lexists(path):
+            old = tempfile.mkdtemp(prefix='.' + name + '.', suffix='.old', dir=parent)
+            os.rename(path, os.path.join(old, name))
+        os.rename(staging, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------- models
+
+class CheckpointModel:
+    """A train.py checkpoint restored into an evaluation graph; ``register(fixed, moving)`` -> flow."""
+
+    def __init__(self, checkpoint, image_size, rep=None, threads=None, tf_warp=False):
+        from network import spatial_transformer
+        if tf_warp:
+            spatial_transformer.set_warp_impl('tf')
+        self.sess, self.framework, run_args, prefix = cli.load_model(
+            checkpoint, [image_size] * 3, rep=rep, threads=threads)
+        self.image_size = image_size
+        self.info = {'kind': 'checkpoint', 'source': os.path.abspath(prefix), 'base_network': run_args.get('base_network'),
+                     'n_cascades': run_args.get('n_cascades'), 'rep': rep or run_args.get('rep', 1),
+                     'parameters': self.framework.parameter_count, 'warp': spatial_transformer.warp_impl()}
+
+    def register(self, fixed, moving):
+        """fixed, moving: [N, N, N] in 0..255 -> flow [N, N, N, 3] float32, voxels of the fixed grid."""
+        batch = {'voxel1': np.asarray(fixed, np.float32)[None, ..., None],
+                 'voxel2': np.asarray(moving, np.float32)[None, ..., None]}
+        return self.framework.register(self.sess, batch)[0]
+
+
+class ExportedModel:
+    """An export of --export (network/export.py), run without the network's code."""
+
+    def __init__(self, directory, threads=None):
+        from network.export import ExportError, FrozenModel
+        try:
+            self.model = FrozenModel(directory, threads)
+        except ExportError as e:
+            raise cli.UserError(str(e))
+        meta = self.model.meta
+        self.image_size = self.model.image_size
+        self.info = {'kind': 'export', 'source': os.path.abspath(directory),
+                     'base_network': meta.get('base_network'), 'n_cascades': meta.get('n_cascades'),
+                     'rep': meta.get('rep'), 'parameters': meta.get('parameters'), 'warp': meta['warp']}
+
+    def register(self, fixed, moving):
+        return self.model.register(fixed, moving)
+
+
+def cubic_size(size, what):
+    """An image_size (int or [N, N, N]) -> N; UserError unless cubic (the preprocessed grid is a cube)."""
+    sizes = [int(s) for s in (size if isinstance(size, (list, tuple)) else [size])]
+    if len(set(sizes)) != 1:
+        raise cli.UserError('{} image_size {} is not cubic; predict.py preprocesses to N^3 grids'.format(
+            what, 'x'.join(map(str, sizes))))
+    return sizes[0]
+
+
+def resolve_model(args):
+    """Check the model source without loading TensorFlow: (image size N, function opening the model)."""
+    from network.export import ExportError, is_export, read_meta
+    if is_export(args.checkpoint):
+        try:
+            meta = read_meta(args.checkpoint)
+        except ExportError as e:
+            raise cli.UserError(str(e))
+        size = cubic_size(meta['image_size'], 'the export\'s')
+        if args.image_size not in (None, size):
+            raise cli.UserError('--image_size {}: the export {} is frozen at {}'.format(
+                args.image_size, args.checkpoint, size))
+        if args.rep is not None:
+            raise cli.UserError('-r/--rep applies to checkpoints; an export is frozen with its repeats')
+        return size, lambda: ExportedModel(args.checkpoint, args.threads)
+    run_dir, prefix, _ = cli.resolve_checkpoint(args.checkpoint)
+    run_args = cli.load_run_args(run_dir)
+    size = args.image_size or cubic_size(run_args.get('image_size'), 'the checkpoint\'s')
+    return size, lambda: CheckpointModel(prefix, size, args.rep, args.threads, args.tf_warp)
+
+
+# ---------------------------------------------------------------- geometry
+
+def read_inputs(args):
+    """{'fixed', 'moving'[, 'fixed_seg', 'moving_seg']}: sitk.Images, label maps checked."""
+    from data_util.prepare import check_label_geometry, read_image
+    images = {'fixed': read_image(args.fixed), 'moving': read_image(args.moving)}
+    for key, image_key in (('fixed_seg', 'fixed'), ('moving_seg', 'moving')):
+        path = getattr(args, key)
+        if path:
+            label = read_image(path)
+            check_label_geometry(images[image_key], label, '{} (--{})'.format(path, key))
+            check_label_values(label, path)
+            images[key] = label
+    return images
+
+
+def check_label_values(label, path):
+    """UserError unless a label map holds integers in 0..65535."""
+    import SimpleITK as sitk
+    values = sitk.GetArrayViewFromImage(label)
+    if values.dtype.kind == 'f' and not (np.all(np.isfinite(values)) and np.all(values == np.rint(values))):
+        raise cli.UserError('{}: a label map must hold integer values'.format(path))
+    if values.min() < 0 or values.max() > 65535:
+        raise cli.UserError('{}: label values must lie in 0..65535, got {}..{}'.format(
+            path, values.min(), values.max()))
+
+
+def preprocess_pair(fixed, moving, image_size, modality='mr', percentiles=(0.5, 99.5), window=(50.0, 400.0),
+                    threshold=None, margin=4.0):
+    """Preprocess both images independently as the converter does (no label maps).
+
+    Returns (fixed_volume, moving_volume, fixed_geometry, moving_geometry): uint8 [N, N, N]
+    volumes indexed [X, Y, Z] and their `data_util.prepare.Geometry`.
+    """
+    from data_util.prepare import preprocess
+    options = dict(image_size=image_size, modality=modality, percentiles=tuple(percentiles),
+                   window=tuple(window), threshold=threshold, margin=margin)
+    fixed_volume, _, fixed_geometry = preprocess(fixed, None, **options)
+    moving_volume, _, moving_geometry = preprocess(moving, None, **options)
+    return fixed_volume, moving_volume, fixed_geometry, moving_geometry
+
+
+def _index_to_physical(image):
+    """(A, o) with physical = o + A @ index for a sitk.Image (index in ITK order i, j, k)."""
+    direction = np.reshape(image.GetDirection(), (3, 3))
+    return direction * np.asarray(image.GetSpacing())[None, :], np.asarray(image.GetOrigin())
+
+
+def _grid_axes(index_to_grid):
+    """For each reference axis r, the preprocessed-grid axis g[r] it runs along.
+
+    index_to_grid: 3x3 matrix with grid position = index_to_grid @ reference index + offset.
+    The converter's grid axes are the file's axes permuted and flipped (DICOMOrient), so every
+    column has one non-zero entry; ValueError otherwise.
+    """
+    magnitude = np.abs(index_to_grid)
+    axes = np.argmax(magnitude, axis=0)
+    off_axis = magnitude.copy()
+    off_axis[axes, np.arange(3)] = 0
+    if sorted(axes) != [0, 1, 2] or np.any(off_axis > 1e-6 * magnitude.max(axis=0)):
+        raise ValueError('the preprocessed grid\'s axes are not a permutation of the fixed file\'s axes')
+    return [int(a) for a in axes]
+
+
+def _interpolate_axis(array, axis, positions):
+    """Linear interpolation of ``array`` along ``axis`` at ``positions`` (voxels), clamped to
+    [0, n - 1] (border values beyond the ends)."""
+    n = array.shape[axis]
+    positions = np.clip(positions, 0.0, n - 1.0)
+    lower = np.minimum(np.floor(positions).astype(np.int64), n - 2)
+    weight = (positions - lower).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
+    low = np.take(array, lower, axis)
+    result = np.take(array, lower + 1, axis)
+    result -= low
+    result *= weight
+    result += low
+    return result
+
+
+def displacement_field(flow, fixed_geometry, moving_geometry, reference):
+    """The physical displacement field of a network flow on the reference (fixed original) grid.
+
+    flow: [N, N, N, 3] voxels on the fixed preprocessed grid (channel k along grid axis k),
+    moving_grid_position = p + flow(p). reference: sitk.Image with the fixed file's geometry.
+    Returns float64 [nz, ny, nx, 3] (the sitk.GetArrayFromImage layout of reference) holding
+    u(x) = G_moving(p(x) + flow(p(x))) - x in mm, components along physical x, y, z (LPS);
+    p(x) is x's continuous position on the fixed grid, G_moving the moving grid's
+    voxel-to-physical map, and flow(p) is trilinear with positions clamped into the grid.
+
+    The grid's axes are the file's axes permuted and flipped, so p(x) is separable and the
+    trilinear sampling is done as three 1-D interpolations, slab by slab (memory ~ one slab).
+    """
+    flow = np.asarray(flow, np.float64)
+    ref_matrix, ref_origin = _index_to_physical(reference)
+    grid_direction = np.reshape(fixed_geometry.grid_direction, (3, 3))
+    to_grid = np.linalg.inv(grid_direction * np.asarray(fixed_geometry.grid_spacing)[None, :])
+    index_to_grid = to_grid @ ref_matrix
+    grid_offset = to_grid @ (ref_origin - np.asarray(fixed_geometry.grid_origin))
+    moving_direction = np.reshape(moving_geometry.grid_direction, (3, 3))
+    grid_to_moving = moving_direction * np.asarray(moving_geometry.grid_spacing)[None, :]
+    # u = G_moving(p) - x (affine in the index) + grid_to_moving @ flow(p)
+    linear = grid_to_moving @ index_to_grid - ref_matrix
+    constant = grid_to_moving @ grid_offset + np.asarray(moving_geometry.grid_origin) - ref_origin
+
+    axes = _grid_axes(index_to_grid)
+    nx, ny, nz = reference.GetSize()
+    # positions[r]: grid position along grid axis axes[r] of every index along reference axis r
+    positions = [index_to_grid[axes[r], r] * np.arange(n) + grid_offset[axes[r]] for r, n in enumerate((nx, ny, nz))]
+    along_kji = _interpolate_axis(flow.transpose(axes[2], axes[1], axes[0], 3), 0, positions[2])
+    affine_i = np.arange(nx)[:, None] * linear[:, 0]
+    affine_j = np.arange(ny)[:, None] * linear[:, 1] + constant
+    field = np.empty((nz, ny, nx, 3), np.float64)
+    step = max(1, CHUNK_VOXELS // (nx * ny))
+    for k0 in range(0, nz, step):
+        k1 = min(k0 + step, nz)
+        sampled = _interpolate_axis(_interpolate_axis(along_kji[k0:k1], 1, positions[1]), 2, positions[0])
+        chunk = field[k0:k1]
+        np.matmul(sampled, grid_to_moving.T, out=chunk)
+        chunk += affine_i[None, None]
+        chunk += affine_j[None, :, None]
+        chunk += (np.arange(k0, k1)[:, None] * linear[:, 2])[:, None, None]
+    return field
+
+
+def field_image(field, reference):
+    """float64 [nz, ny, nx, 3] -> sitk vector image (VectorFloat64) with the reference's geometry."""
+    import SimpleITK as sitk
+    image = sitk.GetImageFromArray(field, isVector=True)
+    image.CopyInformation(reference)
+    return image
+
+
+def dice_per_label(fixed_labels, warped_labels):
+    """Dice 2|A n B| / (|A| + |B|) per non-zero label value present in either map.
+
+    fixed_labels, warped_labels: integer arrays of one shape (values 0..65535).
+    Returns ({str(label): dice}, mean over those labels or None when there are none).
+    """
+    fixed_labels = np.asarray(fixed_labels).ravel().astype(np.int64)
+    warped_labels = np.asarray(warped_labels).ravel().astype(np.int64)
+    length = int(max(fixed_labels.max(), warped_labels.max())) + 1
+    sizes_fixed = np.bincount(fixed_labels, minlength=length)
+    sizes_warped = np.bincount(warped_labels, minlength=length)
+    overlap = np.bincount(fixed_labels[fixed_labels == warped_labels], minlength=length)
+    labels = [v for v in range(1, length) if sizes_fixed[v] + sizes_warped[v] > 0]
+    dice = {str(v): float(2.0 * overlap[v] / (sizes_fixed[v] + sizes_warped[v])) for v in labels}
+    return dice, (float(np.mean(list(dice.values()))) if dice else None)
+
+
+# ---------------------------------------------------------------- previews
+
+def display_axes(direction):
+    """(perm, flip) so that array axis perm[w] is the one closest to world axis w (L, P, S)
+    and flip[w] tells whether it runs the opposite way."""
+    matrix = np.abs(np.reshape(direction, (3, 3)))
+    perm = max(itertools.permutations(range(3)), key=lambda p: sum(matrix[w, p[w]] for w in range(3)))
+    signs = np.reshape(direction, (3, 3))
+    return list(perm), [bool(signs[w, perm[w]] < 0) for w in range(3)]
+
+
+def mid_slices(volume, perm, flip):
+    """Axial, coronal and sagittal mid slices of a [X, Y, Z] (or [X, Y, Z, C]) array.
+
+    The volume is reoriented (permute + flip, no interpolation) so its axes run to L, P, S.
+    Returns three 2-D arrays (magnitude over C for vectors) laid out for display: axial
+    rows P (anterior up) x cols L (patient right on the left, radiological), coronal and
+    sagittal rows S (superior up; flipped so row 0 is superior) x cols L resp. P.
+    """
+    volume = np.transpose(volume, perm + list(range(3, volume.ndim)))
+    for w in range(3):
+        if flip[w]:
+            volume = np.flip(volume, w)
+    nl, np_, ns = volume.shape[:3]
+    slices = [volume[:, :, ns // 2].swapaxes(0, 1), volume[:, np_ // 2, :].swapaxes(0, 1)[::-1],
+              volume[nl // 2, :, :].swapaxes(0, 1)[::-1]]
+    slices = [np.asarray(s, np.float64) for s in slices]
+    if volume.ndim == 4:
+        slices = [np.linalg.norm(s, axis=-1) for s in slices]
+    return slices
+
+
+def slice_extents(spacing, shape, perm):
+    """imshow extents (left, right, bottom, top) in mm of the three mid_slices views."""
+    sl, sp, ss = (spacing[perm[w]] * shape[perm[w]] for w in range(3))
+    return [(0, sl, sp, 0), (0, sl, ss, 0), (0, sp, ss, 0)]
+
+
+def intensity_window(array, modality, percentiles, window):
+    """(low, high) display window: the CT window, or the MR percentiles of a subsample."""
+    if modality == 'ct':
+        return window[0] - window[1] / 2.0, window[0] + window[1] / 2.0
+    stride = max(1, int(round((array.size / 2e6) ** (1 / 3))))
+    sample = np.asarray(array[::stride, ::stride, ::stride], np.float64)
+    low, high = (float(v) for v in np.percentile(sample, percentiles))
+    return low, max(high, low + 1e-6)
+
+
+def checkerboard(fixed, warped, extent):
+    """CHECKER_TILES tiles along the longer side of a 2-D slice: fixed and warped (both 0..1) alternate."""
+    rows, cols = fixed.shape
+    width, height = abs(extent[1] - extent[0]), abs(extent[2] - extent[3])
+    tile = max(width, height) / CHECKER_TILES
+    row_tile = (np.arange(rows) + 0.5) * height / rows // tile
+    col_tile = (np.arange(cols) + 0.5) * width / cols // tile
+    mask = (row_tile[:, None] + col_tile[None, :]) % 2 == 0
+    return np.where(mask, fixed, warped)
+
+
+def write_previews(directory, rows, extents):
+    """preview.png (all rows) and preview_<name>.png (one row each).
+
+    rows: [(name, title, [3 slices], imshow kwargs)], extents: the three views' extents in mm.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    ratios = [abs(e[1] - e[0]) / max(abs(e[2] - e[3]), 1e-9) for e in extents] + [0.08]
+    width = 2.6 * sum(ratios)
+
+    def draw(figure, axes_row, name, title, slices, kwargs):
+        for ax, image, extent, view in zip(axes_row, slices, extents, VIEWS):
+            shown = ax.imshow(image, extent=extent, interpolation='nearest', **kwargs)
+            ax.set_title('{} - {}'.format(title, view), fontsize=8)
+            ax.axis('off')
+        if name == 'flow':
+            figure.colorbar(shown, cax=axes_row[3], label='mm')
+        else:
+            axes_row[3].set_visible(False)
+
+    def figure_of(n_rows):
+        """A figure of n_rows x (3 views + a colour-bar column)."""
+        figure, axes = plt.subplots(n_rows, 4, figsize=(width, 2.7 * n_rows), squeeze=False,
+                                    gridspec_kw={'width_ratios': ratios})
+        figure.subplots_adjust(left=0.01, right=0.94, bottom=0.02, top=1 - 0.12 / n_rows, wspace=0.05,
+                               hspace=0.2)
+        return figure, axes
+
+    figure, axes = figure_of(len(rows))
+    for axes_row, row in zip(axes, rows):
+        draw(figure, axes_row, *row)
+    figure.savefig(os.path.join(directory, 'preview.png'), dpi=80)
+    plt.close(figure)
+    for row in rows:
+        figure, axes = figure_of(1)
+        draw(figure, axes[0], *row)
+        figure.savefig(os.path.join(directory, 'preview_{}.png'.format(row[0])), dpi=100)
+        plt.close(figure)
+
+
+def preview_rows(fixed, moving_on_fixed, warped, field, moving, args):
+    """The five preview rows (see write_previews) from images on the fixed grid."""
+    import SimpleITK as sitk
+
+    def xyz(image):
+        return sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
+
+    perm, flip = display_axes(fixed.GetDirection())
+    extents = slice_extents(fixed.GetSpacing(), fixed.GetSize(), perm)
+    fixed_window = intensity_window(xyz(fixed), args.modality, args.percentiles, args.window)
+    moving_window = intensity_window(xyz(moving), args.modality, args.percentiles, args.window)
+    grey = {'cmap': 'gray'}
+    fixed_slices = mid_slices(xyz(fixed), perm, flip)
+    warped_slices = mid_slices(xyz(warped), perm, flip)
+
+    def scaled(slices, window):
+        return [np.clip((s - window[0]) / (window[1] - window[0]), 0, 1) for s in slices]
+
+    checker = [checkerboard(f, w, e) for f, w, e in zip(scaled(fixed_slices, fixed_window),
+                                                         scaled(warped_slices, moving_window), extents)]
+    flow_slices = mid_slices(field.transpose(2, 1, 0, 3), perm, flip)
+    rows = [('fixed', 'fixed', fixed_slices, dict(grey, vmin=fixed_window[0], vmax=fixed_window[1])),
+            ('moving', 'moving (before)', mid_slices(xyz(moving_on_fixed), perm, flip),
+             dict(grey, vmin=moving_window[0], vmax=moving_window[1])),
+            ('warped', 'warped moving', warped_slices, dict(grey, vmin=moving_window[0], vmax=moving_window[1])),
+            ('checkerboard', 'checkerboard', checker, dict(grey, vmin=0, vmax=1)),
+            ('flow', '|u| (mm)', flow_slices,
+             {'cmap': 'viridis', 'vmin': 0, 'vmax': max(float(max(s.max() for s in flow_slices)), 1e-6)})]
+    return rows, extents
+
+
+# ---------------------------------------------------------------- main steps
+
+def write_image(image, path, fmt, compress=True):
+    """sitk.WriteImage with a one-line UserError; compression where the format allows it
+    (.nii.gz is always compressed, .nii never)."""
+    import SimpleITK as sitk
+    try:
+        sitk.WriteImage(image, path, compress and fmt != 'nii')
+    except RuntimeError as e:
+        raise cli.UserError('cannot write {}: {}'.format(path, str(e).strip().splitlines()[-1]))
+
+
+def geometry_record(image):
+    return {'size': list(image.GetSize()), 'spacing': list(image.GetSpacing()),
+            'origin': list(image.GetOrigin()), 'direction': list(image.GetDirection())}
+
+
+def predict(args, model=None):
+    """Register args.moving to args.fixed and write every output into args.output.
+
+    model: an object with ``image_size`` (N), ``info`` (dict) and ``register(fixed, moving)`` ->
+    flow [N, N, N, 3] (voxels; see module doc); None opens args.checkpoint. Returns the report dict.
+    """
+    import SimpleITK as sitk
+    from data_util.prepare import PrepareError
+    if not (args.fixed and args.moving and args.output):
+        raise cli.UserError('--fixed, --moving and -o/--output are required (or --export DIR)')
+    if args.threads < 1:
+        raise cli.UserError('--threads must be >= 1')
+    if args.fixed_seg and not args.moving_seg:
+        raise cli.UserError('--fixed_seg is compared with the warped --moving_seg; give both')
+    fmt = output_format(args.fixed, args.format)
+    extension = FORMATS[fmt]
+    check_output_dir(args.output, args.force, REPORT)
+    if model is None:
+        image_size, open_model = resolve_model(args)
+    else:
+        image_size, open_model = model.image_size, lambda: model
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    clock = Stopwatch()
+    try:
+        with clock.stage('read'):
+            images = read_inputs(args)
+        with clock.stage('load_model'):
+            model = open_model()
+        with clock.stage('preprocess'):
+            fixed_volume, moving_volume, fixed_geometry, moving_geometry = preprocess_pair(
+                images['fixed'], images['moving'], image_size, args.modality, args.percentiles,
+                args.window, args.threshold, args.margin)
+    except PrepareError as e:
+        raise cli.UserError(str(e))
+    with clock.stage('network'):
+        flow = np.asarray(model.register(fixed_volume, moving_volume))
+    if flow.shape != (image_size,) * 3 + (3,):
+        raise cli.UserError('the model returned a flow of shape {}, expected {}'.format(
+            flow.shape, (image_size,) * 3 + (3,)))
+
+    fixed, moving = images['fixed'], images['moving']
+    outputs = {'warped': 'warped' + extension, 'field': 'field' + extension}
+    if 'moving_seg' in images:
+        outputs['warped_seg'] = 'warped_seg' + extension
+    outputs['previews'] = ['preview.png'] + ['preview_{}.png'.format(name) for name in PREVIEWS]
+    report = {'fixed': os.path.abspath(args.fixed), 'moving': os.path.abspath(args.moving),
+              'fixed_seg': args.fixed_seg and os.path.abspath(args.fixed_seg),
+              'moving_seg': args.moving_seg and os.path.abspath(args.moving_seg),
+              'model': model.info, 'image_size': image_size,
+              'preprocessing': {'modality': args.modality, 'percentiles': list(args.percentiles),
+                                'window': list(args.window), 'threshold': args.threshold, 'margin': args.margin},
+              'format': fmt, 'outputs': outputs, 'threads': args.threads, 'default_value': args.default_value,
+              'fixed_geometry': geometry_record(fixed), 'moving_geometry': geometry_record(moving),
+              'preprocessed_grids': {'fixed': _geometry_dict(fixed_geometry),
+                                     'moving': _geometry_dict(moving_geometry)},
+              'field_convention': 'u(x) = x_moving - x_fixed in mm, components along physical x, y, z (LPS, '
+                                  'ITK order), on the fixed file\'s grid; warped = sitk.Resample(moving, fixed, '
+                                  'sitk.DisplacementFieldTransform(field)); outside the fixed preprocessed cube '
+                                  'the network flow is extended by border clamping'}
+    with staging_directory(args.output) as staging:
+        with clock.stage('resample'):
+            field = displacement_field(flow, fixed_geometry, moving_geometry, fixed)
+        field_path = os.path.join(staging, outputs['field'])
+        with clock.stage('write'):
+            write_image(field_image(field, fixed), field_path, fmt, compress=False)
+        with clock.stage('resample'):
+            transform = sitk.DisplacementFieldTransform(sitk.ReadImage(field_path, sitk.sitkVectorFloat64))
+            warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, args.default_value)
+            moving_on_fixed = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, args.default_value)
+            magnitude = np.sqrt(np.einsum('...c,...c->...', field, field))
+            report['displacement_mm'] = {'mean': float(magnitude.mean()), 'max': float(magnitude.max()),
+                                         'p99': float(np.percentile(magnitude[::2, ::2, ::2], 99))}
+            del magnitude
+            if 'moving_seg' in images:
+                seg = images['moving_seg']
+                warped_seg = sitk.Resample(seg, fixed, transform, sitk.sitkNearestNeighbor, 0, seg.GetPixelID())
+                if 'fixed_seg' in images:
+                    fixed_labels = sitk.GetArrayViewFromImage(images['fixed_seg'])
+                    before = sitk.Resample(seg, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                           seg.GetPixelID())
+                    per_label, mean = dice_per_label(fixed_labels, sitk.GetArrayViewFromImage(warped_seg))
+                    per_label_before, mean_before = dice_per_label(fixed_labels, sitk.GetArrayViewFromImage(before))
+                    report['dice'] = {'mean': mean, 'mean_before': mean_before, 'per_label': per_label,
+                                      'per_label_before': per_label_before}
+        with clock.stage('write'):
+            write_image(warped, os.path.join(staging, outputs['warped']), fmt)
+            if 'moving_seg' in images:
+                write_image(warped_seg, os.path.join(staging, outputs['warped_seg']), fmt)
+            rows, extents = preview_rows(fixed, moving_on_fixed, warped, field, moving, args)
+            write_previews(staging, rows, extents)
+            report.update(clock.report())
+            with open(os.path.join(staging, REPORT), 'w') as f:
+                json.dump(report, f, indent=2)
+                f.write('\n')
+    return report
+
+
+def _geometry_dict(geometry):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(geometry).items()}
+
+
+def export(args):
+    """Write the frozen inference graph of the checkpoint args.checkpoint into args.export."""
+    from network.export import META_FILE, ExportError, freeze, is_export, write_export
+    if any(getattr(args, k) for k in ('fixed', 'moving', 'output', 'moving_seg', 'fixed_seg')):
+        raise cli.UserError('--export writes a model only; run the export with -c {} --fixed ...'.format(args.export))
+    if is_export(args.checkpoint):
+        raise cli.UserError('{} is already an export; --export needs a train.py checkpoint'.format(args.checkpoint))
+    check_output_dir(args.export, args.force, META_FILE)
+    run_dir, prefix, step = cli.resolve_checkpoint(args.checkpoint)
+    run_args = cli.load_run_args(run_dir)
+    size = args.image_size or cubic_size(run_args.get('image_size'), 'the checkpoint\'s')
+    from network import spatial_transformer
+    spatial_transformer.set_warp_impl(args.export_warp)
+    sess, framework, run_args, prefix = cli.load_model(prefix, [size] * 3, rep=args.rep, threads=args.threads)
+    graph_def = freeze(sess, framework.outputs['flow'])
+    meta = {'image_size': [size] * 3, 'base_network': run_args.get('base_network'),
+            'n_cascades': run_args.get('n_cascades'), 'rep': args.rep or run_args.get('rep', 1),
+            'net_args': run_args.get('net_args', ''), 'parameters': framework.parameter_count,
+            'warp': spatial_transformer.warp_impl(), 'checkpoint': os.path.abspath(prefix), 'step': step,
+            'flow': 'float32 [B, N, N, N, 3], voxels of the fixed grid, channel k along array axis k; '
+                    'warped(p) = moving(p + flow(p))',
+            'inputs_range': 'float32 [B, N, N, N, 1] in 0..255 (preprocessed uint8 volumes)'}
+    sess.close()
+    try:
+        with staging_directory(args.export) as staging:
+            meta = write_export(staging, graph_def, meta)
+    except ExportError as e:
+        raise cli.UserError(str(e))
+    size_bytes = os.path.getsize(os.path.join(args.export, meta['graph']))
+    print('Exported {} ({:,} parameters, warp {}) to {}: {} {:.2f} MB'.format(
+        prefix, meta['parameters'], meta['warp'], args.export, meta['graph'], size_bytes / 1e6))
+    return meta
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.export:
+        export(args)
+        return 0
+    report = predict(args)
+    summary = 'network {:.2f} s, total {:.2f} s'.format(report['seconds']['network'], report['seconds']['total'])
+    if report.get('dice', {}).get('mean') is not None:
+        summary = 'Dice {:.4f} (before {:.4f}), '.format(report['dice']['mean'], report['dice']['mean_before']) + summary
+    print('Wrote {}: {}; {}'.format(args.output, ', '.join(
+        v for k, v in report['outputs'].items() if k != 'previews'), summary))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    cli.run(main)

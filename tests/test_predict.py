@@ -1,0 +1,299 @@
+"""predict.py: the written field against a known affine, outputs on the fixed file's grid,
+LPBA40 end to end, the frozen export, and refusals of bad input."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import matplotlib.image
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import predict
+from conftest import LPBA40, ROOT, error_lines, run_script
+
+PREVIEWS = ['preview.png'] + ['preview_{}.png'.format(name) for name in predict.PREVIEWS]
+STAGES = ('read', 'load_model', 'preprocess', 'network', 'resample', 'write')
+CENTRE = np.array([12.0, -30.0, 45.0])
+# Blobs of the phantom: (offset from CENTRE in mm, sigma in mm, amplitude); label = index + 2.
+BLOBS = [((12.0, 5.0, -8.0), 6.0, 120.0), ((-14.0, -6.0, 6.0), 5.0, -60.0),
+         ((2.0, 14.0, 10.0), 7.0, 80.0), ((-4.0, -12.0, -14.0), 5.5, 150.0)]
+BODY_RADII = np.array([34.0, 27.0, 30.0])
+
+
+def rotation(axis, angle):
+    return np.reshape(sitk.VersorTransform(tuple(float(a) for a in axis), float(angle)).GetMatrix(), (3, 3))
+
+
+# The known map from fixed to moving physical points: T(x) = L (x - CENTRE) + CENTRE + t.
+T_LINEAR = 1.04 * rotation((0.2, 0.3, 1.0), 0.1)
+T_SHIFT = np.array([5.0, -3.0, 4.0])
+
+
+def true_map(points):
+    return (np.asarray(points) - CENTRE) @ T_LINEAR.T + CENTRE + T_SHIFT
+
+
+def phantom(points, ct):
+    """Intensity and label of the phantom at physical points [k, 3] (mm)."""
+    offset = np.asarray(points) - CENTRE
+    radius = np.sqrt(np.sum((offset / BODY_RADII) ** 2, axis=1))
+    body = 1.0 / (1.0 + np.exp((radius - 1.0) * 30.0))
+    value = 100.0 * body
+    labels = (radius < 1.0).astype(np.uint8)
+    for k, (centre, sigma, amplitude) in enumerate(BLOBS):
+        distance = np.sqrt(np.sum((offset - centre) ** 2, axis=1))
+        value += amplitude * body * np.exp(-0.5 * (distance / sigma) ** 2)
+        labels[distance < 1.2 * sigma] = k + 2
+    if ct:
+        return np.rint(value * 2.0 - 1000.0 * (1.0 - body)).astype(np.int16), labels
+    return value.astype(np.float32), labels
+
+
+def make_image(size, spacing, direction, centre, sample):
+    """A sitk image of `size` centred on `centre` whose voxel values are sample(physical points)."""
+    direction = np.asarray(direction, np.float64)
+    origin = centre - direction @ (np.asarray(spacing) * (np.asarray(size) - 1) / 2.0)
+    reference = sitk.Image([int(n) for n in size], sitk.sitkUInt8)
+    reference.SetSpacing([float(s) for s in spacing])
+    reference.SetOrigin([float(o) for o in origin])
+    reference.SetDirection([float(d) for d in direction.flatten()])
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing='ij'), -1).reshape(-1, 3)
+    values = sample(physical_points(reference, index))
+    images = []
+    for array in values:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array.reshape(size).transpose(2, 1, 0)))
+        image.CopyInformation(reference)
+        images.append(image)
+    return images
+
+
+def physical_points(image, index):
+    matrix = np.reshape(image.GetDirection(), (3, 3)) * np.asarray(image.GetSpacing())[None, :]
+    return np.asarray(image.GetOrigin()) + np.asarray(index, np.float64) @ matrix.T
+
+
+def write_pair(directory, extension, ct):
+    """Fixed and moving phantoms (+ label maps) related by the known map: moving(T(x)) = fixed(x).
+
+    Anisotropic spacings and oblique directions, different for the two images."""
+    fixed, fixed_seg = make_image((80, 72, 44), (1.1, 1.3, 2.2), rotation((1, 1, 3), 0.26), CENTRE,
+                                  lambda x: phantom(x, ct))
+    inverse = np.linalg.inv(T_LINEAR)
+    moving, moving_seg = make_image((76, 84, 56), (1.25, 1.05, 1.8), rotation((0, 1, 0.3), -0.2),
+                                    CENTRE + T_SHIFT,
+                                    lambda y: phantom((y - CENTRE - T_SHIFT) @ inverse.T + CENTRE, ct))
+    paths = {}
+    for name, image in (('fixed', fixed), ('moving', moving), ('fixed_seg', fixed_seg), ('moving_seg', moving_seg)):
+        paths[name] = str(directory / (name + extension))
+        sitk.WriteImage(image, paths[name])
+    return paths
+
+
+class KnownFlow:
+    """A stand-in network whose flow is the exact known map on the two preprocessed grids."""
+
+    image_size = 48
+    info = {'kind': 'known affine (test)'}
+
+    def __init__(self, paths, modality):
+        from data_util.prepare import read_image
+        _, _, self.fixed_geometry, self.moving_geometry = predict.preprocess_pair(
+            read_image(paths['fixed']), read_image(paths['moving']), self.image_size, modality)
+
+    def register(self, fixed, moving):
+        n = self.image_size
+        grid = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing='ij'), -1).reshape(-1, 3)
+        target = self.moving_geometry.physical_to_voxel(true_map(self.fixed_geometry.voxel_to_physical(grid)))
+        return (target - grid).reshape(n, n, n, 3).astype(np.float32)
+
+
+def predict_args(paths, output, *extra):
+    return predict.build_parser().parse_args(
+        ['-c', 'known', '--fixed', paths['fixed'], '--moving', paths['moving'], '--moving_seg', paths['moving_seg'],
+         '--fixed_seg', paths['fixed_seg'], '-o', str(output)] + list(extra))
+
+
+def assert_same_geometry(image, reference, exact=True):
+    assert image.GetSize() == reference.GetSize()
+    for key in ('GetSpacing', 'GetOrigin', 'GetDirection'):
+        a, b = getattr(image, key)(), getattr(reference, key)()
+        assert (a == b) if exact else np.allclose(a, b, rtol=0, atol=1e-6), (key, a, b)
+
+
+def check_outputs(output, paths, report, extension):
+    """Every output present, on the fixed grid, and the warped image reproduced by SimpleITK.
+
+    NIfTI stores an oblique direction as float32 quaternion and matrix, so a re-written
+    oblique NIfTI header may differ from the one read in the last bits: tolerance 1e-6 there.
+    """
+    fixed, moving = sitk.ReadImage(paths['fixed']), sitk.ReadImage(paths['moving'])
+    names = ['warped' + extension, 'field' + extension, 'warped_seg' + extension, 'predict.json'] + PREVIEWS
+    assert sorted(os.listdir(output)) == sorted(names)
+    for name in PREVIEWS:
+        assert matplotlib.image.imread(os.path.join(output, name)).ndim == 3
+    field = sitk.ReadImage(os.path.join(output, 'field' + extension))
+    warped = sitk.ReadImage(os.path.join(output, 'warped' + extension))
+    warped_seg = sitk.ReadImage(os.path.join(output, 'warped_seg' + extension))
+    assert field.GetPixelID() == sitk.sitkVectorFloat64 and field.GetNumberOfComponentsPerPixel() == 3
+    assert warped.GetPixelID() == moving.GetPixelID()
+    axis_aligned = np.allclose(np.abs(fixed.GetDirection()), np.eye(3).flatten())
+    for image in (field, warped, warped_seg):
+        assert_same_geometry(image, fixed, exact=extension != '.nii.gz' or axis_aligned)
+    transform = sitk.DisplacementFieldTransform(sitk.Image(field))
+    again = sitk.Resample(moving, fixed, transform)
+    assert np.array_equal(sitk.GetArrayViewFromImage(again), sitk.GetArrayViewFromImage(warped))
+    assert set(STAGES) <= set(report['seconds']) and all(report['seconds'][s] >= 0 for s in STAGES)
+    return fixed, field, warped
+
+
+@pytest.mark.parametrize('extension,modality', [('.nii.gz', 'mr'), ('.mha', 'ct')])
+def test_known_affine_field_maps_points(tmp_path, extension, modality):
+    paths = write_pair(tmp_path, extension, modality == 'ct')
+    model = KnownFlow(paths, modality)
+    output = tmp_path / 'out'
+    report = predict.predict(predict_args(paths, output, '--modality', modality), model=model)
+    fixed, field, warped = check_outputs(output, paths, report, extension)
+    transform = sitk.DisplacementFieldTransform(field)
+
+    # Points of the phantom's body (inside the fixed crop), at voxel centres and between them.
+    rng = np.random.default_rng(0)
+    body = np.argwhere(sitk.GetArrayViewFromImage(sitk.ReadImage(paths['fixed_seg'])) > 0)[:, ::-1]
+    jitter = rng.uniform(-0.5, 0.5, (400, 3))
+    jitter[::2] = 0
+    index = body[rng.choice(len(body), 400, replace=False)] + jitter
+    points = physical_points(fixed, index)
+    mapped = np.array([transform.TransformPoint(tuple(p)) for p in points])
+    voxel = min(sitk.ReadImage(paths['moving']).GetSpacing())
+    error = np.linalg.norm(mapped - true_map(points), axis=1)
+    assert error.max() < voxel, error.max()
+    assert error.max() < 1e-3, error.max()  # trilinear sampling of an affine flow is exact
+
+    # The warped image is the fixed phantom again; the warped labels overlap the fixed ones.
+    mask = sitk.GetArrayViewFromImage(sitk.ReadImage(paths['fixed_seg'])) > 0
+    fixed_values = sitk.GetArrayViewFromImage(fixed)[mask].astype(np.float64)
+    warped_values = sitk.GetArrayViewFromImage(warped)[mask].astype(np.float64)
+    assert np.corrcoef(fixed_values, warped_values)[0, 1] > 0.98
+    assert report['dice']['mean'] > 0.9 > report['dice']['mean_before'] + 0.1
+    assert set(report['dice']['per_label']) == {'1', '2', '3', '4', '5'}
+
+
+def test_failure_leaves_nothing_and_force_replaces(tmp_path, monkeypatch):
+    paths = write_pair(tmp_path, '.nii.gz', ct=False)
+    model = KnownFlow(paths, 'mr')
+    output = tmp_path / 'out'
+    before = sorted(os.listdir(tmp_path))
+
+    def broken(*args):
+        raise OSError('disk full')
+    monkeypatch.setattr(predict, 'write_previews', broken)
+    with pytest.raises(OSError):
+        predict.predict(predict_args(paths, output), model=model)
+    assert sorted(os.listdir(tmp_path)) == before
+    monkeypatch.undo()
+
+    predict.predict(predict_args(paths, output), model=model)
+    with pytest.raises(predict.cli.UserError, match='exists'):
+        predict.predict(predict_args(paths, output), model=model)
+    report = predict.predict(predict_args(paths, output, '--force', '--format', 'nrrd'), model=model)
+    assert report['format'] == 'nrrd' and os.path.isfile(output / 'warped.nrrd')
+    assert not os.path.exists(output / 'warped.nii.gz')
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ['out'])
+
+
+@pytest.fixture(scope='module')
+def tiny_run(synthetic_spec, tmp_path_factory):
+    """A 2-step LDR run at 64^3 (registration quality is not what these tests check)."""
+    directory = tmp_path_factory.mktemp('tiny')
+    proc = run_script('train.py', '-b', 'LDR', '-n', '1', '-d', synthetic_spec, '--round', '2', '--epochs', '1',
+                      '--batch', '1', '--output', 'tiny', '--val_steps', '0', cwd=directory)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return directory / 'weights' / 'tiny'
+
+
+@pytest.mark.slow
+def test_lpba40_pair_writes_every_output(tiny_run, tmp_path):
+    if not os.path.isdir(LPBA40):
+        pytest.skip('LPBA40 data absent at {} (tests/conftest.py LPBA40)'.format(LPBA40))
+    paths = {'fixed': os.path.join(LPBA40, 'fixed.nii.gz'),
+             'moving': os.path.join(LPBA40, 'test', 'S02.delineation.skullstripped.nii.gz'),
+             'fixed_seg': os.path.join(LPBA40, 'label', 'S01.delineation.structure.label.nii.gz'),
+             'moving_seg': os.path.join(LPBA40, 'label', 'S02.delineation.structure.label.nii.gz')}
+    proc = run_script('predict.py', '-c', tiny_run, '--fixed', paths['fixed'], '--moving', paths['moving'],
+                      '--fixed_seg', paths['fixed_seg'], '--moving_seg', paths['moving_seg'], '-o', 'out',
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / 'out' / 'predict.json').read_text())
+    fixed, _, warped = check_outputs(tmp_path / 'out', paths, report, '.nii.gz')
+    assert_same_geometry(warped, fixed, exact=True)
+    assert report['image_size'] == 64 and report['model']['kind'] == 'checkpoint'
+    assert len(report['dice']['per_label']) == 56
+    assert 0 < report['dice']['mean'] <= 1 and 0 < report['dice']['mean_before'] <= 1
+
+
+@pytest.mark.slow
+def test_export_runs_without_network_code(tiny_run, tmp_path):
+    paths = write_pair(tmp_path, '.nii.gz', ct=False)
+    proc = run_script('predict.py', '-c', tiny_run, '--export', 'exported', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((tmp_path / 'exported' / 'export.json').read_text())
+    assert meta['image_size'] == [64] * 3 and meta['warp'] == 'tf' and meta['parameters'] > 0
+    assert os.path.getsize(tmp_path / 'exported' / 'model.pb') > 4 * meta['parameters']
+
+    args = ['-c', 'exported', '--fixed', paths['fixed'], '--moving', paths['moving'], '-o', 'from_export']
+    code = textwrap.dedent('''
+        import sys
+        sys.path.insert(0, {root!r})
+        import cli, predict
+        cli.run(lambda: predict.main({args!r}))
+        print('loaded:', sorted(m for m in sys.modules if m in (
+            'network.cascade', 'network.framework', 'network.subnets', 'network.aldk', 'network.losses', 'train')))
+        from data_util.prepare import read_image
+        fixed, moving, _, _ = predict.preprocess_pair(read_image({fixed!r}), read_image({moving!r}), 64)
+        frozen = predict.ExportedModel('exported').register(fixed, moving)
+        restored = predict.CheckpointModel({run!r}, 64).register(fixed, moving)
+        print('max flow difference:', abs(frozen - restored).max(), 'max flow:', abs(restored).max())
+        ''').format(root=ROOT, args=args, fixed=paths['fixed'], moving=paths['moving'], run=str(tiny_run))
+    proc = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'loaded: []' in proc.stdout, proc.stdout
+    difference = float(proc.stdout.split('max flow difference:')[1].split()[0])
+    assert difference < 1e-3, proc.stdout
+    report = json.loads((tmp_path / 'from_export' / 'predict.json').read_text())
+    assert report['model']['kind'] == 'export' and 'dice' not in report
+    assert sorted(os.listdir(tmp_path / 'from_export')) == sorted(['warped.nii.gz', 'field.nii.gz', 'predict.json']
+                                                                  + PREVIEWS)
+
+
+def bad_cases(tmp_path, run, paths):
+    (tmp_path / 'garbage.nii.gz').write_bytes(b'\x1f\x8b not an image' * 50)
+    sitk.WriteImage(sitk.Image(32, 32, sitk.sitkFloat32), str(tmp_path / 'flat.nii.gz'))
+    sitk.WriteImage(sitk.Image(10, 12, 14, sitk.sitkUInt8), str(tmp_path / 'small_seg.nii.gz'))
+    (tmp_path / 'taken').mkdir()
+    (tmp_path / 'taken' / 'keep.txt').write_text('mine')
+    pair = ['--fixed', paths['fixed'], '--moving', paths['moving']]
+    return [
+        (['-c', run, '--fixed', paths['fixed'], '--moving', tmp_path / 'garbage.nii.gz', '-o', 'out'], 'garbage'),
+        (['-c', run, '--fixed', tmp_path / 'flat.nii.gz', '--moving', paths['moving'], '-o', 'out'], '3-D'),
+        (['-c', run] + pair + ['--moving_seg', tmp_path / 'small_seg.nii.gz', '-o', 'out'], 'size'),
+        (['-c', tmp_path / 'no_such_run'] + pair + ['-o', 'out'], 'checkpoint not found'),
+        (['-c', run] + pair + ['-o', 'taken'], 'exists'),
+        (['-c', run] + pair + ['-o', 'taken', '--force'], 'not an output of predict.py'),
+        (['-c', run, '--fixed', tmp_path / 'missing.nii.gz', '--moving', paths['moving'], '-o', 'out'], 'missing'),
+    ]
+
+
+@pytest.mark.slow
+def test_bad_input_one_line_error_nothing_written(tiny_run, tmp_path):
+    paths = write_pair(tmp_path, '.mha', ct=True)
+    cases = bad_cases(tmp_path, tiny_run, paths)
+    before = sorted(os.listdir(tmp_path))
+    for args, culprit in cases:
+        proc = run_script('predict.py', *args, cwd=tmp_path)
+        lines = error_lines(proc)
+        assert proc.returncode == 2, (args, proc.stderr[-1500:])
+        assert len(lines) == 1 and lines[0].startswith('error: ') and culprit in lines[0], (args, lines)
+        assert sorted(os.listdir(tmp_path)) == before, args
+        assert os.listdir(tmp_path / 'taken') == ['keep.txt']
