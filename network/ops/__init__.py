@@ -13,6 +13,7 @@ returns None, so ``network.spatial_transformer.warp`` falls back to the pure-TF 
 """
 import os
 import sys
+import threading
 
 from network.tfv1 import tf
 
@@ -23,6 +24,7 @@ PADDINGS = ('border', 'zeros')
 _library = None  # the loaded op module, once loaded
 _failure = None  # one-line reason, once loading failed (not retried in this process)
 _warned = False
+_lock = threading.Lock()  # one loader at a time (the gradient may be registered only once)
 
 
 def _register_gradient(library):
@@ -46,22 +48,23 @@ def load_warp_op(required=False):
     which case RuntimeError is raised. The result is cached for the process.
     """
     global _library, _failure, _warned
-    if _library is None and _failure is None:
-        try:
-            library = tf.load_op_library(build.build())
-            _register_gradient(library)
-            _library = library
-        except (build.BuildError, OSError, tf.errors.OpError) as error:
-            _failure = ' '.join(str(error).split())
-    if _library is not None:
-        return _library
-    if required or os.environ.get('LDR_REQUIRE_WARP_OP', '0') not in ('', '0'):
-        raise RuntimeError('the compiled warp op is unavailable: {}'.format(_failure))
-    if not _warned:
-        print('warning: compiled warp op unavailable ({}); using the slower pure-TF warp'
-              .format(_failure), file=sys.stderr)
-        _warned = True
-    return None
+    with _lock:
+        if _library is None and _failure is None:
+            try:
+                library = tf.load_op_library(build.build())
+                _register_gradient(library)
+                _library = library
+            except (build.BuildError, OSError, tf.errors.OpError) as error:
+                _failure = ' '.join(str(error).split())
+        if _library is not None:
+            return _library
+        if required or os.environ.get('LDR_REQUIRE_WARP_OP', '0') not in ('', '0'):
+            raise RuntimeError('the compiled warp op is unavailable: {}'.format(_failure))
+        if not _warned:
+            print('warning: compiled warp op unavailable ({}); using the slower pure-TF warp'
+                  .format(_failure), file=sys.stderr)
+            _warned = True
+        return None
 
 
 def warp_op(image, flow, padding='border'):

@@ -2,15 +2,17 @@
 
 Usage: ``python -m network.ops.build [--force]`` (``network.ops.load_warp_op`` also calls
 ``build()`` on first use). The library's file name holds a hash of everything that
-changes the binary: the TensorFlow version, the source, the compiler and its flags. A
-cached library is reused without compiling. Concurrent builds are safe: builders of the
-same key serialise on a file lock, and the library is written to a temporary file and
-renamed into place, so no process ever loads a half-written file.
+changes the binary: the TensorFlow version, the source, the compiler and its flags
+(-O3, plus -mavx2 -mfma when the CPU has them). A cached library is reused without
+compiling. Concurrent builds are safe: builders serialise on a file lock
+(``_build/build.lock``), and the library is written to a temporary file and renamed into
+place, so no process ever loads a half-written file.
 """
 import argparse
 import fcntl
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -22,7 +24,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, 'warp_op.cc')
 BUILD_DIR = os.path.join(HERE, '_build')
 
-# -O3 without -march: the library must run on any x86-64 the cache directory travels to.
 BASE_FLAGS = ['-std=c++17', '-shared', '-fPIC', '-O3']
 
 
@@ -39,10 +40,26 @@ def compiler():
     return path
 
 
+def cpu_flags():
+    """['-mavx2', '-mfma'] if this x86-64 CPU reports AVX2 and FMA (Linux), else [].
+
+    No -march=native: the flags depend only on these two features, and being part of the
+    cache key, a machine without them never picks up a library built with them.
+    """
+    if platform.machine().lower() not in ('x86_64', 'amd64'):
+        return []
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    except OSError:
+        return []
+    return ['-mavx2', '-mfma'] if {'avx2', 'fma'} <= set(flags) else []
+
+
 def command(output):
     """The full compiler command line that writes the library to ``output``."""
-    return ([compiler()] + BASE_FLAGS + tf.sysconfig.get_compile_flags() + [SOURCE, '-o', output]
-            + tf.sysconfig.get_link_flags())
+    return ([compiler()] + BASE_FLAGS + cpu_flags() + tf.sysconfig.get_compile_flags()
+            + [SOURCE, '-o', output] + tf.sysconfig.get_link_flags())
 
 
 def library_path():
@@ -72,7 +89,7 @@ def build(force=False, verbose=False):
     if os.path.exists(path) and not force:
         return path
     os.makedirs(BUILD_DIR, exist_ok=True)
-    with open(path + '.lock', 'w') as lock:
+    with open(os.path.join(BUILD_DIR, 'build.lock'), 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         # Another process may have finished the same build while this one waited.
         if os.path.exists(path) and not force:
@@ -85,6 +102,7 @@ def build(force=False, verbose=False):
         os.close(fd)
         try:
             _compile(tmp)
+            os.chmod(tmp, 0o755)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

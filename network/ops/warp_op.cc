@@ -13,16 +13,24 @@
 //   grad is d loss / d output. The image gradient is a scatter-add; it is race-free and
 //   deterministic for a given thread count (see WarpGradImageOp).
 //
-// The arithmetic follows network/spatial_transformer.py's warp_tf term by term (same
-// positions, floor, weights and summation order), so results agree to float rounding.
-// Work is spread over TensorFlow's intra-op thread pool.
+// Positions, floors, weights and clamping follow network/spatial_transformer.py's warp_tf
+// exactly; the interpolation is evaluated separably (along z, then y, then x), so results
+// agree with warp_tf to float rounding.
+//
+// Layout of the work: voxels are processed in runs of up to kRun consecutive voxels along
+// z within one (b, x, y) row. For a run, SetupAxis first computes each axis' neighbour
+// indices and weights for all its voxels (a branch-free loop the compiler vectorises),
+// then a per-voxel loop reads the 8 corners and loops over channels, which are contiguous
+// (channel-last). Runs are spread over TensorFlow's intra-op thread pool.
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <type_traits>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -42,144 +50,164 @@ using ThreadPool = tsl::thread::ThreadPool;
 
 enum class Padding { kBorder, kZeros };
 
+constexpr int kRun = 64;  // voxels per work unit along z
+
 // Sizes of a batch of volumes: batch, the three spatial axes, channels.
 struct Grid {
   int64_t batch, nx, ny, nz, channels;
   int64_t voxels() const { return nx * ny * nz; }  // voxels of one batch item
+  int64_t runs_per_row() const { return (nz + kRun - 1) / kRun; }
+  int64_t runs() const { return batch * nx * ny * runs_per_row(); }  // runs of the batch
 };
 
-// One axis of a sample position: the lower and upper grid index (clamped into the
-// volume), their interpolation weights, and the derivatives of those weights with
-// respect to the position (voxel units).
-struct AxisCorners {
-  int64_t index[2];
-  float weight[2];
-  float dweight[2];
+// A run: voxels (b, x, y, z0 .. z0 + n - 1); `voxel` is the flat index of the first one in
+// the batch, ((b * nx + x) * ny + y) * nz + z0.
+struct Run {
+  int64_t b, x, y, z0, n, voxel;
 };
 
-// The two neighbours of position `pos` on an axis of `size` voxels.
-inline AxisCorners SetupAxis(float pos, int64_t size, Padding padding) {
-  AxisCorners a;
+Run RunAt(const Grid& g, int64_t index) {
+  const int64_t per_row = g.runs_per_row();
+  const int64_t row = index / per_row;
+  Run r;
+  r.z0 = (index % per_row) * kRun;
+  r.n = std::min<int64_t>(kRun, g.nz - r.z0);
+  r.y = row % g.ny;
+  r.x = (row / g.ny) % g.nx;
+  r.b = row / (g.ny * g.nx);
+  r.voxel = row * g.nz + r.z0;
+  return r;
+}
+
+// One axis' neighbours of the sample positions of a run's voxels: the lower ([0]) and
+// upper ([1]) grid index, clamped into the volume and multiplied by the axis' stride (an
+// element offset into one batch item); their interpolation weights; and the derivatives
+// of the weights with respect to the position (1 / voxel).
+struct AxisRun {
+  int32_t offset[2][kRun];
+  float weight[2][kRun];
+  float dweight[2][kRun];
+};
+
+inline float ClampF(float v, float lo, float hi) {
+  v = v > lo ? v : lo;  // NaN becomes lo
+  return v < hi ? v : hi;
+}
+
+inline int32_t ClampI(int32_t v, int32_t lo, int32_t hi) {
+  v = v > lo ? v : lo;
+  return v < hi ? v : hi;
+}
+
+// Fills `a` for n positions pos[i] = (base + step * i) + flow[3 * i] on an axis of `size`
+// voxels and element stride `stride` (flow points at this axis' component of the run's
+// first voxel). Written without branches so that it vectorises.
+template <Padding P>
+void SetupAxis(const float* __restrict flow, float base, float step, int n, int32_t size,
+               int32_t stride, AxisRun* __restrict a) {
   const float last = static_cast<float>(size - 1);
-  if (padding == Padding::kBorder) {
-    // Clamp like tf.clip_by_value: its gradient passes for 0 <= pos <= last inclusive.
-    const float slope = (pos >= 0.f && pos <= last) ? 1.f : 0.f;
-    const float p = std::min(last, std::max(0.f, pos));  // std::max(0, NaN) is 0
-    const float lo = std::floor(p);
-    const float t = p - lo;
-    const int64_t i0 = static_cast<int64_t>(lo);
-    a.index[0] = i0;
-    a.index[1] = std::min(i0 + 1, size - 1);
-    a.weight[0] = 1.f - t;
-    a.weight[1] = t;
-    a.dweight[0] = -slope;
-    a.dweight[1] = slope;
-  } else {
-    // Beyond [-2, last + 2] both corners are outside either way; clamping there only
-    // keeps the integer conversion defined.
-    const float p = std::min(last + 2.f, std::max(-2.f, pos));
-    const float lo = std::floor(p);
-    const float t = p - lo;
-    const int64_t i0 = static_cast<int64_t>(lo);
-    const int64_t i1 = i0 + 1;
-    const bool in0 = i0 >= 0 && i0 <= size - 1;
-    const bool in1 = i1 >= 0 && i1 <= size - 1;
-    a.index[0] = std::min(std::max<int64_t>(i0, 0), size - 1);
-    a.index[1] = std::min(std::max<int64_t>(i1, 0), size - 1);
-    a.weight[0] = in0 ? 1.f - t : 0.f;
-    a.weight[1] = in1 ? t : 0.f;
-    a.dweight[0] = in0 ? -1.f : 0.f;
-    a.dweight[1] = in1 ? 1.f : 0.f;
+  for (int i = 0; i < n; ++i) {
+    const float pos = (base + step * static_cast<float>(i)) + flow[3 * i];
+    // Border: clamp into [0, last]. Zeros: beyond [-2, last + 2] both corners are outside
+    // anyway; clamping there only keeps the integer conversion defined.
+    const float p = P == Padding::kBorder ? ClampF(pos, 0.f, last) : ClampF(pos, -2.f, last + 2.f);
+    const int32_t truncated = static_cast<int32_t>(p);
+    const int32_t lo = truncated - (p < static_cast<float>(truncated) ? 1 : 0);  // floor
+    const int32_t hi = lo + 1;
+    const float t = p - static_cast<float>(lo);
+    float in_lo = 1.f, in_hi = 1.f, slope = 1.f;
+    if (P == Padding::kBorder) {
+      // tf.clip_by_value passes the gradient for 0 <= pos <= last, inclusive.
+      slope = static_cast<float>((pos >= 0.f) & (pos <= last));
+    } else {
+      in_lo = static_cast<float>((lo >= 0) & (lo < size));
+      in_hi = static_cast<float>((hi >= 0) & (hi < size));
+    }
+    a->offset[0][i] = ClampI(lo, 0, size - 1) * stride;
+    a->offset[1][i] = ClampI(hi, 0, size - 1) * stride;
+    a->weight[0][i] = (1.f - t) * in_lo;
+    a->weight[1][i] = t * in_hi;
+    a->dweight[0][i] = -slope * in_lo;
+    a->dweight[1][i] = slope * in_hi;
   }
-  return a;
 }
 
-// The 8 corners of one voxel's sample position, ordered x-major (corner k = 4i + 2j + l
-// for lower/upper i, j, l along x, y, z): element offsets into one batch item of the
-// image (already multiplied by the channel count) and trilinear weights.
-struct VoxelCorners {
-  AxisCorners axis[3];
-  int64_t offset[8];
-  float weight[8];
+// Neighbours along x, y and z of every voxel of run r, as offsets into a batch item of
+// `channels` channels.
+template <Padding P>
+void SetupRun(const Grid& g, int64_t channels, const Run& r, const float* flow,
+              AxisRun axes[3]) {
+  const float* f = flow + 3 * r.voxel;
+  const int n = static_cast<int>(r.n);
+  const auto stride_z = static_cast<int32_t>(channels);
+  const auto stride_y = static_cast<int32_t>(g.nz * channels);
+  const auto stride_x = static_cast<int32_t>(g.ny * g.nz * channels);
+  SetupAxis<P>(f, static_cast<float>(r.x), 0.f, n, static_cast<int32_t>(g.nx), stride_x, &axes[0]);
+  SetupAxis<P>(f + 1, static_cast<float>(r.y), 0.f, n, static_cast<int32_t>(g.ny), stride_y,
+               &axes[1]);
+  SetupAxis<P>(f + 2, static_cast<float>(r.z0), 1.f, n, static_cast<int32_t>(g.nz), stride_z,
+               &axes[2]);
+}
+
+// Element offsets of voxel i's 8 corners in one batch item: corner (ix, iy, iz), each 0
+// (lower) or 1 (upper) neighbour along x, y, z, starts at row[ix][iy] + z[iz].
+struct Corners {
+  int64_t row[2][2];
+  int64_t z[2];
 };
 
-// Corners of voxel (x, y, z) displaced by `flow` (3 floats, voxels).
-inline void SetupVoxel(const Grid& g, Padding padding, const float* flow, int64_t x,
-                       int64_t y, int64_t z, VoxelCorners* v) {
-  v->axis[0] = SetupAxis(static_cast<float>(x) + flow[0], g.nx, padding);
-  v->axis[1] = SetupAxis(static_cast<float>(y) + flow[1], g.ny, padding);
-  v->axis[2] = SetupAxis(static_cast<float>(z) + flow[2], g.nz, padding);
-  const AxisCorners& ax = v->axis[0];
-  const AxisCorners& ay = v->axis[1];
-  const AxisCorners& az = v->axis[2];
-  int k = 0;
-  for (int i = 0; i < 2; ++i) {
-    for (int j = 0; j < 2; ++j) {
-      const int64_t row = (ax.index[i] * g.ny + ay.index[j]) * g.nz;
-      const float wxy = ax.weight[i] * ay.weight[j];
-      for (int l = 0; l < 2; ++l, ++k) {
-        v->offset[k] = (row + az.index[l]) * g.channels;
-        v->weight[k] = wxy * az.weight[l];
-      }
+inline Corners CornersAt(const AxisRun axes[3], int i) {
+  Corners c;
+  for (int ix = 0; ix < 2; ++ix) {
+    for (int iy = 0; iy < 2; ++iy) {
+      c.row[ix][iy] = static_cast<int64_t>(axes[0].offset[ix][i]) + axes[1].offset[iy][i];
     }
   }
+  c.z[0] = axes[2].offset[0][i];
+  c.z[1] = axes[2].offset[1][i];
+  return c;
 }
 
-// Calls fn(v, b, x, y, z) for the flat voxel indices v in [begin, end) of the whole
-// batch (v = ((b * nx + x) * ny + y) * nz + z), stepping the coordinates incrementally.
-template <typename Fn>
-inline void ForVoxels(const Grid& g, int64_t begin, int64_t end, Fn fn) {
-  int64_t rest = begin;
-  int64_t z = rest % g.nz;
-  rest /= g.nz;
-  int64_t y = rest % g.ny;
-  rest /= g.ny;
-  int64_t x = rest % g.nx;
-  int64_t b = rest / g.nx;
-  for (int64_t v = begin; v < end; ++v) {
-    fn(v, b, x, y, z);
-    if (++z == g.nz) {
-      z = 0;
-      if (++y == g.ny) {
-        y = 0;
-        if (++x == g.nx) {
-          x = 0;
-          ++b;
-        }
-      }
-    }
-  }
-}
-
-// Runs body(std::integral_constant<int64_t, C>) with C = the channel count when it is 1
-// or 3 (so inner channel loops unroll), otherwise with C = 0 meaning "read g.channels".
+// Runs body(padding tag, channel tag) with compile-time constants: the padding, and the
+// channel count when it is 1 or 3 (so channel loops unroll), else 0 meaning "g.channels".
 template <typename Body>
-inline void DispatchChannels(int64_t channels, Body body) {
-  if (channels == 1) {
-    body(std::integral_constant<int64_t, 1>());
-  } else if (channels == 3) {
-    body(std::integral_constant<int64_t, 3>());
+void Dispatch(Padding padding, int64_t channels, Body body) {
+  auto with_padding = [&](auto pad) {
+    if (channels == 1) {
+      body(pad, std::integral_constant<int64_t, 1>());
+    } else if (channels == 3) {
+      body(pad, std::integral_constant<int64_t, 3>());
+    } else {
+      body(pad, std::integral_constant<int64_t, 0>());
+    }
+  };
+  if (padding == Padding::kBorder) {
+    with_padding(std::integral_constant<Padding, Padding::kBorder>());
   } else {
-    body(std::integral_constant<int64_t, 0>());
+    with_padding(std::integral_constant<Padding, Padding::kZeros>());
   }
 }
 
 // Checks image [B,X,Y,Z,C] and flow [B,X,Y,Z,3] and returns their sizes in *g.
 absl::Status CheckInputs(const Tensor& image, const Tensor& flow, Grid* g) {
   if (image.dims() != 5) {
-    return tensorflow::errors::InvalidArgument("image must be [B, X, Y, Z, C], got ",
-                                               image.shape().DebugString());
+    return absl::InvalidArgumentError(
+        absl::StrCat("image must be [B, X, Y, Z, C], got ", image.shape().DebugString()));
   }
   if (flow.dims() != 5 || flow.dim_size(4) != 3) {
-    return tensorflow::errors::InvalidArgument("flow must be [B, X, Y, Z, 3], got ",
-                                               flow.shape().DebugString());
+    return absl::InvalidArgumentError(
+        absl::StrCat("flow must be [B, X, Y, Z, 3], got ", flow.shape().DebugString()));
   }
   for (int d = 0; d < 4; ++d) {
     if (image.dim_size(d) != flow.dim_size(d)) {
-      return tensorflow::errors::InvalidArgument(
+      return absl::InvalidArgumentError(absl::StrCat(
           "image ", image.shape().DebugString(), " and flow ", flow.shape().DebugString(),
-          " differ in batch or spatial size");
+          " differ in batch or spatial size"));
     }
+  }
+  if (image.NumElements() / std::max<int64_t>(1, image.dim_size(0)) >
+      std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError("one batch item of the image must hold < 2^31 values");
   }
   *g = Grid{image.dim_size(0), image.dim_size(1), image.dim_size(2), image.dim_size(3),
             image.dim_size(4)};
@@ -190,8 +218,8 @@ ThreadPool* Workers(OpKernelContext* context) {
   return context->device()->tensorflow_cpu_worker_threads()->workers;
 }
 
-// Rough cycles per voxel for the thread pool's shard sizing.
-int64_t CostPerVoxel(int64_t channels) { return 120 + 40 * channels; }
+// Rough cycles per run for the thread pool's shard sizing.
+int64_t CostPerRun(int64_t channels) { return kRun * (40 + 20 * channels); }
 
 // The three kernels share the "padding" attr.
 class WarpKernelBase : public OpKernel {
@@ -221,28 +249,40 @@ class WarpOp : public WarpKernelBase {
     const float* image_data = image.flat<float>().data();
     const float* flow_data = flow.flat<float>().data();
     float* out_data = output->flat<float>().data();
-    const Padding padding = padding_;
-    const int64_t item = g.voxels() * g.channels;
 
-    DispatchChannels(g.channels, [&](auto fixed) {
-      constexpr int64_t kFixed = decltype(fixed)::value;
-      const int64_t channels = kFixed > 0 ? kFixed : g.channels;
-      auto shard = [&](int64_t begin, int64_t end) {
-        VoxelCorners c;
-        ForVoxels(g, begin, end, [&](int64_t v, int64_t b, int64_t x, int64_t y, int64_t z) {
-          SetupVoxel(g, padding, flow_data + 3 * v, x, y, z, &c);
-          const float* src = image_data + b * item;
-          float* dst = out_data + v * channels;
-          for (int64_t ch = 0; ch < channels; ++ch) {
-            float sum = 0.f;
-            for (int k = 0; k < 8; ++k) sum += src[c.offset[k] + ch] * c.weight[k];
-            dst[ch] = sum;
+    Dispatch(padding_, g.channels, [&](auto pad, auto fixed) {
+      constexpr Padding kPadding = decltype(pad)::value;
+      const int64_t channels = decltype(fixed)::value > 0 ? decltype(fixed)::value : g.channels;
+      auto shard = [&](int64_t first, int64_t last) {
+        AxisRun axes[3];
+        for (int64_t index = first; index < last; ++index) {
+          const Run r = RunAt(g, index);
+          SetupRun<kPadding>(g, channels, r, flow_data, axes);
+          const float* src = image_data + r.b * g.voxels() * channels;
+          float* dst = out_data + r.voxel * channels;
+          const AxisRun& ax = axes[0];
+          const AxisRun& ay = axes[1];
+          const AxisRun& az = axes[2];
+          for (int i = 0; i < r.n; ++i, dst += channels) {
+            const Corners k = CornersAt(axes, i);
+            for (int64_t c = 0; c < channels; ++c) {
+              // Interpolate along z in the 4 corner rows, then along y, then along x.
+              float along_y[2];
+              for (int ix = 0; ix < 2; ++ix) {
+                float along_z[2];
+                for (int iy = 0; iy < 2; ++iy) {
+                  const float* row = src + k.row[ix][iy] + c;
+                  along_z[iy] = row[k.z[0]] * az.weight[0][i] + row[k.z[1]] * az.weight[1][i];
+                }
+                along_y[ix] = along_z[0] * ay.weight[0][i] + along_z[1] * ay.weight[1][i];
+              }
+              dst[c] = along_y[0] * ax.weight[0][i] + along_y[1] * ax.weight[1][i];
+            }
           }
-        });
+        }
       };
-      Workers(context)->ParallelFor(g.batch * g.voxels(),
-                                    ThreadPool::SchedulingParams::Adaptive(CostPerVoxel(channels)),
-                                    shard);
+      Workers(context)->ParallelFor(
+          g.runs(), ThreadPool::SchedulingParams::Adaptive(CostPerRun(channels)), shard);
     });
   }
 };
@@ -251,8 +291,8 @@ class WarpGradFlowOp : public WarpKernelBase {
  public:
   explicit WarpGradFlowOp(OpKernelConstruction* context) : WarpKernelBase(context) {}
 
-  // d loss / d flow(p)[a] = sum_c grad(p)[c] * sum_k dweight_a(k) * image(corner k)[c],
-  // where dweight_a(k) is corner k's weight with axis a's factor replaced by its derivative.
+  // d loss / d flow(p)[a] = sum over corners k of value(k) * (corner k's weight with axis
+  // a's factor replaced by its derivative), value(k) = sum_c grad(p)[c] * image(k)[c].
   void Compute(OpKernelContext* context) override {
     const Tensor& image = context->input(0);
     const Tensor& flow = context->input(1);
@@ -260,7 +300,7 @@ class WarpGradFlowOp : public WarpKernelBase {
     Grid g;
     OP_REQUIRES_OK(context, CheckInputs(image, flow, &g));
     OP_REQUIRES(context, grad.shape() == image.shape(),
-                tensorflow::errors::InvalidArgument("grad must have the image's shape"));
+                absl::InvalidArgumentError("grad must have the image's shape"));
     Tensor* grad_flow = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, flow.shape(), &grad_flow));
     if (g.batch * g.voxels() == 0) return;
@@ -268,67 +308,72 @@ class WarpGradFlowOp : public WarpKernelBase {
     const float* flow_data = flow.flat<float>().data();
     const float* grad_data = grad.flat<float>().data();
     float* out_data = grad_flow->flat<float>().data();
-    const Padding padding = padding_;
-    const int64_t item = g.voxels() * g.channels;
 
-    DispatchChannels(g.channels, [&](auto fixed) {
-      constexpr int64_t kFixed = decltype(fixed)::value;
-      const int64_t channels = kFixed > 0 ? kFixed : g.channels;
-      auto shard = [&](int64_t begin, int64_t end) {
-        VoxelCorners c;
-        ForVoxels(g, begin, end, [&](int64_t v, int64_t b, int64_t x, int64_t y, int64_t z) {
-          SetupVoxel(g, padding, flow_data + 3 * v, x, y, z, &c);
-          const float* src = image_data + b * item;
-          const float* dy = grad_data + v * channels;
-          // value[k]: the incoming gradient dotted with corner k's channels.
-          float value[8];
-          for (int k = 0; k < 8; ++k) {
-            float dot = 0.f;
-            for (int64_t ch = 0; ch < channels; ++ch) dot += dy[ch] * src[c.offset[k] + ch];
-            value[k] = dot;
-          }
-          const AxisCorners& ax = c.axis[0];
-          const AxisCorners& ay = c.axis[1];
-          const AxisCorners& az = c.axis[2];
-          float gx = 0.f, gy = 0.f, gz = 0.f;
-          int k = 0;
-          for (int i = 0; i < 2; ++i) {
-            for (int j = 0; j < 2; ++j) {
-              for (int l = 0; l < 2; ++l, ++k) {
-                gx += ax.dweight[i] * ay.weight[j] * az.weight[l] * value[k];
-                gy += ax.weight[i] * ay.dweight[j] * az.weight[l] * value[k];
-                gz += ax.weight[i] * ay.weight[j] * az.dweight[l] * value[k];
+    Dispatch(padding_, g.channels, [&](auto pad, auto fixed) {
+      constexpr Padding kPadding = decltype(pad)::value;
+      const int64_t channels = decltype(fixed)::value > 0 ? decltype(fixed)::value : g.channels;
+      auto shard = [&](int64_t first, int64_t last) {
+        AxisRun axes[3];
+        for (int64_t index = first; index < last; ++index) {
+          const Run r = RunAt(g, index);
+          SetupRun<kPadding>(g, channels, r, flow_data, axes);
+          const AxisRun& ax = axes[0];
+          const AxisRun& ay = axes[1];
+          const AxisRun& az = axes[2];
+          const float* src = image_data + r.b * g.voxels() * channels;
+          const float* upstream = grad_data + r.voxel * channels;
+          float* dst = out_data + 3 * r.voxel;
+          for (int i = 0; i < r.n; ++i, upstream += channels, dst += 3) {
+            const Corners k = CornersAt(axes, i);
+            // Per corner row (ix, iy): values interpolated along z (w) and their z slope (d).
+            float zw[2][2], zd[2][2];
+            for (int ix = 0; ix < 2; ++ix) {
+              for (int iy = 0; iy < 2; ++iy) {
+                float value[2];
+                for (int iz = 0; iz < 2; ++iz) {
+                  const float* corner = src + k.row[ix][iy] + k.z[iz];
+                  float dot = 0.f;
+                  for (int64_t c = 0; c < channels; ++c) dot += upstream[c] * corner[c];
+                  value[iz] = dot;
+                }
+                zw[ix][iy] = value[0] * az.weight[0][i] + value[1] * az.weight[1][i];
+                zd[ix][iy] = value[0] * az.dweight[0][i] + value[1] * az.dweight[1][i];
               }
             }
+            // Then along y, then along x.
+            float yw[2], yd[2], yzd[2];
+            for (int ix = 0; ix < 2; ++ix) {
+              yw[ix] = zw[ix][0] * ay.weight[0][i] + zw[ix][1] * ay.weight[1][i];
+              yd[ix] = zw[ix][0] * ay.dweight[0][i] + zw[ix][1] * ay.dweight[1][i];
+              yzd[ix] = zd[ix][0] * ay.weight[0][i] + zd[ix][1] * ay.weight[1][i];
+            }
+            dst[0] = yw[0] * ax.dweight[0][i] + yw[1] * ax.dweight[1][i];
+            dst[1] = yd[0] * ax.weight[0][i] + yd[1] * ax.weight[1][i];
+            dst[2] = yzd[0] * ax.weight[0][i] + yzd[1] * ax.weight[1][i];
           }
-          float* dst = out_data + 3 * v;
-          dst[0] = gx;
-          dst[1] = gy;
-          dst[2] = gz;
-        });
+        }
       };
       Workers(context)->ParallelFor(
-          g.batch * g.voxels(),
-          ThreadPool::SchedulingParams::Adaptive(CostPerVoxel(channels) + 40 * channels), shard);
+          g.runs(), ThreadPool::SchedulingParams::Adaptive(2 * CostPerRun(channels)), shard);
     });
   }
 };
 
-// Voxels below which a batch item's scatter is not split further (a split costs a
-// zeroed scratch volume and a reduction pass).
-constexpr int64_t kMinVoxelsPerSplit = 32768;
+// Runs below which a batch item's scatter is not split further (a split costs a zeroed
+// scratch volume and a reduction pass).
+constexpr int64_t kMinRunsPerSplit = 512;
 
 class WarpGradImageOp : public WarpKernelBase {
  public:
   explicit WarpGradImageOp(OpKernelConstruction* context) : WarpKernelBase(context) {}
 
   // d loss / d image: every output voxel adds weight(k) * grad(p) to its 8 corners.
-  // Scatters into one batch item only touch that item, so batch items are independent
-  // tasks. When there are fewer items than threads, each item's voxels are cut into
+  // Scatters from one batch item only touch that item, so batch items are independent
+  // tasks. When there are fewer items than threads, each item's runs are cut into
   // `splits` fixed ranges; range 0 accumulates into the output, range s > 0 into its own
-  // scratch volume, and the scratch volumes are then added to the output in order s =
-  // 1, 2, ... . No two tasks write the same memory and the summation order depends only
-  // on the thread count, so results are deterministic for a given thread count.
+  // scratch volume, and the scratch volumes are then added to the output in the order
+  // s = 1, 2, ... . No two tasks write the same memory, and the summation order depends
+  // only on the thread count, so results are deterministic for a given thread count.
   void Compute(OpKernelContext* context) override {
     const Tensor& image = context->input(0);
     const Tensor& flow = context->input(1);
@@ -336,16 +381,17 @@ class WarpGradImageOp : public WarpKernelBase {
     Grid g;
     OP_REQUIRES_OK(context, CheckInputs(image, flow, &g));
     OP_REQUIRES(context, grad.shape() == image.shape(),
-                tensorflow::errors::InvalidArgument("grad must have the image's shape"));
+                absl::InvalidArgumentError("grad must have the image's shape"));
     Tensor* grad_image = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, image.shape(), &grad_image));
-    const int64_t voxels = g.voxels();
-    const int64_t item = voxels * g.channels;
+    const int64_t item = g.voxels() * g.channels;  // floats per batch item
     if (g.batch * item == 0) return;
 
-    const int threads = std::max(1, context->device()->tensorflow_cpu_worker_threads()->num_threads);
+    const int64_t item_runs = g.nx * g.ny * g.runs_per_row();
+    const int64_t threads =
+        std::max(1, context->device()->tensorflow_cpu_worker_threads()->num_threads);
     const int64_t splits = std::max<int64_t>(
-        1, std::min<int64_t>((threads + g.batch - 1) / g.batch, voxels / kMinVoxelsPerSplit));
+        1, std::min((threads + g.batch - 1) / g.batch, item_runs / kMinRunsPerSplit));
     Tensor scratch;
     if (splits > 1) {
       OP_REQUIRES_OK(context, context->allocate_temp(
@@ -360,28 +406,37 @@ class WarpGradImageOp : public WarpKernelBase {
     };
     const float* flow_data = flow.flat<float>().data();
     const float* grad_data = grad.flat<float>().data();
-    const Padding padding = padding_;
 
-    DispatchChannels(g.channels, [&](auto fixed) {
-      constexpr int64_t kFixed = decltype(fixed)::value;
-      const int64_t channels = kFixed > 0 ? kFixed : g.channels;
+    Dispatch(padding_, g.channels, [&](auto pad, auto fixed) {
+      constexpr Padding kPadding = decltype(pad)::value;
+      const int64_t channels = decltype(fixed)::value > 0 ? decltype(fixed)::value : g.channels;
       auto tasks = [&](int64_t first, int64_t last) {
+        AxisRun axes[3];
         for (int64_t task = first; task < last; ++task) {
           const int64_t b = task / splits;
           const int64_t s = task % splits;
           float* dst = target(b, s);
           std::fill(dst, dst + item, 0.f);
-          const int64_t begin = b * voxels + s * voxels / splits;
-          const int64_t end = b * voxels + (s + 1) * voxels / splits;
-          VoxelCorners c;
-          ForVoxels(g, begin, end, [&](int64_t v, int64_t, int64_t x, int64_t y, int64_t z) {
-            SetupVoxel(g, padding, flow_data + 3 * v, x, y, z, &c);
-            const float* dy = grad_data + v * channels;
-            for (int k = 0; k < 8; ++k) {
-              float* corner = dst + c.offset[k];
-              for (int64_t ch = 0; ch < channels; ++ch) corner[ch] += dy[ch] * c.weight[k];
+          const int64_t begin = b * item_runs + s * item_runs / splits;
+          const int64_t end = b * item_runs + (s + 1) * item_runs / splits;
+          for (int64_t index = begin; index < end; ++index) {
+            const Run r = RunAt(g, index);
+            SetupRun<kPadding>(g, channels, r, flow_data, axes);
+            const float* upstream = grad_data + r.voxel * channels;
+            for (int i = 0; i < r.n; ++i, upstream += channels) {
+              const Corners k = CornersAt(axes, i);
+              for (int ix = 0; ix < 2; ++ix) {
+                for (int iy = 0; iy < 2; ++iy) {
+                  const float wxy = axes[0].weight[ix][i] * axes[1].weight[iy][i];
+                  for (int iz = 0; iz < 2; ++iz) {
+                    const float weight = wxy * axes[2].weight[iz][i];
+                    float* corner = dst + k.row[ix][iy] + k.z[iz];
+                    for (int64_t c = 0; c < channels; ++c) corner[c] += upstream[c] * weight;
+                  }
+                }
+              }
             }
-          });
+          }
         }
       };
       Workers(context)->ParallelFor(g.batch * splits, ThreadPool::SchedulingParams::Fixed(1),
@@ -429,7 +484,7 @@ REGISTER_OP("LdrWarp")
       ShapeHandle image, flow;
       TF_RETURN_IF_ERROR(ImageFlowShapes(c, &image, &flow));
       c->set_output(0, image);
-      return tensorflow::OkStatus();
+      return absl::OkStatus();
     })
     .Doc("output(p) = image(p + flow(p)), trilinear; image [B,X,Y,Z,C], flow [B,X,Y,Z,3] voxels.");
 
@@ -444,7 +499,7 @@ REGISTER_OP("LdrWarpGradImage")
       TF_RETURN_IF_ERROR(ImageFlowShapes(c, &image, &flow));
       TF_RETURN_IF_ERROR(c->Merge(image, c->input(2), &merged));
       c->set_output(0, merged);
-      return tensorflow::OkStatus();
+      return absl::OkStatus();
     })
     .Doc("Gradient of LdrWarp w.r.t. image, given grad = d loss / d output.");
 
@@ -459,7 +514,7 @@ REGISTER_OP("LdrWarpGradFlow")
       TF_RETURN_IF_ERROR(ImageFlowShapes(c, &image, &flow));
       TF_RETURN_IF_ERROR(c->Merge(image, c->input(2), &merged));
       c->set_output(0, flow);
-      return tensorflow::OkStatus();
+      return absl::OkStatus();
     })
     .Doc("Gradient of LdrWarp w.r.t. flow, given grad = d loss / d output.");
 

@@ -1,0 +1,128 @@
+"""Benchmark the compiled warp op against the pure-TF warp at 128^3; prints a Markdown table.
+
+Usage: ``python -m bench.warp [--size 128] [--threads 2]``
+
+For batch 1 and 4 and C = 1 and 3 it times, in one process and one TF session per case
+(intra- and inter-op threads = --threads), the forward pass and the forward + backward pass
+(gradients w.r.t. image and flow) of ``network.ops.warp_op`` and of
+``network.spatial_transformer.warp_tf``: the median of several runs after one warm-up.
+Inputs live in TF variables, so no feeding or fetching is timed. Flows are smooth random
+fields like registration output (a 5^3 grid of N(0, 3^2)-voxel displacements, upsampled
+trilinearly), so some samples fall outside the volume; padding 'border'.
+
+Effective bandwidth of the op = bytes it must at least read and write per call / time,
+with N = B * size^3 voxels and 4-byte floats:
+  forward:            image + flow in, output out        = (2C + 3) * 4N bytes
+  forward + backward: forward, then d image (flow, dy in; d image out) and
+                      d flow (image, flow, dy in; d flow out) = (6C + 12) * 4N bytes.
+It is printed beside a plain memory-copy rate (numpy copy of 256 MB, single thread;
+counted as read + write) measured in the same run.
+"""
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+from network.tfv1 import tf
+from network import ops
+from network.spatial_transformer import warp_tf
+
+CASES = [(1, 1), (1, 3), (4, 1), (4, 3)]  # (batch, channels)
+
+
+def timed_runs(run, budget, min_runs, max_runs):
+    """Median seconds of ``run()`` after one warm-up; as many runs as fit ``budget`` seconds."""
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    count = int(min(max_runs, max(min_runs, budget // max(first, 1e-6))))
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def memcpy_rate():
+    """Bytes/s of a numpy copy of 256 MB (read + write counted)."""
+    src = np.ones(64 * 2 ** 20, dtype=np.float32)
+    dst = np.empty_like(src)
+    seconds = timed_runs(lambda: np.copyto(dst, src), budget=2.0, min_runs=5, max_runs=20)
+    return 2 * src.nbytes / seconds
+
+
+def smooth_flow(rng, batch, size):
+    """[batch, size, size, size, 3] float32 smooth random displacements (voxels).
+
+    A 5^3 grid of N(0, 3^2) displacements, upsampled linearly along each axis in turn.
+    """
+    flow = rng.normal(0, 3, (batch, 5, 5, 5, 3))
+    pos = np.linspace(0, 4, size)
+    lo = np.minimum(pos.astype(int), 3)
+    for axis in (1, 2, 3):
+        shape = [1] * 5
+        shape[axis] = size
+        t = (pos - lo).reshape(shape)
+        flow = np.take(flow, lo, axis) * (1 - t) + np.take(flow, lo + 1, axis) * t
+    return flow.astype(np.float32)
+
+
+def time_case(warp_fn, batch, channels, size, threads, budget, min_runs, max_runs):
+    """(forward seconds, forward + backward seconds) of ``warp_fn`` on one random case."""
+    rng = np.random.RandomState(0)
+    shape = (batch, size, size, size)
+    image = rng.rand(*shape, channels).astype(np.float32)
+    flow = smooth_flow(rng, batch, size)
+    dy = rng.randn(*shape, channels).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        values = {tf.placeholder(tf.float32, value.shape): value for value in (image, flow, dy)}
+        variables = [tf.Variable(placeholder, trainable=False) for placeholder in values]
+        image_var, flow_var, dy_var = variables
+        output = warp_fn(image_var, flow_var, 'border')
+        grads = tf.gradients(output, [image_var, flow_var], grad_ys=dy_var)
+        forward = output.op
+        backward = [grad.op for grad in grads]  # (a tf.group of them gets pruned away)
+        init = tf.variables_initializer(variables)
+    config = tf.ConfigProto(intra_op_parallelism_threads=threads,
+                            inter_op_parallelism_threads=threads)
+    with tf.Session(graph=graph, config=config) as sess:
+        sess.run(init, feed_dict=values)
+        fwd = timed_runs(lambda: sess.run(forward), budget, min_runs, max_runs)
+        both = timed_runs(lambda: sess.run(backward), budget, min_runs, max_runs)
+    return fwd, both
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--size', type=int, default=128, help='volume edge (voxels)')
+    parser.add_argument('--threads', type=int, default=2, help='TF intra/inter-op threads')
+    args = parser.parse_args()
+
+    ops.load_warp_op(required=True)
+    copy = memcpy_rate()
+    rows = []
+    for batch, channels in CASES:
+        op_fwd, op_both = time_case(ops.warp_op, batch, channels, args.size, args.threads,
+                                    budget=3.0, min_runs=5, max_runs=20)
+        tf_fwd, tf_both = time_case(warp_tf, batch, channels, args.size, args.threads,
+                                    budget=6.0, min_runs=3, max_runs=7)
+        voxels = batch * args.size ** 3
+        for name, op_s, tf_s, floats in (('fwd', op_fwd, tf_fwd, 2 * channels + 3),
+                                         ('fwd+bwd', op_both, tf_both, 6 * channels + 12)):
+            rows.append((batch, channels, name, op_s, tf_s, floats * 4 * voxels / op_s))
+
+    print('warp at {0}^3, {1} threads, TF {2}, CPU {3}; numpy copy rate: {4:.1f} GB/s\n'.format(
+        args.size, args.threads, tf.VERSION, os.cpu_count(), copy / 1e9))
+    print('| B | C | pass | op (ms) | pure TF (ms) | speed-up | op effective GB/s | vs copy |')
+    print('|---|---|------|--------:|-------------:|---------:|------------------:|--------:|')
+    for batch, channels, name, op_s, tf_s, rate in rows:
+        print('| {} | {} | {} | {:.1f} | {:.0f} | {:.0f}x | {:.2f} | {:.0%} |'.format(
+            batch, channels, name, op_s * 1e3, tf_s * 1e3, tf_s / op_s, rate / 1e9, rate / copy))
+
+
+if __name__ == '__main__':
+    main()

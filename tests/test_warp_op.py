@@ -1,0 +1,216 @@
+"""The compiled warp op (network.ops) against the pure-TF warp and finite differences.
+
+With env LDR_REQUIRE_WARP_OP=1 (CI) the op must be the active warp; without it the op is
+still tested whenever it builds, and the op tests are skipped (with the reason) if not.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from network import ops
+from network import spatial_transformer as st
+from network.ops import build
+from network.tfv1 import tf
+
+PADDINGS = ('border', 'zeros')
+
+
+@pytest.fixture(scope='module')
+def library():
+    lib = ops.load_warp_op()
+    if lib is None:
+        pytest.skip('the compiled warp op did not build here: {}'.format(ops._failure))
+    return lib
+
+
+def run(build_fn, feeds, threads=2):
+    """Build ``build_fn(*placeholders)`` in a fresh graph, run it once; ``feeds``: arrays."""
+    with tf.Graph().as_default():
+        placeholders = [tf.placeholder(tf.float32, np.shape(value)) for value in feeds]
+        fetches = build_fn(*placeholders)
+        config = tf.ConfigProto(intra_op_parallelism_threads=threads,
+                                inter_op_parallelism_threads=threads)
+        with tf.Session(config=config) as sess:
+            return sess.run(fetches, dict(zip(placeholders, feeds)))
+
+
+def forward_and_gradients(warp_fn, image, flow, dy, padding):
+    """[warp, d(sum(warp * dy))/d image, .../d flow] for one warp implementation."""
+    def graph(image, flow):
+        out = warp_fn(image, flow, padding)
+        return [out] + tf.gradients(out, [image, flow], grad_ys=tf.constant(dy))
+    return run(graph, [image, flow])
+
+
+def warp_numpy(image, flow, padding):
+    """float64 trilinear warp, image [B,X,Y,Z,C], flow [B,X,Y,Z,3] (voxels)."""
+    sizes = image.shape[1:4]
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in sizes], indexing='ij'), -1)
+    pos = grid[None] + flow
+    if padding == 'border':
+        pos = np.clip(pos, 0, np.array(sizes) - 1)
+    lo = np.floor(pos).astype(int)
+    frac = pos - lo
+    out = np.zeros(image.shape)
+    batch = np.arange(image.shape[0])[:, None, None, None]
+    for corner in np.ndindex(2, 2, 2):
+        index = lo + np.array(corner)
+        weight = np.prod(np.where(np.array(corner) == 1, frac, 1 - frac), axis=-1)
+        inside = np.all((index >= 0) & (index <= np.array(sizes) - 1), axis=-1)
+        if padding == 'zeros':
+            weight = weight * inside
+        index = np.clip(index, 0, np.array(sizes) - 1)
+        out += image[batch, index[..., 0], index[..., 1], index[..., 2]] * weight[..., None]
+    return out
+
+
+@pytest.mark.parametrize('padding', PADDINGS)
+@pytest.mark.parametrize('batch,size,channels', [(2, (12, 13, 14), 1), (2, (12, 13, 14), 3),
+                                                 (1, (32, 32, 32), 3), (3, (9, 8, 7), 2)])
+def test_matches_pure_tf(library, padding, batch, size, channels):
+    rng = np.random.default_rng(sum(size) + channels + batch)
+    image = rng.random((batch,) + size + (channels,), dtype=np.float32)
+    flow = rng.normal(0, 4, (batch,) + size + (3,)).astype(np.float32)  # many samples outside
+    dy = rng.normal(size=image.shape).astype(np.float32)
+    got = forward_and_gradients(ops.warp_op, image, flow, dy, padding)
+    want = forward_and_gradients(st.warp_tf, image, flow, dy, padding)
+    for name, a, b in zip(['output', 'd image', 'd flow'], got, want):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() < 1e-5, name
+
+
+@pytest.mark.parametrize('padding', PADDINGS)
+def test_matches_pure_tf_at_grid_points_and_edges(library, padding):
+    """Integer positions, exactly on the volume's faces and beyond: the reference's kinks."""
+    rng = np.random.default_rng(7)
+    image = rng.random((2, 6, 7, 5, 2), dtype=np.float32)
+    flow = rng.integers(-7, 8, (2, 6, 7, 5, 3)).astype(np.float32)
+    flow[0, :, :, :, 0] = 5 - np.arange(6)[:, None, None]  # every x lands on the last face
+    flow[1, :, :, :, 2] = -np.arange(5)[None, None, :]  # every z lands on the first face
+    dy = rng.normal(size=image.shape).astype(np.float32)
+    got = forward_and_gradients(ops.warp_op, image, flow, dy, padding)
+    want = forward_and_gradients(st.warp_tf, image, flow, dy, padding)
+    for a, b in zip(got, want):
+        assert np.abs(a - b).max() < 1e-5
+
+
+@pytest.mark.parametrize('padding', PADDINGS)
+def test_gradients_match_finite_differences(library, padding):
+    rng = np.random.default_rng(11)
+    image = rng.random((2, 6, 5, 7, 3))
+    # fractional parts kept away from voxel boundaries, where trilinear interpolation has kinks
+    flow = np.round(rng.normal(0, 2.5, (2, 6, 5, 7, 3))) + rng.uniform(0.2, 0.8, (2, 6, 5, 7, 3))
+    weights = rng.normal(size=image.shape)
+    _, grad_image, grad_flow = forward_and_gradients(
+        ops.warp_op, image.astype(np.float32), flow.astype(np.float32), weights.astype(np.float32),
+        padding)
+
+    def loss(image, flow):
+        return np.sum(warp_numpy(image, flow, padding) * weights)
+
+    eps = 1e-4
+    for _ in range(6):
+        for array, grad in ((image, grad_image), (flow, grad_flow)):
+            index = tuple(rng.integers(0, n) for n in array.shape)
+            plus, minus = array.copy(), array.copy()
+            plus[index] += eps
+            minus[index] -= eps
+            args = (plus, flow) if array is image else (image, plus)
+            args_minus = (minus, flow) if array is image else (image, minus)
+            numeric = (loss(*args) - loss(*args_minus)) / (2 * eps)
+            assert abs(grad[index] - numeric) < 1e-4
+
+
+def test_numpy_reference_matches_pure_tf():
+    """Guards the finite-difference test's float64 reference itself."""
+    rng = np.random.default_rng(5)
+    image = rng.random((1, 6, 5, 7, 2), dtype=np.float32)
+    flow = rng.normal(0, 3, (1, 6, 5, 7, 3)).astype(np.float32)
+    for padding in PADDINGS:
+        tf_out = run(lambda i, f: st.warp_tf(i, f, padding), [image, flow])
+        assert np.abs(tf_out - warp_numpy(image, flow, padding)).max() < 1e-5
+
+
+def test_image_gradient_is_deterministic(library):
+    rng = np.random.default_rng(13)
+    image = rng.random((1, 32, 32, 32, 1), dtype=np.float32)
+    flow = rng.normal(0, 3, (1, 32, 32, 32, 3)).astype(np.float32)
+
+    def graph(image, flow):
+        return tf.gradients(ops.warp_op(image, flow), image)[0]
+    first, second = run(graph, [image, flow]), run(graph, [image, flow])
+    assert np.array_equal(first, second)
+
+
+def test_dynamic_shapes_and_shape_errors(library):
+    image = np.random.default_rng(3).random((2, 5, 6, 7, 1), dtype=np.float32)
+    flow = np.zeros((2, 5, 6, 7, 3), np.float32)
+    with tf.Graph().as_default():
+        image_ph = tf.placeholder(tf.float32, [None, None, None, None, 1])
+        flow_ph = tf.placeholder(tf.float32, [None, None, None, None, 3])
+        out = ops.warp_op(image_ph, flow_ph)
+        assert out.shape.as_list() == [None, None, None, None, 1]
+        with tf.Session() as sess:
+            np.testing.assert_array_equal(sess.run(out, {image_ph: image, flow_ph: flow}), image)
+        with pytest.raises(ValueError):
+            ops.warp_op(tf.zeros([1, 4, 4, 4, 2]), tf.zeros([1, 4, 4, 5, 3]))
+        with pytest.raises(ValueError):
+            ops.warp_op(tf.zeros([1, 4, 4, 4, 2]), tf.zeros([1, 4, 4, 4, 2]))
+        with pytest.raises(ValueError, match='padding'):
+            ops.warp_op(tf.zeros([1, 4, 4, 4, 2]), tf.zeros([1, 4, 4, 4, 3]), 'reflect')
+
+
+@pytest.mark.skipif(os.environ.get('LDR_REQUIRE_WARP_OP') != '1',
+                    reason='LDR_REQUIRE_WARP_OP=1 is not set (CI sets it)')
+def test_required_op_is_active():
+    assert st.warp_impl() == 'op'
+
+
+def test_build_is_cached(library, monkeypatch):
+    path = build.library_path()
+    assert os.path.exists(path)
+
+    def no_compiling(output):
+        raise AssertionError('the cached library was rebuilt')
+    monkeypatch.setattr(build, '_compile', no_compiling)
+    assert build.build() == path
+    assert ops.load_warp_op() is library
+
+
+def test_set_warp_impl_selects_the_implementation(library, monkeypatch):
+    monkeypatch.setattr(st, '_impl', st._impl)
+
+    def op_types(impl):
+        st.set_warp_impl(impl)
+        with tf.Graph().as_default() as graph:
+            st.warp(tf.zeros([1, 4, 4, 4, 1]), tf.zeros([1, 4, 4, 4, 3]))
+            return {op.type for op in graph.get_operations()}
+
+    assert 'LdrWarp' not in op_types('tf')
+    assert st.warp_impl() == 'tf'
+    assert 'LdrWarp' in op_types('op')
+    assert 'LdrWarp' in op_types('auto')
+
+
+def test_unavailable_op_falls_back_with_one_warning(monkeypatch, capsys):
+    def failing_build():
+        raise build.BuildError('no C++ compiler found (test)')
+    monkeypatch.setattr(build, 'build', failing_build)
+    monkeypatch.setattr(ops, '_library', None)
+    monkeypatch.setattr(ops, '_failure', None)
+    monkeypatch.setattr(ops, '_warned', False)
+    monkeypatch.setattr(st, '_impl', 'auto')
+    monkeypatch.delenv('LDR_REQUIRE_WARP_OP', raising=False)
+    assert ops.load_warp_op() is None
+    assert ops.load_warp_op() is None
+    assert st.warp_impl() == 'tf'
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and 'pure-TF' in lines[0] and 'no C++ compiler' in lines[0]
+    with pytest.raises(RuntimeError, match='no C\\+\\+ compiler'):
+        ops.load_warp_op(required=True)
+    monkeypatch.setenv('LDR_REQUIRE_WARP_OP', '1')
+    with pytest.raises(RuntimeError):
+        ops.load_warp_op()
+    with pytest.raises(RuntimeError):
+        st.warp_impl()
