@@ -1,0 +1,827 @@
+"""Reproduce the paper's experiments: teacher -> teacher flows -> students -> baselines -> tables.
+
+    python reproduce.py --demo                     # synthetic liver-like data, ~15 min on 2 cores
+    python reproduce.py -d datasets/lpba.json --lpba40 ../shared/data/LPBA40 --cascades 1 \\
+        --steps 20000 --teacher_steps 20000        # the LPBA40 protocol, 1 cascade
+    python reproduce.py -d SPEC --cascades 1 2 3 --steps N --list   # show the stages and their state
+
+Stages (each a subprocess of the project's own command-line tools, run with cwd results/<name>/):
+  data            demo: python -m data_util.synthetic; LPBA40 (--lpba40 DIR, HDF5 missing):
+                  python -m data_util.prepare --lpba40 DIR
+  teacher-N       train.py -b VTN -n N                     VTN affine + N VTN cascades
+  flows-N         eval.py --writing_flow (only with --teacher_flows offline)
+  ldr-N           train.py -b LDR -n N                     light affine + N LDR, L_rec only
+  aldk-N          train.py -b LDR -n N --aldk --teacher weights/teacher-N   (or the flow store)
+  l2-N            train.py -b LDR -n N --distill l2 ...    plain flow distillation (ablation)
+  voxelmorph-N    train.py -b VoxelMorph -n N              (VTN affine + VoxelMorph), smallest N only
+  eval-<run>      eval.py -c weights/<run> -v SUBSET       metrics + network-only CPU seconds per pair
+  baseline-<m>    python -m baselines.evaluate <m>         ANTs SyN, Elastix B-spline (+ affine)
+  sections        python reproduce.py sections ...         warped sections of figure 2
+
+A stage is finished when its record stages/<stage>.json exists (written atomically after the
+command succeeded); a re-run skips finished stages, and a training stage stopped half-way
+resumes from its last checkpoint (train.py -c). A failed stage stops the run with one line
+naming the stage and its log (stage_logs/<stage>.log). After every stage results.json,
+table1.md and table2.md are rewritten from the stage records and the evaluation JSON files;
+figure1.png and figure2.png at the end. Every table number is a number of results.json,
+which also holds each stage's command line, return code, wall time and outputs, and the
+versions of Python, TensorFlow and the baseline packages.
+
+Choices:
+  - Timing (table 1, "CPU s/pair"): eval.py's median network-only seconds per pair at batch 1;
+    the baselines' registration call alone (median). Every stage runs with TF_NUM_INTRAOP_THREADS,
+    TF_NUM_INTEROP_THREADS and ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS set to --threads (2).
+  - Learning rate: Adam --lr with the original's step decay: --round = steps / 5, five epochs,
+    so the last 40 % of the steps run at 1/2 and 1/4 of the rate.
+  - Intermediate checkpoints of a finished training stage are deleted (the final one stays);
+    a teacher checkpoint with optimiser state is ~0.5 GB per cascade.
+  - The demo (64^3, 16 scans: 10 train / 2 val / 4 test) evaluates the 4 adjacent test pairs
+    (--paired), so that the classical baselines fit in its 15 minutes.
+"""
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import cli
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+LEARNED = {  # key: (label, train.py arguments, uses the teacher)
+    'teacher': ('VTN + affine (teacher)', ['-b', 'VTN'], False),
+    'ldr': ('LDR', ['-b', 'LDR'], False),
+    'aldk': ('LDR + ALDK', ['-b', 'LDR', '--aldk'], True),
+    'l2': ('LDR + L2 distillation', ['-b', 'LDR', '--distill', 'l2'], True),
+    'voxelmorph': ('VoxelMorph + affine', ['-b', 'VoxelMorph'], False),
+}
+BASELINES = ('ants_syn', 'elastix_bspline', 'elastix_affine_bspline')
+DEMO = {'n_scans': 16, 'n_val': 2, 'n_test': 4, 'image_size': 64, 'steps': 300, 'teacher_steps': 300,
+        'batch': 2, 'methods': ['teacher', 'ldr', 'aldk'], 'paired': True}
+ECHO_PREFIXES = ('step ', 'validation at', 'Finished', 'Graph built', 'Distillation', 'Teacher flows', 'wrote ',
+                 'Evaluating', 'Restored', 'warning', 'error')
+FIGURE_PAIRS = 4
+
+
+class Context:
+    """Paths, settings and the clock of one reproduction run (results/<name>/)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.out = os.path.abspath(os.path.join(args.results, args.name))
+        self.started = time.time()
+        self.spec = None
+
+    def path(self, *parts):
+        return os.path.join(self.out, *parts)
+
+    def rel(self, path):
+        return os.path.relpath(path, self.out)
+
+    def elapsed(self):
+        seconds = int(time.time() - self.started)
+        return '{:d}:{:02d}'.format(seconds // 60, seconds % 60)
+
+    def say(self, message):
+        print('[{}] {}'.format(self.elapsed(), message), flush=True)
+
+    def env(self):
+        """The environment of every stage: the project on PYTHONPATH, oneDNN on, fixed thread counts."""
+        threads = str(self.args.threads)
+        env = dict(os.environ)
+        env['PYTHONPATH'] = ROOT + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
+        env.update({'TF_ENABLE_ONEDNN_OPTS': env.get('TF_ENABLE_ONEDNN_OPTS', '1'),
+                    'TF_NUM_INTRAOP_THREADS': threads, 'TF_NUM_INTEROP_THREADS': threads,
+                    'ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS': threads, 'OMP_NUM_THREADS': threads,
+                    'PYTHONUNBUFFERED': '1'})
+        return env
+
+
+class Stage:
+    """One resumable step: a command (list of str) run in results/<name>/.
+
+    kind: 'data', 'train', 'flows', 'eval', 'baseline' or 'sections'; outputs: paths it
+    produces (relative to results/<name>/); info: what the report needs (method, cascades...).
+    """
+
+    def __init__(self, name, kind, command, outputs, description, **info):
+        self.name = name
+        self.kind = kind
+        self.command = command
+        self.outputs = outputs
+        self.description = description
+        self.info = info
+
+    def record_path(self, ctx):
+        return ctx.path('stages', self.name + '.json')
+
+    def finished(self, ctx):
+        return os.path.exists(self.record_path(ctx))
+
+
+def python(*args):
+    return [sys.executable] + [str(a) for a in args]
+
+
+def script(name, *args):
+    return python(os.path.join(ROOT, name), *args)
+
+
+def schedule(steps):
+    """train.py --round/--epochs running exactly ``steps`` steps, decaying over the last 2 of 5 epochs."""
+    rounds = max(1, steps // 5)
+    return ['--round', str(rounds), '--epochs', repr((steps + 0.5) / rounds)]
+
+
+def train_stage(ctx, method, n):
+    """The training stage of a learned method at n cascades."""
+    a = ctx.args
+    label, flags, needs_teacher = LEARNED[method]
+    steps = a.teacher_steps if method == 'teacher' else a.steps
+    run = '{}-{}'.format(method, n)
+    command = script('train.py', *flags) + ['-n', str(n), '-d', ctx.spec, '--batch', str(a.batch)]
+    command += schedule(steps) + ['--lr', repr(a.lr), '--seed', str(a.seed), '--output', run,
+                                  '--val_steps', str(a.val_steps if a.val_steps is not None else 0),
+                                  '--save_steps', str(max(1, steps // 4)), '--print_steps', str(max(1, steps // 10))]
+    if method != 'teacher' and method != 'voxelmorph' and a.student_net_args:
+        command += ['--net_args', a.student_net_args]
+    if needs_teacher:
+        if a.teacher_flows == 'offline':
+            command += ['--pretrained_flow_path', os.path.join('flows', 'teacher-{}.h5'.format(n))]
+        else:
+            command += ['--teacher', os.path.join('weights', 'teacher-{}'.format(n))]
+    return Stage(run, 'train', command, [os.path.join('weights', run)],
+                 'train {} ({} cascade{}, {} steps)'.format(label, n, 's' if n > 1 else '', steps),
+                 method=method, cascades=n, run=run, steps=steps)
+
+
+def eval_stage(ctx, method, n):
+    a = ctx.args
+    run = '{}-{}'.format(method, n)
+    command = script('eval.py', '-c', os.path.join('weights', run), '-d', ctx.spec, '-v', a.subset,
+                     '--eval_output_dir', 'evaluate', '--force')
+    if a.paired:
+        command.append('--paired')
+    return Stage('eval-' + run, 'eval', command, [os.path.join('evaluate', '{}-{}-{}.json'.format(
+        run, a.teacher_steps if method == 'teacher' else a.steps, a.subset))],
+        'evaluate {} on {}'.format(run, a.subset), method=method, cascades=n, run=run)
+
+
+def baseline_stage(ctx, method):
+    a = ctx.args
+    output = os.path.join('evaluate', '{}-{}'.format(method, a.subset))
+    command = python('-m', 'baselines.evaluate', method, '-d', ctx.spec, '-v', a.subset, '--output', output)
+    if a.paired:
+        command.append('--paired')
+    return Stage('baseline-' + method, 'baseline', command, [output + '.json'],
+                 'register the {} pairs with {}'.format(a.subset, method), method=method)
+
+
+def sections_stage(ctx, runs):
+    """Warped sections of figure 2 for the given {label: run} at the smallest cascade count: up to
+    FIGURE_PAIRS moving scans of the subset against its first fixed scan (all pairs, not --paired)."""
+    a = ctx.args
+    command = script('reproduce.py', 'sections', '-d', ctx.spec, '-v', a.subset, '--output',
+                     os.path.join('figure2', 'sections.npz'), '--pairs', str(FIGURE_PAIRS))
+    for label, run in runs.items():
+        command += ['--run', '{}={}'.format(label, os.path.join('weights', run))]
+    return Stage('sections', 'sections', command, [os.path.join('figure2', 'sections.npz')],
+                 'warp sections for figure 2 ({})'.format(', '.join(runs)))
+
+
+def flows_stage(ctx, n):
+    """Offline teacher flows of every training pair (eval.py --writing_flow; resumable itself)."""
+    store = os.path.join('flows', 'teacher-{}.h5'.format(n))
+    command = script('eval.py', '-c', os.path.join('weights', 'teacher-{}'.format(n)), '-d', ctx.spec, '-v', '1',
+                     '--writing_flow', store)
+    return Stage('flows-{}'.format(n), 'flows', command, [store],
+                 'teacher flows of the training pairs ({} cascade{})'.format(n, 's' if n > 1 else ''), cascades=n)
+
+
+def data_stages(ctx):
+    """The demo's synthetic set or the LPBA40 HDF5 when missing; sets ctx.spec."""
+    a = ctx.args
+    if a.demo:
+        ctx.spec = ctx.path('data', 'synthetic.json')
+        command = python('-m', 'data_util.synthetic', 'data', '--n_scans', a.demo_scans, '--image_size',
+                         a.image_size, '--seed', a.seed, '--n_val', DEMO['n_val'], '--n_test', a.demo_test)
+        return [Stage('data', 'data', command, ['data/synthetic.json', 'data/synthetic.h5'],
+                      'synthetic liver-like data: {} scans of {}^3'.format(a.demo_scans, a.image_size))]
+    ctx.spec = os.path.abspath(a.dataset)
+    if not os.path.exists(ctx.spec):
+        raise cli.UserError('dataset spec {} not found'.format(a.dataset))
+    missing = missing_files(ctx.spec)
+    if not missing:
+        return []
+    if not a.lpba40:
+        raise cli.UserError('{} of spec {} is missing; build it with data_util.prepare (for LPBA40: '
+                            'python reproduce.py ... --lpba40 DIR)'.format(missing[0], a.dataset))
+    if len(missing) != 1:
+        raise cli.UserError('--lpba40 builds one HDF5 file, but {} lists {} missing'.format(a.dataset, len(missing)))
+    command = python('-m', 'data_util.prepare', '--lpba40', os.path.abspath(a.lpba40), '--output', missing[0])
+    return [Stage('data', 'data', command, [missing[0]], 'LPBA40 -> {}'.format(missing[0]))]
+
+
+def missing_files(spec_path):
+    """HDF5 files a spec lists that exist neither beside the spec nor relative to the cwd (absolute paths)."""
+    with open(spec_path) as f:
+        spec = json.load(f)
+    out = []
+    for entry in spec.get('files', {}).values():
+        path = os.path.expanduser(entry['path'])
+        candidates = [path] if os.path.isabs(path) else [os.path.abspath(path),
+                                                          os.path.join(os.path.dirname(spec_path), path)]
+        if not any(os.path.exists(c) for c in candidates):
+            out.append(candidates[-1])
+    return out
+
+
+def plan(ctx):
+    """All stages of this run, in order."""
+    a = ctx.args
+    stages = data_stages(ctx)
+    smallest = min(a.cascades)
+    for n in a.cascades:
+        for method in a.methods:
+            if method == 'voxelmorph' and n != smallest:
+                continue
+            stages.append(train_stage(ctx, method, n))
+            stages.append(eval_stage(ctx, method, n))
+            if method == 'teacher' and a.teacher_flows == 'offline' and any(LEARNED[m][2] for m in a.methods):
+                stages.append(flows_stage(ctx, n))
+    for method in a.baselines:
+        stages.append(baseline_stage(ctx, method))
+    figure_runs = {LEARNED[m][0]: '{}-{}'.format(m, smallest) for m in ('ldr', 'aldk', 'teacher') if m in a.methods}
+    if figure_runs:
+        stages.append(sections_stage(ctx, figure_runs))
+    return stages
+
+
+# ---------------------------------------------------------------- running stages
+
+def echo(line):
+    """Whether a stage's output line is shown on the console (the rest goes to its log only)."""
+    text = line.strip()
+    return bool(text) and (text.startswith(ECHO_PREFIXES) or ' s/pair' in text or
+                           (': Dice ' in text and '|' not in text))
+
+
+def train_command(ctx, stage):
+    """The command of a training stage: resume its run with -c when a checkpoint exists, else start
+    afresh (a run directory without a complete checkpoint is removed first)."""
+    run_dir = ctx.path('weights', stage.info['run'])
+    if not os.path.isdir(run_dir):
+        return stage.command, None
+    found = cli.list_checkpoints(run_dir)
+    if not found or not os.path.exists(os.path.join(run_dir, 'args.json')):
+        shutil.rmtree(run_dir)
+        shutil.rmtree(ctx.path('logs', stage.info['run']), ignore_errors=True)
+        return stage.command, None
+    command = list(stage.command)
+    i = command.index('--output')
+    del command[i:i + 2]
+    return command + ['-c', os.path.join('weights', stage.info['run'])], max(found)
+
+
+def prune_checkpoints(run_dir):
+    """Delete every checkpoint of a finished run but the newest; returns the newest step."""
+    found = cli.list_checkpoints(run_dir)
+    last = max(found)
+    for step, prefix in found.items():
+        if step != last:
+            for path in glob.glob(prefix + '.*'):
+                os.remove(path)
+    return last
+
+
+def run_stage(ctx, stage):
+    """Run one stage unless finished; write its record. UserError naming the stage and log on failure."""
+    if stage.finished(ctx):
+        ctx.say('skip {} (finished)'.format(stage.name))
+        return False
+    if stage.kind == 'data' and all(os.path.exists(ctx.path(p)) for p in stage.outputs):
+        ctx.say('{}: outputs exist, kept'.format(stage.name))
+        write_record(ctx, stage, None, 0, 0.0, None, None)
+        return True
+    command, resumed = stage.command, None
+    if stage.kind == 'train':
+        command, resumed = train_command(ctx, stage)
+    log_path = ctx.path('stage_logs', stage.name + '.log')
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    ctx.say('{}: {}{}'.format(stage.name, stage.description,
+                              ' (resuming from step {})'.format(resumed) if resumed is not None else ''))
+    start = time.time()
+    with open(log_path, 'a') as log:
+        log.write('$ {}\n'.format(' '.join(command)))
+        log.flush()
+        proc = subprocess.Popen(command, cwd=ctx.out, env=ctx.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if echo(line):
+                    print('    [{}] {}'.format(ctx.elapsed(), line.strip()), flush=True)
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise
+    seconds = time.time() - start
+    if code != 0:
+        raise cli.UserError('stage {} failed (exit status {}); see its log {}'.format(stage.name, code, log_path))
+    missing = [p for p in stage.outputs if not os.path.exists(ctx.path(p))]
+    if stage.kind == 'train':
+        stage.info['final_step'] = prune_checkpoints(ctx.path(stage.outputs[0]))
+    elif missing:
+        raise cli.UserError('stage {} wrote no {}; see its log {}'.format(stage.name, missing[0], log_path))
+    write_record(ctx, stage, command, code, seconds, resumed, ctx.rel(log_path))
+    ctx.say('{} done in {:.0f} s'.format(stage.name, seconds))
+    return True
+
+
+def write_record(ctx, stage, command, code, seconds, resumed, log):
+    """The stage's record (its 'finished' marker): command line, return code, wall seconds, outputs."""
+    record = {'stage': stage.name, 'kind': stage.kind, 'command': command, 'cwd': ctx.out, 'returncode': code,
+              'seconds': seconds, 'resumed_from_step': resumed, 'outputs': stage.outputs, 'log': log,
+              'finished': datetime.datetime.now().isoformat(timespec='seconds'), 'info': stage.info}
+    cli.write_json(stage.record_path(ctx), record)
+
+
+# ---------------------------------------------------------------- results
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def stage_records(ctx, stages):
+    return {s.name: read_json(s.record_path(ctx)) for s in stages if s.finished(ctx)}
+
+
+def method_entries(ctx, stages, records):
+    """results.json 'methods': per evaluated method or baseline (keyed like 'aldk-1' or 'ants_syn') its
+    label, status ('ok', 'pending', 'not installed') and, when evaluated, its evaluation summary."""
+    import baselines
+    entries = {}
+    by_name = {s.info['method']: s for s in stages if s.kind == 'baseline'}
+    for method in BASELINES:
+        if method not in by_name and method not in ctx.skipped_baselines:
+            continue
+        entries[method] = {'label': baselines.METHODS[method]['label'], 'method': method, 'cascades': None,
+                           'kind': 'classical', 'package': baselines.METHODS[method]['package'], 'status': 'pending'}
+        if method in ctx.skipped_baselines:
+            entries[method].update({'status': 'not installed', 'reason': ctx.skipped_baselines[method]})
+        else:
+            add_evaluation(ctx, entries[method], by_name[method], records)
+    for stage in stages:
+        if stage.kind == 'eval':
+            method = stage.info['method']
+            entry = {'label': LEARNED[method][0], 'method': method, 'cascades': stage.info['cascades'],
+                     'kind': 'learned', 'train_stage': stage.info['run'], 'status': 'pending'}
+            entries[stage.info['run']] = add_evaluation(ctx, entry, stage, records)
+    return entries
+
+
+def add_evaluation(ctx, entry, stage, records):
+    """Fill a method entry from its finished evaluation stage's JSON (eval.py's schema)."""
+    entry['eval_stage'] = stage.name
+    if stage.name in records:
+        data = read_json(ctx.path(stage.outputs[0]))
+        entry.update({'status': 'ok', 'source': stage.outputs[0], 'summary': data['summary'],
+                      'per_class': data.get('per_class'), 'parameters': data.get('parameters'),
+                      'pairs': len(data['pairs']), 'seconds_per_pair': data['summary']['seconds_per_pair']})
+    return entry
+
+
+def metric(entry, name, stat='mean'):
+    """A summary number of a method entry, or None."""
+    if entry.get('status') != 'ok':
+        return None
+    value = entry['summary'][name] if name == 'seconds_per_pair' else entry['summary'][name][stat]
+    return None if value is None or value != value else value
+
+
+def table1_rows(methods):
+    """Rows of table 1: every method, numbers straight from its evaluation summary."""
+    rows = []
+    for key, e in methods.items():
+        rows.append({'key': key, 'method': e['label'], 'cascades': e['cascades'], 'status': e['status'],
+                     'package': e.get('package'),
+                     'dice': metric(e, 'dice'), 'dice_std': metric(e, 'dice', 'std'),
+                     'jacc': metric(e, 'jacc'), 'jacc_std': metric(e, 'jacc', 'std'),
+                     'landmark_dist': metric(e, 'landmark_dist'), 'landmark_dist_std': metric(e, 'landmark_dist', 'std'),
+                     'jacobian_std': metric(e, 'jacobian_det'), 'folding_percent':
+                         None if metric(e, 'folding') is None else 100.0 * metric(e, 'folding'),
+                     'seconds_per_pair': metric(e, 'seconds_per_pair'), 'parameters': e.get('parameters')})
+    return rows
+
+
+def table2_rows(methods, cascades):
+    """Rows of table 2 (ablation): LDR, LDR + ALDK, LDR + L2 per cascade count, with the change in
+    Dice / Jaccard against plain LDR in percentage points."""
+    rows = []
+    for n in cascades:
+        base = methods.get('ldr-{}'.format(n))
+        for method in ('ldr', 'aldk', 'l2', 'teacher'):
+            e = methods.get('{}-{}'.format(method, n))
+            if e is None:
+                continue
+            row = {'key': '{}-{}'.format(method, n), 'method': e['label'], 'cascades': n, 'status': e['status'],
+                   'dice': metric(e, 'dice'), 'dice_std': metric(e, 'dice', 'std'),
+                   'jacc': metric(e, 'jacc'), 'jacc_std': metric(e, 'jacc', 'std'),
+                   'dice_gain_points': None, 'jacc_gain_points': None}
+            if base is not None and method != 'ldr' and row['dice'] is not None and metric(base, 'dice') is not None:
+                row['dice_gain_points'] = 100.0 * (row['dice'] - metric(base, 'dice'))
+                row['jacc_gain_points'] = 100.0 * (row['jacc'] - metric(base, 'jacc'))
+            rows.append(row)
+    return rows
+
+
+def fmt(value, digits=3, std=None):
+    """A table cell: '-' for missing, 'mean ± std' with a std."""
+    if value is None:
+        return '-'
+    text = '{:.{}f}'.format(value, digits)
+    return text if std is None else '{} ± {:.{}f}'.format(text, std, digits)
+
+
+def signed(value, digits=2):
+    return '-' if value is None else '{:+.{}f}'.format(value, digits)
+
+
+def render_table1(rows, meta):
+    landmarks = any(r['landmark_dist'] is not None for r in rows)
+    head = ['Method', 'Cascades', 'Dice', 'Jacc'] + (['Landmark dist. (vox)'] if landmarks else []) + \
+           ['Jacobian std', 'Folding %', 'CPU s/pair', 'Parameters']
+    lines = ['# Table 1: registration accuracy, speed and size', '',
+             '{} pairs of {} ({}), {}; CPU seconds per pair: median, network only (learned) or the '
+             'registration call only (classical), {} threads.'.format(meta['pairs'], meta['dataset'], meta['subset'],
+                                                                      meta['pairing'], meta['threads']), '',
+             '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in rows:
+        if r['status'] != 'ok':
+            note = '{} ({})'.format(r['status'], r['package']) if r['status'] == 'not installed' else r['status']
+            cells = [r['method'], fmt_int(r['cascades']), note]
+            cells += ['-'] * (len(head) - len(cells))
+        else:
+            cells = [r['method'], fmt_int(r['cascades']), fmt(r['dice'], 3, r['dice_std']), fmt(r['jacc'], 3, r['jacc_std'])]
+            if landmarks:
+                cells.append(fmt(r['landmark_dist'], 2, r['landmark_dist_std']))
+            cells += [fmt(r['jacobian_std'], 3), fmt(r['folding_percent'], 3), fmt(r['seconds_per_pair'], 3),
+                      fmt_int(r['parameters'])]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def fmt_int(value):
+    return '-' if value is None else '{:,}'.format(value)
+
+
+def render_table2(rows, meta):
+    head = ['Method', 'Cascades', 'Dice', 'Jacc', 'Dice gain vs LDR (points)', 'Jacc gain vs LDR (points)']
+    lines = ['# Table 2: ablation of the distillation (same student, same steps)', '',
+             '{} pairs of {} ({}); gains in percentage points of Dice / Jaccard over plain LDR at the same '
+             'cascade count.'.format(meta['pairs'], meta['dataset'], meta['subset']), '',
+             '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in rows:
+        lines.append('| ' + ' | '.join([r['method'], fmt_int(r['cascades']), fmt(r['dice'], 3, r['dice_std']),
+                                        fmt(r['jacc'], 3, r['jacc_std']), signed(r['dice_gain_points']),
+                                        signed(r['jacc_gain_points'])]) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def versions():
+    """Versions of what produced the numbers."""
+    from importlib import metadata
+    out = {'python': platform.python_version(), 'platform': platform.platform()}
+    for package in ('tensorflow-cpu', 'tensorflow', 'numpy', 'h5py', 'scipy', 'matplotlib', 'antspyx', 'itk-elastix'):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        out['git_commit'] = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
+                                           check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain'], cwd=ROOT, capture_output=True, text=True).stdout
+        out['git_dirty'] = bool(dirty.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        with open('/proc/cpuinfo') as f:
+            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+        out['cpu'] = names[0] if names else platform.processor()
+    except OSError:
+        out['cpu'] = platform.processor()
+    out['cpu_count'] = os.cpu_count()
+    return out
+
+
+def report(ctx, stages, figures=False):
+    """Write results.json, table1.md, table2.md (and the figures) from the finished stages."""
+    a = ctx.args
+    records = stage_records(ctx, stages)
+    methods = method_entries(ctx, stages, records)
+    evaluated = [e for e in methods.values() if e.get('status') == 'ok']
+    meta = {'dataset': os.path.relpath(ctx.spec, ROOT) if ctx.spec.startswith(ROOT) else ctx.spec,
+            'subset': a.subset, 'pairing': 'adjacent pairs' if a.paired else 'all pairs (atlas pairs with an atlas)',
+            'pairs': max([e['pairs'] for e in evaluated], default=0), 'threads': a.threads}
+    t1 = table1_rows(methods)
+    t2 = table2_rows(methods, a.cascades)
+    results = {'name': a.name, 'command': [sys.executable] + ctx.argv, 'config': ctx.config, 'meta': meta,
+               'versions': ctx.versions, 'stages': records, 'methods': methods, 'table1': t1, 'table2': t2,
+               'updated': datetime.datetime.now().isoformat(timespec='seconds')}
+    cli.write_atomic(ctx.path('table1.md'), render_table1(t1, meta))
+    cli.write_atomic(ctx.path('table2.md'), render_table2(t2, meta))
+    if figures:
+        results['figures'] = {'figure1.png': figure1(ctx, methods), 'figure2.png': figure2(ctx)}
+    elif os.path.exists(ctx.path('results.json')):
+        results['figures'] = read_json(ctx.path('results.json')).get('figures', {})
+    cli.write_json(ctx.path('results.json'), results)
+    return results
+
+
+def figure1(ctx, methods):
+    """Dice (lines) and CPU seconds per pair (bars) against the number of cascades, teacher vs student."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    a = ctx.args
+    student = 'aldk' if 'aldk' in a.methods else 'ldr'
+    series = [(m, LEARNED[m][0]) for m in ('teacher', student) if m in a.methods]
+    x = np.arange(len(a.cascades))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax2 = ax.twinx()
+    used = {}
+    colours = {'teacher': '#4c72b0', student: '#dd8452'}
+    for i, (m, label) in enumerate(series):
+        entries = [methods.get('{}-{}'.format(m, n), {}) for n in a.cascades]
+        seconds = [metric(e, 'seconds_per_pair') if e else None for e in entries]
+        dice = [metric(e, 'dice') if e else None for e in entries]
+        used[m] = {'cascades': a.cascades, 'seconds_per_pair': seconds, 'dice': dice,
+                   'sources': [e.get('source') for e in entries]}
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, [s or 0 for s in seconds], width, color=colours[m],
+               alpha=0.55, label='{} CPU s/pair'.format(label))
+        ax2.plot(x, [np.nan if d is None else d for d in dice], 'o-', color=colours[m], label='{} Dice'.format(label))
+    ax.set_xticks(x)
+    ax.set_xticklabels(['{}-cas'.format(n) for n in a.cascades])
+    ax.set_xlabel('number of cascades')
+    ax.set_ylabel('CPU seconds per pair ({} threads)'.format(a.threads))
+    ax2.set_ylabel('Dice')
+    handles = ax.get_legend_handles_labels()
+    handles2 = ax2.get_legend_handles_labels()
+    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc='upper left', fontsize=8)
+    ax.set_title('Dice and CPU time vs cascades ({})'.format(os.path.basename(ctx.spec)))
+    fig.tight_layout()
+    fig.savefig(ctx.path('figure1.png'), dpi=120)
+    plt.close(fig)
+    return used
+
+
+def overlay(fixed_seg, warped_seg):
+    """RGB [X, Y, 3] of two label sections: matched foreground white, mismatched red, else black."""
+    import numpy as np
+    fixed_on, warped_on = fixed_seg > 0, warped_seg > 0
+    matched = fixed_on & warped_on & (fixed_seg == warped_seg)
+    mismatched = (fixed_on | warped_on) & ~matched
+    rgb = np.zeros(fixed_seg.shape + (3,), np.float32)
+    rgb[matched] = 1.0
+    rgb[mismatched] = (1.0, 0.0, 0.0)
+    return rgb
+
+
+def figure2(ctx):
+    """Sections of the warped images and warped segmentations per method, like the paper's figure 2."""
+    path = ctx.path('figure2', 'sections.npz')
+    if not os.path.exists(path):
+        return None
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    with np.load(path, allow_pickle=False) as data:
+        sections = {k: data[k] for k in data.files}
+    labels = [str(s) for s in sections['labels']]
+    pairs = len(sections['moving'])
+    columns = 2 * pairs
+    fig, axes = plt.subplots(len(labels) + 2, columns, figsize=(1.6 * columns + 0.8, 1.7 * (len(labels) + 2)),
+                             squeeze=False)
+
+    def show(ax, image, **kw):
+        ax.imshow(np.swapaxes(image, 0, 1), origin='lower', **kw)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for p in range(pairs):
+        show(axes[0, 2 * p], sections['fixed'], cmap='gray', vmin=0, vmax=255)
+        show(axes[0, 2 * p + 1], overlay(sections['fixed_seg'], sections['fixed_seg']))
+        show(axes[1, 2 * p], sections['moving'][p], cmap='gray', vmin=0, vmax=255)
+        show(axes[1, 2 * p + 1], overlay(sections['fixed_seg'], sections['moving_seg'][p]))
+        axes[0, 2 * p].set_title('pair {}'.format(p + 1), fontsize=8)
+        for i, label in enumerate(labels):
+            show(axes[i + 2, 2 * p], sections['warped'][i, p], cmap='gray', vmin=0, vmax=255)
+            show(axes[i + 2, 2 * p + 1], overlay(sections['fixed_seg'], sections['warped_seg'][i, p]))
+    for i, label in enumerate(['fixed', 'moving'] + labels):
+        axes[i, 0].set_ylabel(label, fontsize=8)
+    fig.suptitle('Warped image / segmentation sections (slice {} of axis {}): white = matched, red = mismatched'
+                 .format(int(sections['index']), int(sections['axis'])), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(ctx.path('figure2.png'), dpi=110)
+    plt.close(fig)
+    return {'sections': ctx.rel(path), 'methods': labels, 'pairs': [str(p) for p in sections['pair_ids']]}
+
+
+# ---------------------------------------------------------------- figure 2 worker
+
+def sections_main(argv):
+    """``python reproduce.py sections``: warp a few test pairs with each run; save central sections (npz)."""
+    p = cli.ArgumentParser(prog='reproduce.py sections', description=sections_main.__doc__)
+    p.add_argument('-d', '--dataset', required=True)
+    p.add_argument('-v', '--val_subset', required=True)
+    p.add_argument('--run', action='append', required=True, metavar='LABEL=RUN_DIR')
+    p.add_argument('--pairs', type=int, default=FIGURE_PAIRS)
+    p.add_argument('--output', required=True)
+    args = p.parse_args(argv)
+    import numpy as np
+
+    from data_util.dataset import Dataset
+    from network.spatial_transformer import warp_nearest
+    from network.tfv1 import tf
+    subset = int(args.val_subset) if args.val_subset.isdigit() else args.val_subset
+    dataset = Dataset(args.dataset, batch_size=1)
+    pairs = dataset.pairs(subset)
+    fixed_id = pairs[0][0]
+    chosen = [pair for pair in pairs if pair[0] == fixed_id][:args.pairs]
+    picked = [b for b in dataset.generator(subset, batch_size=1) if (str(b['id1'][0]), str(b['id2'][0])) in chosen]
+    batch = {k: np.concatenate([b[k] for b in picked]) for k in picked[0]}
+    fixed_seg = batch['seg1'][0, ..., 0]
+    axis = 2
+    weights = (fixed_seg > 0).sum(axis=(0, 1))
+    index = int(round(float((weights * np.arange(len(weights))).sum() / weights.sum()))) if weights.sum() \
+        else fixed_seg.shape[axis] // 2
+    warped, warped_seg, labels = [], [], []
+    for item in args.run:
+        label, _, run_dir = item.partition('=')
+        with tf.Graph().as_default():
+            sess, framework, _, _ = cli.load_model(run_dir, dataset.image_size, dataset.segmentation_class_value)
+            seg = tf.placeholder(tf.float32, [None] + dataset.image_size + [1])
+            seg_warp = warp_nearest(seg, framework.outputs['flow'])
+            feed = framework.feed_dict(batch)
+            feed[seg] = batch['seg2']
+            out = sess.run({'warped': framework.outputs['warped'], 'seg': seg_warp}, feed)
+            sess.close()
+        warped.append(out['warped'][..., index, 0])
+        warped_seg.append(np.round(out['seg'][..., index, 0]))
+        labels.append(label)
+        print('sections of {} ({}) at slice {}'.format(label, run_dir, index), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tmp = args.output + '.tmp.npz'
+    np.savez_compressed(tmp, labels=np.array(labels), pair_ids=np.array(['{} {}'.format(*c) for c in chosen]),
+                        fixed=batch['voxel1'][0, ..., index, 0], fixed_seg=fixed_seg[..., index],
+                        moving=batch['voxel2'][..., index, 0], moving_seg=batch['seg2'][..., index, 0],
+                        warped=np.stack(warped), warped_seg=np.stack(warped_seg), axis=axis, index=index)
+    os.replace(tmp, args.output)
+    print('wrote {}'.format(args.output))
+
+
+# ---------------------------------------------------------------- command line
+
+def build_parser():
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--demo', action='store_true',
+                   help='synthetic liver-like data at 64^3, teacher + LDR + LDR + ALDK + baselines (~15 min)')
+    p.add_argument('-d', '--dataset', default=None, help='JSON dataset spec (not with --demo)')
+    p.add_argument('--name', default=None, help='results/<name>/ (default: demo, or the spec file name)')
+    p.add_argument('--results', default='results', help='parent directory of the run (default results)')
+    p.add_argument('--cascades', type=int, nargs='+', default=[1], help='cascade counts (default 1)')
+    p.add_argument('--steps', type=int, default=None, help='training steps of every student (demo: 300)')
+    p.add_argument('--teacher_steps', type=int, default=None, help='training steps of the teacher (default --steps)')
+    p.add_argument('--batch', type=int, default=None, help='pairs per training step (default 4; demo 2)')
+    p.add_argument('--lr', type=float, default=1e-4, help='initial Adam learning rate (default 1e-4)')
+    p.add_argument('--methods', nargs='+', choices=list(LEARNED), default=None,
+                   help='learned methods (default: all; demo: teacher ldr aldk)')
+    p.add_argument('--baselines', nargs='+', choices=list(BASELINES) + ['none'], default=None,
+                   help='classical baselines (default: all installed ones)')
+    p.add_argument('-v', '--subset', default=None,
+                   help="evaluation scheme or subset (default: 'test' when the spec has it, else 2)")
+    p.add_argument('--paired', action='store_true', help='evaluate adjacent pairs only (demo: on)')
+    p.add_argument('--teacher_flows', choices=('online', 'offline'), default='online',
+                   help='distillation from the teacher in the student graph (online, default) or from flows '
+                        'extracted once by eval.py --writing_flow (offline; no augmentation)')
+    p.add_argument('--student_net_args', default='', help="--net_args of the LDR students, e.g. \"head='deconv'\"")
+    p.add_argument('--val_steps', type=int, default=None, help='validate every N training steps (default: never)')
+    p.add_argument('--seed', type=int, default=0, help='data order / augmentation seed (and the demo data)')
+    p.add_argument('--threads', type=int, default=2, help='CPU threads of every stage (timing rule; default 2)')
+    p.add_argument('--lpba40', default=None, metavar='DIR',
+                   help='build the spec\'s missing HDF5 from this LPBA40 directory (data_util.prepare --lpba40)')
+    p.add_argument('--image_size', type=int, default=DEMO['image_size'], help='demo image size (default 64)')
+    p.add_argument('--demo_scans', type=int, default=DEMO['n_scans'], help='demo scans (default 16)')
+    p.add_argument('--demo_test', type=int, default=DEMO['n_test'], help='demo test scans (default 4)')
+    p.add_argument('--list', action='store_true', help='print the stages and whether they are finished, then exit')
+    return p
+
+
+CONFIG_KEYS = ('demo', 'dataset', 'steps', 'teacher_steps', 'batch', 'lr', 'subset', 'paired', 'teacher_flows',
+               'student_net_args', 'seed', 'image_size', 'demo_scans', 'demo_test', 'threads')
+
+
+def resolve_args(args):
+    """Fill the defaults that depend on --demo and the spec; refuse contradictory input."""
+    if args.demo == bool(args.dataset):
+        raise cli.UserError('give either --demo or -d SPEC')
+    if args.demo:
+        for key in ('steps', 'teacher_steps', 'batch', 'methods'):
+            if getattr(args, key) is None:
+                setattr(args, key, DEMO[key])
+        args.paired = True
+        args.name = args.name or 'demo'
+        args.subset = args.subset or 'test'
+    else:
+        if args.steps is None:
+            raise cli.UserError('--steps is required with -d (e.g. --steps 20000)')
+        args.teacher_steps = args.teacher_steps or args.steps
+        args.batch = args.batch or 4
+        args.methods = args.methods or list(LEARNED)
+        args.name = args.name or os.path.splitext(os.path.basename(args.dataset))[0]
+        if not os.path.isfile(args.dataset):
+            raise cli.UserError('dataset spec {} not found'.format(args.dataset))
+        if args.subset is None:
+            args.subset = 'test' if 'test' in read_json(args.dataset).get('schemes', {}) else '2'
+    if min(args.steps, args.teacher_steps, args.batch, args.threads) < 1 or min(args.cascades) < 1:
+        raise cli.UserError('--steps, --teacher_steps, --batch, --threads and --cascades must be positive')
+    args.cascades = sorted(set(args.cascades))
+    args.methods = [m for m in LEARNED if m in args.methods]
+    if any(LEARNED[m][2] for m in args.methods) and 'teacher' not in args.methods:
+        raise cli.UserError('--methods {} distil from the teacher: add teacher'.format(' '.join(args.methods)))
+    if args.baselines is None:
+        args.baselines = list(BASELINES)
+    elif 'none' in args.baselines:
+        args.baselines = []
+    if args.demo and args.image_size % 64:
+        raise cli.UserError('--image_size must be a multiple of 64 (the VTN stride), got {}'.format(args.image_size))
+    return args
+
+
+def check_config(ctx, store=True):
+    """Store the run's settings (unless ``store`` is false); refuse to continue a run made with other settings."""
+    config = {k: getattr(ctx.args, k) for k in CONFIG_KEYS}
+    config['dataset'] = ctx.spec
+    path = ctx.path('config.json')
+    if os.path.exists(path):
+        stored = read_json(path)
+        changed = [k for k in CONFIG_KEYS if k in stored and stored[k] != config[k]]
+        if changed:
+            raise cli.UserError('{} was made with other settings ({}); use another --name or remove it'.format(
+                ctx.out, ', '.join('{} {!r} -> {!r}'.format(k, stored[k], config[k]) for k in changed)))
+    elif store:
+        cli.write_json(path, config)
+    ctx.config = dict(config, cascades=ctx.args.cascades, methods=ctx.args.methods, baselines=ctx.args.baselines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['sections']:
+        return sections_main(argv[1:])
+    args = resolve_args(build_parser().parse_args(argv))
+    ctx = Context(args)
+    ctx.argv = [os.path.abspath(__file__)] + argv
+    sys.path.insert(0, ROOT)
+    import baselines
+    ctx.skipped_baselines = {m: baselines.missing(m) for m in args.baselines if baselines.missing(m)}
+    args.baselines = [m for m in args.baselines if m not in ctx.skipped_baselines]
+    stages = plan(ctx)
+    check_config(ctx, store=not args.list)
+    if args.list:
+        for stage in stages:
+            print('{:9} {:24} {}'.format('finished' if stage.finished(ctx) else 'to do', stage.name,
+                                         ' '.join(stage.command)))
+        return
+    os.makedirs(ctx.out, exist_ok=True)
+    ctx.versions = versions()
+    ctx.say('reproduce {} -> {} ({} stages, {} finished)'.format(
+        'demo' if args.demo else args.dataset, ctx.out, len(stages), sum(s.finished(ctx) for s in stages)))
+    if ctx.skipped_baselines:
+        ctx.say('baselines not installed, marked so in the table: {} (pip install -r requirements-baselines.txt)'
+                .format(', '.join(sorted(ctx.skipped_baselines))))
+    for stage in stages:
+        if run_stage(ctx, stage):
+            report(ctx, stages)
+    results = report(ctx, stages, figures=True)
+    print()
+    with open(ctx.path('table1.md')) as f:
+        print(f.read())
+    with open(ctx.path('table2.md')) as f:
+        print(f.read())
+    ctx.say('done: {}'.format(', '.join(ctx.rel(ctx.path(n)) for n in (
+        'results.json', 'table1.md', 'table2.md', 'figure1.png', 'figure2.png'))))
+    return results
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, ROOT)
+    cli.run(main)

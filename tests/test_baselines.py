@@ -1,0 +1,103 @@
+"""Classical baselines (baselines/): flow convention and recovery of a known deformation.
+
+A textured 48^3 phantom is the fixed image; the moving image is it pulled back through a
+known field u = t + smooth bump (moving(p) = fixed(p - u(p)) to first order, so the ideal
+registration flow is about +u). Each baseline must bring the moving image closer to the fixed
+one under our warp, and return the translation with the right sign on the right axis.
+The tests skip, saying which package is missing, when antspyx / itk-elastix are not installed
+(pip install -r requirements-baselines.txt).
+"""
+import glob
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+import baselines
+from helpers import warp_reference
+
+SIZE = 48
+SHIFT = np.array([3.0, -2.0, 1.0])
+
+
+def phantom():
+    """(fixed, moving, body mask, true field [X,Y,Z,3]) of a textured ellipsoid, 0..255 floats."""
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.arange(SIZE, dtype=np.float64)] * 3, indexing='ij'), -1)
+    texture = ndi.gaussian_filter(rng.standard_normal((SIZE,) * 3), 2.5)
+    texture = (texture - texture.min()) / (texture.max() - texture.min())
+    centre = (SIZE - 1) / 2
+    body = np.sum(((grid - centre) / np.array([19.0, 17.0, 20.0])) ** 2, -1) < 1
+    fixed = ndi.gaussian_filter(body.astype(np.float64), 1.0) * (60 + 160 * texture)
+    bump = np.exp(-np.sum((grid - [26, 22, 24]) ** 2, -1) / (2 * 7.0 ** 2))
+    field = SHIFT + bump[..., None] * np.array([0.0, 1.5, -1.5])
+    moving = warp_reference(fixed[None, ..., None], -field[None])[0, ..., 0]
+    return fixed.astype(np.float32), moving.astype(np.float32), body, field
+
+
+def check_recovery(flow, fixed, moving, body, field):
+    """The flow improves the match under our warp and carries the shift on the right axes."""
+    assert flow.shape == fixed.shape + (3,) and flow.dtype == np.float32
+    warped = warp_reference(moving[None, ..., None], flow[None])[0, ..., 0]
+    before = np.abs(fixed - moving)[body].mean()
+    after = np.abs(fixed - warped)[body].mean()
+    assert after < 0.5 * before, (before, after)
+    inner = ndi.binary_erosion(body, iterations=4)
+    mean_flow = flow[inner].mean(axis=0)
+    np.testing.assert_allclose(mean_flow, field[inner].mean(axis=0), atol=0.6)
+
+
+def require(method):
+    reason = baselines.missing(method)
+    if reason:
+        pytest.skip('{}: {}'.format(method, reason))
+
+
+@pytest.mark.slow
+def test_ants_syn_recovers_shift_and_bump_and_cleans_up():
+    require('ants_syn')
+    from baselines import ants
+    fixed, moving, body, field = phantom()
+    tmp = tempfile.gettempdir()
+    left_before = set(glob.glob(os.path.join(tmp, '*Warp.nii.gz')) + glob.glob(os.path.join(tmp, '*Affine.mat')))
+    flow, seconds = ants.register_timed(fixed, moving)
+    check_recovery(flow, fixed, moving, body, field)
+    assert seconds > 0
+    left_after = set(glob.glob(os.path.join(tmp, '*Warp.nii.gz')) + glob.glob(os.path.join(tmp, '*Affine.mat')))
+    assert left_after <= left_before, 'antspyx left files behind: {}'.format(sorted(left_after - left_before))
+    assert not glob.glob(os.path.join(tmp, 'ldr_ants_*'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('affine', [False, True])
+def test_elastix_recovers_shift_and_bump(affine):
+    require('elastix_affine_bspline' if affine else 'elastix_bspline')
+    from baselines import elastix
+    fixed, moving, body, field = phantom()
+    flow, seconds = elastix.register_timed(fixed, moving, affine=affine, max_iterations=64)
+    check_recovery(flow, fixed, moving, body, field)
+    assert seconds > 0
+
+
+def test_registration_function_and_missing_report():
+    assert set(baselines.METHODS) == {'ants_syn', 'elastix_bspline', 'elastix_affine_bspline'}
+    with pytest.raises(ValueError, match='unknown baseline'):
+        baselines.missing('demons')
+    for method in baselines.METHODS:
+        reason = baselines.missing(method)
+        assert reason is None or 'not installed' in reason
+
+
+def test_missing_package_is_reported(monkeypatch):
+    monkeypatch.setattr(baselines, 'installed', lambda package: False)
+    assert baselines.missing('ants_syn') == 'antspyx not installed (pip install -r requirements-baselines.txt)'
+    assert baselines.missing('elastix_bspline') == 'itk-elastix not installed (pip install -r requirements-baselines.txt)'
+
+
+def test_shape_mismatch_is_refused():
+    require('ants_syn')
+    from baselines import ants
+    with pytest.raises(ValueError, match='one shape'):
+        ants.register(np.zeros((8, 8, 8)), np.zeros((8, 8, 9)))

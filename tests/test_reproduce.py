@@ -1,0 +1,167 @@
+"""reproduce.py: the demo pipeline end to end at a tiny size, resuming, tables vs results.json, errors."""
+import json
+import re
+
+import pytest
+
+import baselines
+import reproduce
+from conftest import error_lines, run_script
+
+TINY = ['--demo', '--steps', '2', '--teacher_steps', '2', '--demo_scans', '6', '--demo_test', '2',
+        '--results', 'results']
+OUTPUTS = ('results.json', 'table1.md', 'table2.md', 'figure1.png', 'figure2.png', 'config.json')
+
+
+def table_rows(path):
+    """{(method, cascades): [cells]} of a Markdown table file."""
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            if line.startswith('| ') and not line.startswith('| Method'):
+                cells = [c.strip() for c in line.strip().strip('|').split('|')]
+                rows[(cells[0], cells[1])] = cells
+    return rows
+
+
+def cascades_cell(value):
+    return '-' if value is None else str(value)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_then_resume(tmp_path):
+    ants = baselines.missing('ants_syn') is None
+    args = TINY + ['--baselines'] + (['ants_syn'] if ants else ['none'])
+    first = run_script('reproduce.py', *args, cwd=tmp_path, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + '\n'.join(error_lines(first))
+    out = tmp_path / 'results' / 'demo'
+    for name in OUTPUTS:
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / 'results.json').read_text())
+    stages = ['data', 'teacher-1', 'eval-teacher-1', 'ldr-1', 'eval-ldr-1', 'aldk-1', 'eval-aldk-1', 'sections']
+    stages += ['baseline-ants_syn'] if ants else []
+    assert sorted(results['stages']) == sorted(stages)
+    for name, record in results['stages'].items():
+        assert record['returncode'] == 0 and record['seconds'] > 0 and (out / record['log']).exists(), name
+        for path in record['outputs']:
+            assert (out / path).exists(), (name, path)
+    assert results['versions']['python'] and 'numpy' in results['versions']
+    assert results['command'][1].endswith('reproduce.py')
+
+    # every method has its row, and each number of the tables is the one in results.json
+    expected = ['teacher-1', 'ldr-1', 'aldk-1'] + (['ants_syn'] if ants else [])
+    assert sorted(results['methods']) == sorted(expected)
+    rows = table_rows(out / 'table1.md')
+    assert len(rows) == len(expected)
+    for row in results['table1']:
+        entry = results['methods'][row['key']]
+        assert entry['status'] == 'ok'
+        with open(out / entry['source']) as f:
+            assert json.load(f)['summary'] == entry['summary']
+        assert row['dice'] == entry['summary']['dice']['mean']
+        assert row['seconds_per_pair'] == entry['summary']['seconds_per_pair']
+        cells = rows[(row['method'], cascades_cell(row['cascades']))]
+        assert cells[2] == reproduce.fmt(row['dice'], 3, row['dice_std'])
+        assert cells[3] == reproduce.fmt(row['jacc'], 3, row['jacc_std'])
+        assert cells[-2] == reproduce.fmt(row['seconds_per_pair'], 3)
+        assert cells[-1] == reproduce.fmt_int(row['parameters'])
+    rows2 = table_rows(out / 'table2.md')
+    assert [r['key'] for r in results['table2']] == ['ldr-1', 'aldk-1', 'teacher-1']
+    for row in results['table2']:
+        cells = rows2[(row['method'], '1')]
+        assert cells[2] == reproduce.fmt(row['dice'], 3, row['dice_std'])
+        assert cells[4] == reproduce.signed(row['dice_gain_points'])
+    figure1 = results['figures']['figure1.png']
+    assert figure1['aldk']['dice'] == [results['methods']['aldk-1']['summary']['dice']['mean']]
+    assert results['figures']['figure2.png']['methods'] == ['LDR', 'LDR + ALDK', 'VTN + affine (teacher)']
+
+    # a run stopped during ldr-1's last stage: finished stages are skipped, ldr-1 resumes from its
+    # checkpoint (no training step is redone) and only eval-ldr-1 runs again
+    kept = {name: (out / 'stages' / (name + '.json')).read_text() for name in stages}
+    (out / 'stages' / 'ldr-1.json').unlink()
+    (out / 'stages' / 'eval-ldr-1.json').unlink()
+    second = run_script('reproduce.py', *args, cwd=tmp_path, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + '\n'.join(error_lines(second))
+    for name in stages:
+        if name in ('ldr-1', 'eval-ldr-1'):
+            assert 'skip {} '.format(name) not in second.stdout
+        else:
+            assert 'skip {} (finished)'.format(name) in second.stdout
+            assert (out / 'stages' / (name + '.json')).read_text() == kept[name]
+    assert 'ldr-1: train LDR (1 cascade, 2 steps) (resuming from step 2)' in second.stdout
+    assert not re.search(r'^\s+\[[\d:]+\] step \d+/', second.stdout, re.M), 'a training step was redone'
+    again = json.loads((out / 'results.json').read_text())
+    assert again['stages']['ldr-1']['resumed_from_step'] == 2
+    for key in ('teacher-1', 'aldk-1'):
+        assert again['methods'][key]['summary'] == results['methods'][key]['summary']
+
+
+def test_schedule_runs_exactly_the_steps():
+    for steps in (1, 2, 4, 7, 300, 20000, 12345):
+        args = reproduce.schedule(steps)
+        rounds, epochs = int(args[1]), float(args[3])
+        assert int(epochs * rounds) == steps
+
+
+def test_argument_errors(tmp_path):
+    parse = lambda *a: reproduce.resolve_args(reproduce.build_parser().parse_args(list(a)))  # noqa: E731
+    with pytest.raises(reproduce.cli.UserError, match='either --demo or -d'):
+        parse()
+    spec = tmp_path / 'spec.json'
+    spec.write_text(json.dumps({'schemes': {'test': {'test': 1.0}}}))
+    with pytest.raises(reproduce.cli.UserError, match='--steps is required'):
+        parse('-d', str(spec))
+    with pytest.raises(reproduce.cli.UserError, match='add teacher'):
+        parse('-d', str(spec), '--steps', '5', '--methods', 'ldr', 'aldk')
+    args = parse('-d', str(spec), '--steps', '5', '--cascades', '3', '1', '--baselines', 'none')
+    assert args.subset == 'test' and args.cascades == [1, 3] and args.baselines == [] and args.teacher_steps == 5
+    assert args.methods == list(reproduce.LEARNED) and args.name == 'spec'
+    demo = parse('--demo')
+    assert demo.paired and demo.methods == ['teacher', 'ldr', 'aldk'] and demo.name == 'demo'
+
+
+def test_missing_data_and_bad_spec_are_one_line_errors(tmp_path):
+    spec = tmp_path / 'lpba.json'
+    spec.write_text(json.dumps({'files': {'lpba': {'path': 'lpba.h5', 'type': 'HDF5'}}, 'image_size': [64] * 3,
+                                'image_type': 'brain', 'subsets': {'test': ['lpba/S02']},
+                                'schemes': {'1': {'test': 1.0}, 'test': {'test': 1.0}}}))
+    proc = run_script('reproduce.py', '-d', spec, '--steps', '2', cwd=tmp_path)
+    assert proc.returncode == 2
+    assert error_lines(proc) == ['error: {} of spec {} is missing; build it with data_util.prepare (for LPBA40: '
+                                 'python reproduce.py ... --lpba40 DIR)'.format(tmp_path / 'lpba.h5', spec)]
+    proc = run_script('reproduce.py', '-d', tmp_path / 'nope.json', '--steps', '2', cwd=tmp_path)
+    assert error_lines(proc) == ['error: dataset spec {} not found'.format(tmp_path / 'nope.json')]
+
+
+@pytest.mark.slow
+def test_failed_stage_names_stage_and_log(tmp_path):
+    from data_util.synthetic import make_synthetic
+    spec = make_synthetic(str(tmp_path / 'data'), n_scans=6, image_size=32, seed=0)
+    proc = run_script('reproduce.py', '-d', spec, '--steps', '2', '--baselines', 'none', '--methods', 'teacher',
+                      cwd=tmp_path)
+    assert proc.returncode == 2
+    log = tmp_path / 'results' / 'synthetic' / 'stage_logs' / 'teacher-1.log'
+    assert error_lines(proc) == ['error: stage teacher-1 failed (exit status 2); see its log {}'.format(log)]
+    assert 'error:' in log.read_text()
+    assert not (tmp_path / 'results' / 'synthetic' / 'stages' / 'teacher-1.json').exists()
+
+
+def test_list_shows_stages(tmp_path, synthetic_spec):
+    proc = run_script('reproduce.py', '-d', synthetic_spec, '--steps', '3', '--cascades', '1', '2',
+                      '--teacher_flows', 'offline', '--baselines', 'none', '--list', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    names = [line.split()[2] for line in proc.stdout.splitlines()]
+    assert names[:4] == ['teacher-1', 'eval-teacher-1', 'flows-1', 'ldr-1']
+    assert 'voxelmorph-1' in names and 'voxelmorph-2' not in names and 'l2-2' in names and names[-1] == 'sections'
+    assert all(line.startswith('to do') for line in proc.stdout.splitlines())
+    assert '--pretrained_flow_path flows/teacher-2.h5' in proc.stdout
+
+
+def test_table_marks_missing_baseline():
+    methods = {'ants_syn': {'label': 'ANTs SyN', 'cascades': None, 'status': 'not installed', 'package': 'antspyx',
+                            'reason': 'antspyx not installed (pip install -r requirements-baselines.txt)'}}
+    rows = reproduce.table1_rows(methods)
+    text = reproduce.render_table1(rows, {'pairs': 4, 'dataset': 'd.json', 'subset': 'test', 'pairing': 'all pairs',
+                                          'threads': 2})
+    assert '| ANTs SyN | - | not installed (antspyx) | - | - | - | - | - |' in text
+    assert 'Landmark' not in text  # no column when no method has landmarks
