@@ -67,7 +67,8 @@ def warp_numpy(image, flow, padding):
 
 @pytest.mark.parametrize('padding', PADDINGS)
 @pytest.mark.parametrize('batch,size,channels', [(2, (12, 13, 14), 1), (2, (12, 13, 14), 3),
-                                                 (1, (32, 32, 32), 3), (3, (9, 8, 7), 2)])
+                                                 (1, (32, 32, 32), 3), (3, (9, 8, 7), 2),
+                                                 (2, (4, 5, 150), 1)])  # 64-voxel runs along z
 def test_matches_pure_tf(library, padding, batch, size, channels):
     rng = np.random.default_rng(sum(size) + channels + batch)
     image = rng.random((batch,) + size + (channels,), dtype=np.float32)
