@@ -16,7 +16,8 @@ with N = B * size^3 voxels and 4-byte floats:
   forward + backward: forward, then d image (flow, dy in; d image out) and
                       d flow (image, flow, dy in; d flow out) = (6C + 12) * 4N bytes.
 It is printed beside a plain memory-copy rate (numpy copy of 256 MB, single thread;
-counted as read + write) measured in the same run.
+counted as read + write) measured in the same run. The CPU-time ratio (pure TF / op, process
+CPU time per call) is the comparison to trust when other processes load the machine.
 """
 import argparse
 import os
@@ -33,24 +34,30 @@ CASES = [(1, 1), (1, 3), (4, 1), (4, 3)]  # (batch, channels)
 
 
 def timed_runs(run, budget, min_runs, max_runs):
-    """Median seconds of ``run()`` after one warm-up; as many runs as fit ``budget`` seconds."""
+    """Medians (wall seconds, process CPU seconds) of ``run()`` after one warm-up.
+
+    As many runs as fit ``budget`` seconds, within [min_runs, max_runs]. CPU time sums
+    all threads of this process; unlike wall time it barely grows when other processes
+    compete for the cores.
+    """
     start = time.perf_counter()
     run()
     first = time.perf_counter() - start
     count = int(min(max_runs, max(min_runs, budget // max(first, 1e-6))))
-    times = []
+    walls, cpus = [], []
     for _ in range(count):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - start_cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def memcpy_rate():
     """Bytes/s of a numpy copy of 256 MB (read + write counted)."""
     src = np.ones(64 * 2 ** 20, dtype=np.float32)
     dst = np.empty_like(src)
-    seconds = timed_runs(lambda: np.copyto(dst, src), budget=2.0, min_runs=5, max_runs=20)
+    seconds, _ = timed_runs(lambda: np.copyto(dst, src), budget=2.0, min_runs=5, max_runs=20)
     return 2 * src.nbytes / seconds
 
 
@@ -71,7 +78,7 @@ def smooth_flow(rng, batch, size):
 
 
 def time_case(warp_fn, batch, channels, size, threads, budget, min_runs, max_runs):
-    """(forward seconds, forward + backward seconds) of ``warp_fn`` on one random case."""
+    """timed_runs results of the forward and the forward + backward pass of ``warp_fn``."""
     rng = np.random.RandomState(0)
     shape = (batch, size, size, size)
     image = rng.rand(*shape, channels).astype(np.float32)
@@ -111,17 +118,21 @@ def main():
         tf_fwd, tf_both = time_case(warp_tf, batch, channels, args.size, args.threads,
                                     budget=6.0, min_runs=3, max_runs=7)
         voxels = batch * args.size ** 3
-        for name, op_s, tf_s, floats in (('fwd', op_fwd, tf_fwd, 2 * channels + 3),
+        for name, op_t, tf_t, floats in (('fwd', op_fwd, tf_fwd, 2 * channels + 3),
                                          ('fwd+bwd', op_both, tf_both, 6 * channels + 12)):
-            rows.append((batch, channels, name, op_s, tf_s, floats * 4 * voxels / op_s))
+            rows.append((batch, channels, name, op_t, tf_t, floats * 4 * voxels / op_t[0]))
 
-    print('warp at {0}^3, {1} threads, TF {2}, CPU {3}; numpy copy rate: {4:.1f} GB/s\n'.format(
-        args.size, args.threads, tf.VERSION, os.cpu_count(), copy / 1e9))
-    print('| B | C | pass | op (ms) | pure TF (ms) | speed-up | op effective GB/s | vs copy |')
-    print('|---|---|------|--------:|-------------:|---------:|------------------:|--------:|')
-    for batch, channels, name, op_s, tf_s, rate in rows:
-        print('| {} | {} | {} | {:.1f} | {:.0f} | {:.0f}x | {:.2f} | {:.0%} |'.format(
-            batch, channels, name, op_s * 1e3, tf_s * 1e3, tf_s / op_s, rate / 1e9, rate / copy))
+    print('warp at {}^3, {} threads, TF {}, {} CPUs, load average {:.1f} at the end; '
+          'numpy copy rate: {:.1f} GB/s\n'.format(args.size, args.threads, tf.VERSION, os.cpu_count(),
+                                                  os.getloadavg()[0], copy / 1e9))
+    print('| B | C | pass | op (ms) | pure TF (ms) | speed-up | CPU-time ratio '
+          '| op effective GB/s | vs copy |')
+    print('|---|---|------|--------:|-------------:|---------:|---------------:'
+          '|------------------:|--------:|')
+    for batch, channels, name, op_t, tf_t, rate in rows:
+        print('| {} | {} | {} | {:.1f} | {:.0f} | {:.1f}x | {:.1f}x | {:.2f} | {:.0%} |'.format(
+            batch, channels, name, op_t[0] * 1e3, tf_t[0] * 1e3, tf_t[0] / op_t[0],
+            tf_t[1] / op_t[1], rate / 1e9, rate / copy))
 
 
 if __name__ == '__main__':
