@@ -12,8 +12,9 @@ times; the median is reported, with the ratio to the 1-cascade student of the sa
 parameter count at inference.
 
 Networks: teacher = VTN affine stem + n VTN cascades; student = light affine stem + n LDR
-(the paper's architecture, default head); student_original = light affine + n LDROriginal
-(the original code's 3x3x3 UNet); voxelmorph = VTN affine + n VoxelMorph.
+(the paper's architecture, default 'refine' head); student_deconv = the same with the cheap
+'deconv' head; student_original = light affine + n LDROriginal (the original code's 3x3x3 UNet);
+voxelmorph = VTN affine + n VoxelMorph.
 --baselines also times ANTs SyN and Elastix B-spline (with and without an affine stage) once
 each on a synthetic liver-like pair of the same size (data_util.synthetic), when installed.
 """
@@ -34,21 +35,22 @@ if ROOT not in sys.path:
 
 from network.tfv1 import tf  # noqa: E402
 
-NETWORKS = {  # name: (label, base network)
-    'teacher': ('VTN + affine (teacher)', 'VTN'),
-    'student': ('LDR + light affine (student)', 'LDR'),
-    'student_original': ('LDROriginal + light affine', 'LDROriginal'),
-    'voxelmorph': ('VoxelMorph + affine', 'VoxelMorph'),
+NETWORKS = {  # name: (label, base network, base network options)
+    'teacher': ('VTN + affine (teacher)', 'VTN', {}),
+    'student': ('LDR + light affine (student)', 'LDR', {}),
+    'student_deconv': ('LDR (deconv head) + light affine', 'LDR', {'head': 'deconv'}),
+    'student_original': ('LDROriginal + light affine', 'LDROriginal', {}),
+    'voxelmorph': ('VoxelMorph + affine', 'VoxelMorph', {}),
 }
 
 
-def time_network(base, n, size, threads, warmup, repeats, seed=0):
+def time_network(base, n, size, threads, warmup, repeats, options=None, seed=0):
     """(median seconds, all seconds, parameters) of Framework.register for one network, batch 1."""
     from network.cascade import make_net_args
     from network.framework import Framework, session_config
     with tf.Graph().as_default():
         tf.set_random_seed(seed)
-        framework = Framework(make_net_args(base, n), [size] * 3, validation=True)
+        framework = Framework(make_net_args(base, n, extra=options), [size] * 3, validation=True)
         rng = np.random.default_rng(seed)
         batch = {k: rng.uniform(0, 255, [1, size, size, size, 1]).astype(np.float32) for k in ('voxel1', 'voxel2')}
         with tf.Session(config=session_config(framework.devices, threads)) as sess:
@@ -119,15 +121,15 @@ def main(argv=None):
 
     rows = []
     for name in args.networks:
-        label, base = NETWORKS[name]
+        label, base, options = NETWORKS[name]
         for n in sorted(set(args.cascades) | ({1} if name == 'student' else set())):
-            median, times, params = time_network(base, n, args.size, args.threads, args.warmup, args.repeats)
+            median, times, params = time_network(base, n, args.size, args.threads, args.warmup, args.repeats,
+                                                 options)
             rows.append({'network': name, 'label': label, 'cascades': n, 'parameters': params, 'seconds': median,
                          'min': min(times), 'max': max(times), 'times': times})
             print('  {} x{}: {:.3f} s'.format(name, n, median), file=sys.stderr, flush=True)
     if 'student' not in args.networks:
-        median, times, params = time_network('LDR', 1, args.size, args.threads, args.warmup, args.repeats)
-        reference = median
+        reference = time_network('LDR', 1, args.size, args.threads, args.warmup, args.repeats)[0]
     else:
         reference = next(r['seconds'] for r in rows if r['network'] == 'student' and r['cascades'] == 1)
     if args.baselines:
