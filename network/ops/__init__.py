@@ -17,8 +17,6 @@ import threading
 
 from network.tfv1 import tf
 
-from . import build
-
 PADDINGS = ('border', 'zeros')
 
 _library = None  # the loaded op module, once loaded
@@ -48,6 +46,7 @@ def load_warp_op(required=False):
     which case RuntimeError is raised. The result is cached for the process.
     """
     global _library, _failure, _warned
+    from . import build  # here, not at the top: ``python -m network.ops.build`` runs it as __main__
     with _lock:
         if _library is None and _failure is None:
             try:
