@@ -566,9 +566,11 @@ def figure1(ctx, methods):
         dice = [metric(e, 'dice') if e else None for e in entries]
         used[m] = {'cascades': a.cascades, 'seconds_per_pair': seconds, 'dice': dice,
                    'sources': [e.get('source') for e in entries]}
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, [s or 0 for s in seconds], width, color=colours[m],
-               alpha=0.55, label='{} CPU s/pair'.format(label))
-        ax2.plot(x, [np.nan if d is None else d for d in dice], 'o-', color=colours[m], label='{} Dice'.format(label))
+        offset = x + (i - (len(series) - 1) / 2) * width
+        ax.bar(offset, [s or 0 for s in seconds], width, color=colours[m], alpha=0.55,
+               label='{} CPU s/pair'.format(label))
+        ax2.plot(offset, [np.nan if d is None else d for d in dice], 'o-', color=colours[m],
+                 label='{} Dice'.format(label))
     ax.set_xticks(x)
     ax.set_xticklabels(['{}-cas'.format(n) for n in a.cascades])
     ax.set_xlabel('number of cascades')
@@ -629,8 +631,8 @@ def figure2(ctx):
             show(axes[i + 2, 2 * p + 1], overlay(sections['fixed_seg'], sections['warped_seg'][i, p]))
     for i, label in enumerate(['fixed', 'moving'] + labels):
         axes[i, 0].set_ylabel(label, fontsize=8)
-    fig.suptitle('Warped image / segmentation sections (slice {} of axis {}): white = matched, red = mismatched'
-                 .format(int(sections['index']), int(sections['axis'])), fontsize=9)
+    fig.suptitle('Warped images and segmentations, slice {} of axis {}\nwhite = matched, red = mismatched'
+                 .format(int(sections['index']), int(sections['axis'])), fontsize=8)
     fig.tight_layout()
     fig.savefig(ctx.path('figure2.png'), dpi=110)
     plt.close(fig)
