@@ -2,12 +2,13 @@
 
     python eval.py -c weights/my_run -d datasets/liver.json -v sliver-val
     python eval.py -c weights/my_run:20000 -r 2 --paired -v lspig-val
+    python eval.py -c weights/teacher --writing_flow flows.h5 -v 1   # teacher flows for offline ALDK
 
 Writes <eval_output_dir>/<run>-<step>[-rep<R>][-<name>]-<subset>.txt (a line per pair and a
 Summary block, like the original) and the same name .json (per-pair, per-class and summary
 metrics, seconds per pair, parameter count). Existing results are kept unless --force.
 """
-import argparse
+import argparse  # noqa: F401  (RawDescriptionHelpFormatter)
 import os
 import sys
 import time
@@ -20,12 +21,12 @@ METRICS = ('dice', 'jacc', 'landmark_dist', 'jacobian_det', 'folding')
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-c', '--checkpoint', required=True, help='run directory, DIR:STEP or checkpoint prefix')
     p.add_argument('-d', '--dataset', default=None, help="JSON dataset spec (default: the run's)")
     p.add_argument('-v', '--val_subset', default=None,
                    help='comma-separated subsets or schemes to evaluate (default: scheme 2, validation)')
-    p.add_argument('--batch', type=int, default=1, help='pairs per batch')
+    p.add_argument('--batch', type=cli.positive_int, default=1, help='pairs per batch')
     p.add_argument('-r', '--rep', type=int, default=None, help='shared-weight repeats (may exceed training\'s)')
     p.add_argument('-g', '--gpu', default='-1', help='-1 = CPU (default) or a GPU id')
     p.add_argument('--paired', action='store_true', help='adjacent pairs (s0,s1),(s1,s0),... instead of all pairs')
@@ -37,6 +38,11 @@ def build_parser():
     p.add_argument('--force', action='store_true', help='overwrite existing result files')
     p.add_argument('--fast_reconstruction', action='store_true', help='require the compiled warp op')
     p.add_argument('--tf_warp', action='store_true', help='force the pure-TensorFlow warp')
+    p.add_argument('--writing_flow', default=None, metavar='STORE',
+                   help='instead of evaluating, write the final composed flow of every pair of the subsets '
+                        '(default -v: scheme 1, training) of a VTN RCN teacher into the HDF5 store STORE '
+                        '(float16, keyed "id1-id2", for train.py --aldk --pretrained_flow_path); resumable: '
+                        'pairs already stored are skipped')
     return p
 
 
@@ -102,16 +108,55 @@ def report_text(records, summary):
     return '\n'.join(lines) + '\n'
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.gpu != '-1':
-        os.environ.setdefault('CUDA_VISIBLE_DEVICES', args.gpu)
-    from data_util.dataset import Dataset
+def write_flows(args, prefix, dataset, subsets):
+    """--writing_flow: store the teacher's flow of every pair of ``subsets`` that the store lacks."""
+    from tqdm import tqdm
+
+    from data_util.flow_store import FlowStoreWriter
+    from network.aldk import check_teacher_net
+    sess, framework, _, prefix = cli.load_model(
+        prefix, dataset.image_size, dataset.segmentation_class_value, args.rep, args.flow_multiplier, args.net_args)
+    check_teacher_net(framework.net, prefix)
+    teacher = ' '.join([os.path.abspath(prefix)] + ['{}={}'.format(k, v) for k, v in (
+        ('rep', args.rep), ('flow_multiplier', args.flow_multiplier), ('net_args', args.net_args)) if v])
+    with FlowStoreWriter(args.writing_flow, list(dataset.image_size) + [3], teacher) as store:
+        for subset in subsets:
+            dataset.check([subset])
+            written = skipped = 0
+            progress = tqdm(total=dataset.num_pairs(subset), desc='flows of {}'.format(subset), unit='pair',
+                            file=sys.stderr)
+            for batch in dataset.generator(subset, batch_size=args.batch):
+                ids = list(zip(batch['id1'], batch['id2']))
+                todo = [i for i, (a, b) in enumerate(ids) if not store.has(a, b)]
+                skipped += len(ids) - len(todo)
+                if todo:
+                    flows = framework.register(sess, {k: batch[k][todo] for k in ('voxel1', 'voxel2')})
+                    for i, flow in zip(todo, flows):
+                        store.write(ids[i][0], ids[i][1], flow)
+                    written += len(todo)
+                progress.update(len(ids))
+            progress.close()
+            print('{}: {} teacher flows written, {} already stored -> {} ({} flows)'.format(
+                subset, written, skipped, args.writing_flow, len(store)))
+    sess.close()
+
+
+def select_warp(args):
+    """Apply --tf_warp / --fast_reconstruction (this imports TensorFlow); returns network.spatial_transformer."""
     from network import spatial_transformer
     if args.tf_warp:
         spatial_transformer.set_warp_impl('tf')
     elif args.fast_reconstruction:
         spatial_transformer.set_warp_impl('op')
+    return spatial_transformer
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cli.parse_devices(args.gpu)
+    if args.gpu != '-1':
+        os.environ.setdefault('CUDA_VISIBLE_DEVICES', args.gpu)
+    from data_util.dataset import Dataset
 
     run_dir, prefix, step = cli.resolve_checkpoint(args.checkpoint)
     run_args = cli.load_run_args(run_dir)
@@ -120,10 +165,14 @@ def main(argv=None):
     if args.paired:
         data_args['paired'] = True
     dataset = Dataset(dataset_path, batch_size=args.batch, **data_args)
-    subsets = [int(s) if s.isdigit() else s for s in args.val_subset.split(',')] if args.val_subset else [2]
+    default_subset = 1 if args.writing_flow else 2
+    subsets = [int(s) if s.isdigit() else s for s in args.val_subset.split(',')] if args.val_subset else [default_subset]
     for subset in subsets:
         if subset not in dataset.schemes and subset not in dataset.subsets:
             raise cli.UserError('subset {!r} is neither a scheme nor a subset of {}'.format(subset, dataset_path))
+    if args.writing_flow:
+        select_warp(args)
+        return write_flows(args, prefix, dataset, subsets)
 
     prefix_name = '{}-{}'.format(os.path.basename(os.path.normpath(run_dir)), step)
     if args.rep:
@@ -135,14 +184,17 @@ def main(argv=None):
         for ext in ('.txt', '.json'):
             if os.path.exists(base + ext) and not args.force:
                 raise cli.UserError('{} exists; use --force to overwrite or --name to write beside it'.format(base + ext))
+    for subset in subsets:
+        dataset.check([subset])
+        dataset.check_segmentations(subset)
 
+    spatial_transformer = select_warp(args)
     seg_values = dataset.segmentation_class_value
     sess, framework, run_args, prefix = cli.load_model(
         prefix, dataset.image_size, seg_values, args.rep, args.flow_multiplier, args.net_args)
     print('Evaluating {} ({:,} parameters, warp: {})'.format(prefix, framework.parameter_count,
                                                               spatial_transformer.warp_impl()))
     for subset, base in outputs.items():
-        dataset.check([subset])
         records = evaluate(sess, framework, dataset, subset, args.batch)
         summary, per_class = summarize(records, framework.class_names)
         cli.write_atomic(base + '.txt', report_text(records, summary))

@@ -6,7 +6,7 @@
 
 A run writes weights/<run>/ (args.json, model-<step> checkpoints) and logs/<run>/ (TensorBoard).
 """
-import argparse
+import argparse  # noqa: F401  (RawDescriptionHelpFormatter)
 import datetime
 import os
 import sys
@@ -16,7 +16,7 @@ import cli
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-b', '--base_network', default=None,
                    help='VTN, VoxelMorph, LDR (paper architecture) or LDROriginal (default VTN)')
     p.add_argument('-n', '--n_cascades', type=int, default=None, help='number of cascades (default 1)')
@@ -26,9 +26,9 @@ def build_parser():
     p.add_argument('-c', '--checkpoint', default=None,
                    help='run directory (or DIR:STEP / checkpoint prefix) to resume or start from')
     p.add_argument('-d', '--dataset', default=None, help='JSON dataset spec (default datasets/liver.json)')
-    p.add_argument('--batch', type=int, default=4, help='image pairs per step')
-    p.add_argument('--round', type=int, default=20000, help='steps per epoch (the learning-rate schedule unit)')
-    p.add_argument('--epochs', type=float, default=5, help='number of epochs')
+    p.add_argument('--batch', type=cli.positive_int, default=4, help='image pairs per step')
+    p.add_argument('--round', type=cli.positive_int, default=20000, help='steps per epoch (the learning-rate schedule unit)')
+    p.add_argument('--epochs', type=cli.positive_float, default=5, help='number of epochs')
     p.add_argument('--output', default=None, help='run name under weights/ (default: a timestamp)')
     p.add_argument('--lr', type=float, default=1e-4, help='initial Adam learning rate')
     p.add_argument('--image_size', type=int, nargs='+', default=None,
@@ -36,8 +36,8 @@ def build_parser():
     p.add_argument('--net_args', default='', help="network options as key=value pairs, e.g. \"affine='light', head='deconv'\"")
     p.add_argument('--data_args', default='', help='dataset options as key=value pairs')
     p.add_argument('--val_steps', type=int, default=100, help='validate every N steps (0 = never)')
-    p.add_argument('--save_steps', type=int, default=1000, help='checkpoint every N steps (and at the end)')
-    p.add_argument('--print_steps', type=int, default=10, help='progress line every N steps')
+    p.add_argument('--save_steps', type=cli.positive_int, default=1000, help='checkpoint every N steps (and at the end)')
+    p.add_argument('--print_steps', type=cli.positive_int, default=10, help='progress line every N steps')
     p.add_argument('--finetune', default=None, help="use the spec's finetune-train-/finetune-val-<NAME> schemes; steps restart")
     p.add_argument('--clear_steps', action='store_true', help='restart the step counter when starting from a checkpoint')
     p.add_argument('--debug', action='store_true', help='no files written; validate and print every step')
@@ -47,6 +47,21 @@ def build_parser():
     p.add_argument('--seed', type=int, default=None, help='random seed of data order and augmentation')
     p.add_argument('--fast_reconstruction', action='store_true', help='require the compiled warp op')
     p.add_argument('--tf_warp', action='store_true', help='force the pure-TensorFlow warp')
+    g = p.add_argument_group('distillation from a VTN teacher (SPEC section 5; network/aldk.py)')
+    g.add_argument('--aldk', action='store_true', help='adversarial learning with distilled knowledge (critic + adversarial term)')
+    g.add_argument('--distill', choices=('none', 'l2'), default='none',
+                   help='l2: plain flow distillation gamma L_rec + (1 - gamma) mean |phi_s - phi_t|^2 (ablation baseline)')
+    g.add_argument('--teacher', default=None,
+                   help='online teacher: a VTN RCN run directory (or DIR:STEP / prefix), restored frozen into this graph')
+    g.add_argument('--pretrained_flow_path', default=None,
+                   help='offline teacher: flow store of eval.py --writing_flow (turns augmentation off)')
+    g.add_argument('--beta', type=float, default=0.1, help='distilled flow phi_d = beta phi_t + (1 - beta) phi_s')
+    g.add_argument('--gamma', type=float, default=0.3, help='student loss gamma L_rec + (1 - gamma) L_distill')
+    g.add_argument('--lamb', type=float, default=0.1, help='weight of the critic\'s gradient penalty')
+    g.add_argument('--critic_every', type=int, default=2,
+                   help='update the critic every N-th step, before that step\'s student update (student: every step)')
+    g.add_argument('--critic_lr_factor', type=float, default=1.0,
+                   help='critic learning rate = this x the student\'s (same schedule)')
     return p
 
 
@@ -93,6 +108,68 @@ def run_directories(args, resuming):
     return run_dir, os.path.join('logs', args.logs, name)
 
 
+def check_distill_args(args):
+    """Refuse inconsistent distillation flags before anything is read or built."""
+    distilling = args.aldk or args.distill != 'none'
+    sources = [s for s in (args.teacher, args.pretrained_flow_path) if s]
+    if args.aldk and args.distill != 'none':
+        raise cli.UserError('--aldk and --distill {} are alternatives; choose one'.format(args.distill))
+    if distilling and len(sources) != 1:
+        raise cli.UserError('{} needs exactly one teacher source: --teacher RUN (online) or --pretrained_flow_path '
+                            'STORE (offline)'.format('--aldk' if args.aldk else '--distill l2'))
+    if sources and not distilling:
+        raise cli.UserError('--teacher / --pretrained_flow_path need --aldk or --distill l2')
+    if args.critic_every < 1:
+        raise cli.UserError('--critic_every must be >= 1, got {}'.format(args.critic_every))
+
+
+def load_teacher(spec, image_size):
+    """The frozen teacher RCN of a train.py run (network.aldk.Teacher), from its args.json."""
+    from network.aldk import Teacher
+    from network.cascade import make_net_args
+    run_dir, prefix, _ = cli.resolve_checkpoint(spec)
+    run = cli.load_run_args(run_dir)
+    extra = cli.parse_kwargs(run.get('net_args', ''), "the teacher run's net_args")
+    net_args = make_net_args(run.get('base_network', 'VTN'), run.get('n_cascades', 1), run.get('rep', 1), extra)
+    return Teacher(net_args, prefix, run.get('image_size') or image_size)
+
+
+def build_framework(args, net_args, image_size, dataset, devices):
+    """The training Framework: plain, or DistillFramework for --aldk / --distill l2."""
+    from network.framework import Framework
+    if not (args.aldk or args.distill != 'none'):
+        return Framework(net_args, image_size, dataset.segmentation_class_value, devices, augment=not args.no_augment)
+    from network.aldk import DistillFramework
+    teacher = load_teacher(args.teacher, image_size) if args.teacher else None
+    if args.pretrained_flow_path and not args.no_augment:
+        print('Stored teacher flows belong to un-augmented pairs: augmentation off')
+        args.no_augment = True
+    framework = DistillFramework(net_args, image_size, dataset.segmentation_class_value, devices,
+                                 augment=not args.no_augment, method='aldk' if args.aldk else 'l2', teacher=teacher,
+                                 stored_flows=bool(args.pretrained_flow_path), beta=args.beta, gamma=args.gamma,
+                                 lamb=args.lamb, critic_every=args.critic_every,
+                                 critic_lr_factor=args.critic_lr_factor)
+    source = ('teacher {} ({:,} parameters, frozen, not saved)'.format(args.teacher, teacher.parameter_count)
+              if teacher else 'teacher flows of {}'.format(args.pretrained_flow_path))
+    print('Distillation: {}, {}, beta {} gamma {} lamb {}{}'.format(
+        'ALDK' if args.aldk else 'L2', source, args.beta, args.gamma, args.lamb,
+        ', critic every {} steps'.format(args.critic_every) if args.aldk else ''))
+    return framework
+
+
+def open_flow_store(path, dataset, subset, image_size):
+    """The offline teacher-flow store, after counting the training pairs it lacks (logged, skipped)."""
+    from data_util.flow_store import FlowStore
+    store = FlowStore(path, image_size)
+    pairs = dataset.pairs(subset)
+    missing = len(store.missing(pairs))
+    if missing == len(pairs):
+        raise cli.UserError('{} holds no flow of the {} training pairs'.format(path, len(pairs)))
+    print('Teacher flows: {} of {} training pairs stored in {}; {} pairs without a flow are skipped'.format(
+        len(pairs) - missing, len(pairs), path, missing))
+    return store
+
+
 def image_size_of(args, spec):
     size = args.image_size or spec['image_size']
     size = list(size) * 3 if len(size) == 1 else list(size)
@@ -106,8 +183,7 @@ def main(argv=None):
     if not args.gpu.startswith('cpu') and args.gpu != '-1':
         os.environ.setdefault('CUDA_VISIBLE_DEVICES', args.gpu)
 
-    from network.framework import parse_devices
-    devices = parse_devices(args.gpu)
+    devices = cli.parse_devices(args.gpu)
     resuming = False
     if args.checkpoint:
         args.resume_dir, checkpoint, ckpt_step = cli.resolve_checkpoint(args.checkpoint)
@@ -116,6 +192,7 @@ def main(argv=None):
     for k, v in ARCH_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    check_distill_args(args)
     if args.batch % len(devices):
         raise cli.UserError('--batch {} is not divisible by the {} devices of -g {}'.format(
             args.batch, len(devices), args.gpu))
@@ -132,12 +209,16 @@ def main(argv=None):
         val_scheme = 'finetune-val-' + args.finetune
     if list(dataset.image_size) != image_size:
         raise cli.UserError('--image_size {} differs from the spec image_size {}'.format(image_size, dataset.image_size))
-    dataset.check([train_scheme])
     has_val = args.val_steps > 0 and val_scheme in dataset.schemes
+    dataset.check([train_scheme] + ([val_scheme] if has_val else []))
+    store = open_flow_store(args.pretrained_flow_path, dataset, train_scheme, image_size) \
+        if args.pretrained_flow_path else None
+
+    run_dir, log_dir = (None, None) if args.debug else run_directories(args, resuming)
 
     from network import spatial_transformer
     from network.cascade import make_net_args
-    from network.framework import Framework, session_config
+    from network.framework import session_config
     from network.tfv1 import tf
     if args.tf_warp:
         spatial_transformer.set_warp_impl('tf')
@@ -147,16 +228,16 @@ def main(argv=None):
                              cli.parse_kwargs(args.net_args, '--net_args'))
     if args.seed is not None:
         tf.set_random_seed(args.seed)
-    framework = Framework(net_args, image_size, dataset.segmentation_class_value, devices,
-                          augment=not args.no_augment)
+    framework = build_framework(args, net_args, image_size, dataset, devices)
     print('Graph built: {} x{} cascade(s), {:,} parameters, warp: {}'.format(
         args.base_network, args.n_cascades, framework.parameter_count, spatial_transformer.warp_impl()))
 
-    run_dir, log_dir = (None, None) if args.debug else run_directories(args, resuming)
     saver = tf.train.Saver(framework.net.variables + [framework.global_step] +
-                           framework.optimizer.variables(), max_to_keep=5, keep_checkpoint_every_n_hours=5)
+                           framework.training_state, max_to_keep=5, keep_checkpoint_every_n_hours=5)
     with tf.Session(config=session_config(devices)) as sess:
         sess.run(tf.global_variables_initializer())
+        if getattr(framework, 'teacher', None) is not None:
+            framework.teacher.restore(sess)
         step = 0
         if args.checkpoint:
             restore(sess, framework, checkpoint, full=resuming)
@@ -170,6 +251,9 @@ def main(argv=None):
             writer = tf.summary.FileWriter(log_dir, sess.graph if step == 0 else None)
         total = int(args.epochs * args.round)
         generator = dataset.generator(train_scheme, batch_size=args.batch, loop=True, seed=args.seed)
+        if store is not None:
+            from data_util.flow_store import with_teacher_flows
+            generator = with_teacher_flows(generator, store, args.batch)
         last_time, last_step = time.time(), step
         while step < total:
             lr = learning_rate(args, step)
@@ -204,7 +288,7 @@ def restore(sess, framework, checkpoint, full):
     """Restore the network (and, when resuming, the optimiser state) from a checkpoint."""
     variables = framework.net.variables
     if full:
-        variables = variables + framework.optimizer.variables()
+        variables = variables + framework.training_state
     cli.restore_variables(sess, checkpoint, variables)
 
 

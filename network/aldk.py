@@ -1,0 +1,334 @@
+"""ALDK: adversarial learning with distilled knowledge (SPEC section 5), and a plain L2
+flow-distillation baseline for the ablation.
+
+Flows are [B, X, Y, Z, 3] float32 displacements in voxels. phi_t is the teacher's final
+composed flow, phi_s the student's, phi_d = beta phi_t + (1 - beta) phi_s the distilled one.
+
+  critic loss   L_D = mean D(phi_d) - mean D(phi_t) + lambda mean_b (||grad D(phi_hat_b)||_2 - 1)^2,
+                phi_hat = phi_t + a (phi_d - phi_t), a ~ U(0, 1) per sample (WGAN-GP on flows)
+  student loss  gamma L_rec + (1 - gamma) L_adv,  L_adv = -mean D(phi_d)   (method 'aldk')
+                gamma L_rec + (1 - gamma) mean ||phi_s - phi_t||^2          (method 'l2')
+
+L_rec is the unsupervised RCN loss (similarity + regularisation + affine terms). The
+adversarial term is an ordinary differentiable graph term, so it reaches the student (the
+original routed it through tf.py_func, which has no gradient); the critic is trained by its own
+optimiser; the gradient penalty is taken w.r.t. the flows phi_hat, not the critic's logits.
+
+Choices (not fixed by the paper):
+  - Critic: five 4x4x4 stride-2 convs, channels 16, 32, 64, 128, 256, each with a bias and a
+    LeakyReLU of slope 0.2 (the usual WGAN-GP critic slope; the original's lrelu default),
+    no normalisation (WGAN-GP forbids batch norm in the critic), then a linear layer (no bias)
+    from the flattened features to one score. Its input (and the penalty's gradient) is the
+    flow in voxels / sqrt(X Y Z): see Critic.
+  - Critic optimiser: Adam(lr, beta1=0.5, beta2=0.9), the same learning-rate schedule as the
+    student; beta1 = 0.5 / beta2 = 0.9 are the usual GAN settings (WGAN-GP uses beta2 = 0.9).
+  - Schedule: the student is updated at every step, the critic every ``critic_every``-th
+    step (default 2: steps 0, 2, 4, ... of the global step), before that step's student update.
+    The spec asks for the student to be updated more often than the critic; 2 keeps the
+    critic close enough behind the student that its gradients stay informative (a critic
+    that lags far behind gives the student stale, uninformative gradients), while halving
+    the critic's cost. See DistillFramework.train_step.
+  - Towers: each tower's adversarial / distillation term is its own batch mean divided by the
+    number of towers, so the towers' terms sum to the batch mean exactly like the summed RCN
+    losses; critic terms are averaged over towers.
+  - Offline mode feeds phi_t through the placeholder ``teacher_flow`` [B, X, Y, Z, 3]; its
+    flows belong to un-augmented pairs, so the framework refuses augmentation in that mode.
+"""
+import numpy as np
+
+from .cascade import RecursiveCascade
+from .framework import Framework, average_gradients
+from .layers import conv3d
+from .module import Module, count_parameters
+from .subnets import VTNAffineStem
+from .tfv1 import tf
+
+METHODS = ('aldk', 'l2')
+CRITIC_CHANNELS = (16, 32, 64, 128, 256)
+CRITIC_SLOPE = 0.2
+CRITIC_ADAM = {'beta1': 0.5, 'beta2': 0.9}
+DEFAULT_CRITIC_EVERY = 2
+DEFAULT_CRITIC_LR_FACTOR = 1.0
+GP_EPS = 1e-12
+
+
+class Critic(Module):
+    """ALDK critic D: flow [B, X, Y, Z, 3] (voxels) -> score [B] (unbounded, a Wasserstein critic).
+
+    With ``rms_units`` (default) the flow enters in units of voxels / sqrt(X Y Z), so that the
+    L2 norm of a difference of two fields is their RMS displacement difference in voxels; the
+    gradient penalty is taken in these units too (``gradient_penalty``). The 1-Lipschitz
+    constraint then bounds D by the RMS flow difference whatever the image size, instead of by
+    the field's L2 norm over all X Y Z voxels (~900x larger at 64^3, ~2900x at 128^3), which let
+    the adversarial gradient swamp the reconstruction loss in our runs.
+    Then len(channels) 4x4x4 stride-2 'SAME' convs with LeakyReLU(slope), a linear layer on
+    the flattened features, without bias (a constant cancels in both the Wasserstein estimate
+    and the gradient penalty, so it would never be trained). The spatial size is fixed by the
+    first call (the linear layer's width); each conv halves it (rounding up).
+    """
+
+    def __init__(self, name='critic', channels=CRITIC_CHANNELS, slope=CRITIC_SLOPE, rms_units=True):
+        super().__init__(name)
+        self.channels = tuple(channels)
+        self.slope = slope
+        self.rms_units = rms_units
+
+    def to_units(self, flow):
+        """The flow in the critic's input units (see the class docstring)."""
+        if not self.rms_units:
+            return flow
+        return flow / float(np.sqrt(np.prod(flow.shape.as_list()[1:4])))
+
+    def _build(self, flow, in_units=False):
+        """Score of ``flow`` in voxels, or already in the critic's units when ``in_units``."""
+        net = flow if in_units else self.to_units(flow)
+        for i, width in enumerate(self.channels):
+            net = tf.nn.leaky_relu(conv3d('conv%d' % (i + 1), net, width, 4, 2), alpha=self.slope)
+        features = int(np.prod(net.shape.as_list()[1:]))
+        net = tf.reshape(net, [-1, features])
+        w = tf.get_variable('linear/W', [features, 1], initializer=tf.truncated_normal_initializer(stddev=0.02))
+        return tf.matmul(net, w)[:, 0]
+
+
+def distilled_flow(phi_t, phi_s, beta):
+    """phi_d = beta phi_t + (1 - beta) phi_s."""
+    return beta * phi_t + (1.0 - beta) * phi_s
+
+
+def gradient_penalty(critic, phi_t, phi_d, alpha=None):
+    """WGAN-GP penalty on flows: mean_b (||dD/dphi_hat (phi_hat_b)||_2 - 1)^2.
+
+    phi_hat = phi_t + a (phi_d - phi_t) with a [B] ~ U(0, 1) per sample unless ``alpha`` [B]
+    is given; phi_hat and the gradient are in the critic's input units (``Critic.to_units``).
+    The norm runs over all X*Y*Z*3 components of a sample (the critic has no cross-sample
+    terms, so the gradient of sum_b D(phi_hat_b) gives each sample's own gradient).
+    Returns (penalty scalar, phi_hat in voxels).
+    """
+    if alpha is None:
+        alpha = tf.random_uniform(tf.shape(phi_t)[:1], 0.0, 1.0)
+    a = tf.reshape(alpha, [-1, 1, 1, 1, 1])
+    phi_hat = phi_t + a * (phi_d - phi_t)
+    x_hat = critic.to_units(phi_hat)
+    grad = tf.gradients(tf.reduce_sum(critic(x_hat, in_units=True)), x_hat)[0]
+    norm = tf.sqrt(tf.reduce_sum(tf.square(grad), axis=[1, 2, 3, 4]) + GP_EPS)
+    return tf.reduce_mean(tf.square(norm - 1.0)), phi_hat
+
+
+def l2_distill_loss(phi_s, phi_t):
+    """mean over samples and voxels of ||phi_s - phi_t||_2^2 (voxels^2)."""
+    return tf.reduce_mean(tf.reduce_sum(tf.square(phi_s - phi_t), axis=-1))
+
+
+def endpoint_error(phi_s, phi_t):
+    """mean over samples and voxels of ||phi_s - phi_t||_2 (voxels): the student's flow error."""
+    return tf.reduce_mean(tf.sqrt(tf.reduce_sum(tf.square(phi_s - phi_t), axis=-1) + GP_EPS))
+
+
+def check_teacher_net(rcn, name):
+    """ValueError (one line) unless ``rcn`` is a VTN RCN: VTN cascades after the VTN affine stem."""
+    affine = type(rcn.affine).__name__ if rcn.affine is not None else None
+    if rcn.base_network != 'VTN' or not isinstance(rcn.affine, VTNAffineStem):
+        raise ValueError('teacher {} is not a VTN RCN (base network {}, affine stem {}); ALDK needs VTN cascades '
+                         'after the VTN affine stem'.format(name, rcn.base_network, affine))
+
+
+class Teacher:
+    """A frozen teacher RCN (VTN affine stem + n VTN cascades) built under its own scope.
+
+    net_args: RecursiveCascade kwargs of the teacher run (``make_net_args`` of its args.json);
+    checkpoint: its train.py checkpoint prefix, whose variables live under ``stored_scope``
+    ('rcn', the training Framework's scope); image_size: the image size it was trained at.
+    Its variables are removed from the trainable collection, its flow is wrapped in
+    tf.stop_gradient, and ``restore`` loads it through a name map {stored name: variable}.
+    """
+
+    def __init__(self, net_args, checkpoint, image_size, name='teacher', stored_scope='rcn'):
+        self.checkpoint = checkpoint
+        self.image_size = [int(s) for s in image_size]
+        self.stored_scope = stored_scope
+        self.net = RecursiveCascade(name, **net_args)
+        check_teacher_net(self.net, checkpoint)
+
+    def __call__(self, fixed, moving):
+        """phi_t [B, X, Y, Z, 3] of (fixed, moving) in 0..1, without gradient."""
+        first = self.net.scope_name is None
+        flow = self.net(fixed, moving)['flow']
+        if first:
+            trainable = tf.get_collection_ref(tf.GraphKeys.TRAINABLE_VARIABLES)
+            for v in self.net.variables:
+                if v in trainable:
+                    trainable.remove(v)
+        return tf.stop_gradient(flow)
+
+    @property
+    def variables(self):
+        return self.net.variables
+
+    @property
+    def parameter_count(self):
+        return count_parameters(self.net.variables)
+
+    def stored_name(self, variable):
+        """Checkpoint name of a teacher variable: 'teacher/x' -> 'rcn/x'."""
+        return self.stored_scope + variable.op.name[len(self.net.scope_name):]
+
+    def restore(self, sess):
+        """Load the teacher's weights; ValueError (one line) if the checkpoint does not fit."""
+        try:
+            stored = tf.train.load_checkpoint(self.checkpoint).get_variable_to_shape_map()
+        except (tf.errors.OpError, ValueError) as e:
+            raise ValueError('cannot read teacher checkpoint {}: {}'.format(self.checkpoint, str(e).splitlines()[0]))
+        mapping = {self.stored_name(v): v for v in self.variables}
+        bad = [k for k, v in mapping.items() if stored.get(k) != v.shape.as_list()]
+        if bad:
+            raise ValueError('teacher checkpoint {} does not fit a VTN RCN of its args.json: {} of {} variables '
+                             'missing or of another shape (e.g. {})'.format(self.checkpoint, len(bad), len(mapping),
+                                                                            bad[0]))
+        tf.train.Saver(mapping).restore(sess, self.checkpoint)
+
+
+class DistillFramework(Framework):
+    """A training Framework for a student RCN distilled from a VTN teacher.
+
+    method: 'aldk' (critic + adversarial term) or 'l2' (plain flow distillation).
+    Teacher source, exactly one of: ``teacher`` (a Teacher: online, phi_t computed on the very
+    (augmented) pair the student sees) or ``stored_flows=True`` (offline: phi_t fed through
+    ``teacher_flow`` from a flow store; requires augment=False).
+    beta, gamma, lamb: as in the module docstring; critic_every: critic update period in steps.
+
+    ``tower_flows``: per tower {'student': phi_s, 'teacher': phi_t} (for inspection and tests).
+    Optimisers: ``optimizer`` (the base Framework's Adam) on ``net.trainable_variables`` only;
+    ``critic_optimizer`` on ``critic.trainable_variables`` only; the teacher is in neither.
+    ``training_state`` (what a resumable checkpoint holds besides the student) is the student's
+    optimiser state plus the critic and its optimiser state, never the teacher.
+    """
+
+    def __init__(self, net_args, image_size, segmentation_class_value=None, devices=('/cpu:0',),
+                 augment=True, method='aldk', teacher=None, stored_flows=False, beta=0.1, gamma=0.3,
+                 lamb=0.1, critic_every=DEFAULT_CRITIC_EVERY, critic_lr_factor=DEFAULT_CRITIC_LR_FACTOR,
+                 critic_channels=CRITIC_CHANNELS, scope='rcn'):
+        if method not in METHODS:
+            raise ValueError('unknown distillation method {!r} (choose from {})'.format(method, ', '.join(METHODS)))
+        if (teacher is None) == (not stored_flows):
+            raise ValueError('give exactly one teacher source: a Teacher (online) or stored_flows=True (offline)')
+        if stored_flows and augment:
+            raise ValueError('stored teacher flows belong to un-augmented pairs: turn augmentation off')
+        if teacher is not None and list(teacher.image_size) != list(image_size):
+            raise ValueError('teacher image size {} differs from the student\'s {}'.format(
+                'x'.join(map(str, teacher.image_size)), 'x'.join(map(str, image_size))))
+        if not 0.0 <= beta <= 1.0 or not 0.0 <= gamma <= 1.0 or lamb < 0:
+            raise ValueError('need 0 <= beta <= 1, 0 <= gamma <= 1 and lamb >= 0 (got {}, {}, {})'.format(
+                beta, gamma, lamb))
+        if int(critic_every) < 1:
+            raise ValueError('critic_every must be >= 1, got {}'.format(critic_every))
+        self.method = method
+        self.teacher = teacher
+        self.beta, self.gamma, self.lamb = float(beta), float(gamma), float(lamb)
+        self.critic_every = int(critic_every)
+        self.critic_lr_factor = float(critic_lr_factor)
+        self.critic = Critic('critic', critic_channels) if method == 'aldk' else None
+        self.teacher_flow_feed = (tf.placeholder(tf.float32, [None] + list(image_size) + [3], name='teacher_flow')
+                                  if stored_flows else None)
+        super().__init__(net_args, image_size, segmentation_class_value, devices, augment, False, scope)
+
+    @property
+    def training_state(self):
+        state = self.optimizer.variables()
+        if self.critic is not None:
+            state = state + self.critic.variables + self.critic_optimizer.variables()
+        return state
+
+    def _build_train(self):
+        n = len(self.devices)
+        self._stored = list(tf.split(self.teacher_flow_feed, n)) if self.teacher_flow_feed is not None else None
+        self._critic_towers = []
+        self._monitor_towers = []
+        self.tower_flows = []
+        if self.critic is not None:
+            self.critic_optimizer = tf.train.AdamOptimizer(self.learning_rate * self.critic_lr_factor,
+                                                           name='CriticAdam', **CRITIC_ADAM)
+        super()._build_train()
+        self.monitors = {k: tf.add_n([t[k] for t in self._monitor_towers]) / n for k in self._monitor_towers[0]}
+        scalars = [tf.summary.scalar(k, v) for k, v in self.monitors.items()]
+        if self.critic is not None:
+            grads = average_gradients([t['grads'] for t in self._critic_towers])
+            self.critic_grad_norm = tf.global_norm([g for g, _ in grads])
+            with tf.variable_scope('critic_optimizer'):  # its slots and beta powers get their own names
+                self.critic_train_op = self.critic_optimizer.apply_gradients(grads)
+        self.summary = tf.summary.merge([self.summary] + scalars)
+
+    def _teacher_flow(self, fixed, moving):
+        if self._stored is not None:
+            return self._stored.pop(0)
+        return self.teacher(fixed, moving)
+
+    def _tower_loss(self, fixed, moving):
+        """Student loss gamma L_rec + (1 - gamma) (L_adv or L_l2) of one tower and its terms;
+        the critic loss and its gradients of this tower are recorded for ``_build_train``."""
+        n = len(self.devices)
+        out = self.net(fixed, moving)
+        phi_s, phi_t = out['flow'], self._teacher_flow(fixed, moving)
+        self.tower_flows.append({'student': phi_s, 'teacher': phi_t})
+        terms = dict(out['terms'])
+        monitors = {'teacher_epe': endpoint_error(phi_s, phi_t)}
+        if self.method == 'l2':
+            terms['distill'] = l2_distill_loss(phi_s, phi_t) / n
+            extra = terms['distill']
+        else:
+            phi_d = distilled_flow(phi_t, phi_s, self.beta)
+            d_d, d_t = self.critic(phi_d), self.critic(phi_t)
+            terms['adversarial'] = -tf.reduce_mean(d_d) / n
+            extra = terms['adversarial']
+            gp, _ = gradient_penalty(self.critic, phi_t, tf.stop_gradient(phi_d))
+            wasserstein = tf.reduce_mean(d_t) - tf.reduce_mean(d_d)
+            critic_loss = -wasserstein + self.lamb * gp
+            grads = self.critic_optimizer.compute_gradients(critic_loss, self.critic.trainable_variables)
+            self._critic_towers.append({'grads': grads})
+            monitors.update({'critic_loss': critic_loss, 'gradient_penalty': gp, 'wasserstein': wasserstein})
+        self._monitor_towers.append(monitors)
+        return self.gamma * out['loss'] + (1.0 - self.gamma) * extra, terms
+
+    def feed_dict(self, batch, **extra):
+        fd = super().feed_dict(batch, **extra)
+        if self.teacher_flow_feed is not None and 'teacher_flow' in batch:
+            fd[self.teacher_flow_feed] = batch['teacher_flow']
+        return fd
+
+    def is_critic_step(self, step):
+        """Whether the critic is updated at global step ``step`` (0-based): every critic_every-th."""
+        return self.critic is not None and step % self.critic_every == 0
+
+    def train_step(self, sess, batch, learning_rate, with_summary=False):
+        """One training step: a critic update first when ``is_critic_step``, then a student update.
+
+        Returns the student step's scalars (see ``student_step``).
+        """
+        if self.is_critic_step(int(sess.run(self.global_step))):
+            self.critic_step(sess, batch, learning_rate)
+        return self.student_step(sess, batch, learning_rate, with_summary)
+
+    def student_step(self, sess, batch, learning_rate, with_summary=False):
+        """One student update (critic and teacher untouched). Returns floats: 'loss' (the student
+        loss), 'grad_norm', the loss terms, and the monitors 'teacher_epe' (+ for ALDK
+        'critic_loss', 'gradient_penalty', 'wasserstein' = mean D(phi_t) - mean D(phi_d)),
+        all measured before the update; '[summary]'."""
+        fetch = {'loss': self.loss, 'grad_norm': self.grad_norm, 'terms': self.terms, 'monitors': self.monitors,
+                 'train': self.train_op}
+        if with_summary:
+            fetch['summary'] = self.summary
+        res = sess.run(fetch, self.feed_dict(batch, learning_rate=learning_rate))
+        scalars = {'loss': float(res['loss']), 'grad_norm': float(res['grad_norm'])}
+        scalars.update({k: float(v) for k, v in res['terms'].items()})
+        scalars.update({k: float(v) for k, v in res['monitors'].items()})
+        if with_summary:
+            scalars['summary'] = res['summary']
+        return scalars
+
+    def critic_step(self, sess, batch, learning_rate):
+        """One critic update (student and teacher untouched). Returns floats 'critic_loss',
+        'gradient_penalty', 'wasserstein', 'critic_grad_norm' measured before the update."""
+        fetch = {k: self.monitors[k] for k in ('critic_loss', 'gradient_penalty', 'wasserstein')}
+        fetch.update({'critic_grad_norm': self.critic_grad_norm, 'train': self.critic_train_op})
+        res = sess.run(fetch, self.feed_dict(batch, learning_rate=learning_rate))
+        res.pop('train')
+        return {k: float(v) for k, v in res.items()}

@@ -1,0 +1,332 @@
+"""ALDK: gradient flow of the alternating updates, the gradient penalty, teacher flows online and
+offline, the student-only inference graph, and one-line errors for bad inputs.
+
+A module fixture writes 6 synthetic 64^3 scans and trains a tiny VTN teacher (VTN affine stem +
+one VTN cascade of width 4) for two steps with train.py; it only has to be a VTN RCN checkpoint.
+The comparison "ALDK lowers the student's flow error to the teacher vs no distillation" needs a
+trained teacher and hundreds of steps: ``test_aldk_lowers_flow_error_to_teacher`` (marked full).
+"""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import cli
+from conftest import ROOT
+from data_util.dataset import Dataset
+from data_util.flow_store import FlowStore, FlowStoreWriter, pair_key
+from data_util.synthetic import make_synthetic
+from network.aldk import Critic, DistillFramework, Teacher, gradient_penalty
+from network.cascade import make_net_args
+from network.module import count_parameters
+from network.tfv1 import tf
+
+SIZE = [64, 64, 64]
+TEACHER_NET = "channels=4"
+
+
+def _script(name, args, cwd, wait=True):
+    """Run a project script as a subprocess (cwd = the test's temp dir, where outputs go)."""
+    cmd = [sys.executable, os.path.join(ROOT, name)] + [str(a) for a in args]
+    proc = subprocess.Popen(cmd, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _finish(proc) if wait else proc
+
+
+def _finish(proc):
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
+def _ok(result):
+    code, out, err = result
+    assert code == 0, err[-3000:]
+    return out
+
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    """Temp dir with data/synthetic.json (6 scans: train 2, val 2, test 2) and weights/teacher."""
+    root = tmp_path_factory.mktemp('aldk')
+    spec = make_synthetic(str(root / 'data'), n_scans=6, n_val=2, n_test=2)
+    _ok(_script('train.py', ['-b', 'VTN', '-n', 1, '--net_args', TEACHER_NET, '-d', spec, '--batch', 1,
+                             '--round', 2, '--epochs', 1, '--output', 'teacher', '--val_steps', 0, '--seed', 0], root))
+    return root
+
+
+def _teacher_prefix(work):
+    return cli.resolve_checkpoint(str(work / 'weights' / 'teacher'))[1]
+
+
+def _batch(work, subset='val', index=0):
+    dataset = Dataset(str(work / 'data' / 'synthetic.json'), batch_size=1)
+    return list(dataset.generator(subset, batch_size=1))[index]
+
+
+@pytest.fixture(scope='module')
+def online(work):
+    """An ALDK graph with gamma = 0 (the student loss is the adversarial term alone), its teacher
+    restored from the fixture checkpoint, no augmentation; yields (session, framework, teacher)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.set_random_seed(0)
+        teacher = Teacher(make_net_args('VTN', 1, extra={'channels': 4}), _teacher_prefix(work), SIZE)
+        fw = DistillFramework(make_net_args('LDR', 1), SIZE, teacher=teacher, augment=False, gamma=0.0,
+                              critic_every=2)
+        sess = tf.Session(graph=graph)
+        sess.run(tf.global_variables_initializer())
+        teacher.restore(sess)
+        yield sess, fw, teacher
+        sess.close()
+
+
+def _values(sess, variables):
+    return dict(zip([v.op.name for v in variables], sess.run(variables)))
+
+
+def _changed(before, after):
+    return sorted(k for k in before if not np.array_equal(before[k], after[k]))
+
+
+def test_optimisers_have_disjoint_var_lists_and_the_teacher_is_in_none(online):
+    _, fw, teacher = online
+    with fw.net.variables[0].graph.as_default():
+        student, critic, frozen = set(fw.net.trainable_variables), set(fw.critic.trainable_variables), set(
+            teacher.variables)
+        assert student and critic and frozen
+        assert not frozen & set(tf.trainable_variables())
+        every = tf.global_variables()
+        student_slots = {v for v in every if fw.optimizer.get_slot(v, 'm') is not None}
+        critic_slots = {v for v in every if fw.critic_optimizer.get_slot(v, 'm') is not None}
+        assert student_slots == student and critic_slots == critic
+        saved = set(fw.net.variables) | set(fw.training_state)
+        assert set(fw.critic.variables) <= saved and not frozen & saved
+
+
+def test_student_step_moves_the_student_through_the_adversarial_term_alone(online, work):
+    sess, fw, teacher = online
+    groups = {'student': fw.net.trainable_variables, 'critic': fw.critic.trainable_variables,
+              'teacher': teacher.variables}
+    batch = _batch(work)
+    before = {k: _values(sess, v) for k, v in groups.items()}
+    res = fw.student_step(sess, batch, 1e-3)
+    after = {k: _values(sess, v) for k, v in groups.items()}
+    # gamma = 0: the loss is the adversarial term -mean D(phi_d) and nothing else
+    assert res['loss'] == pytest.approx(res['adversarial'], rel=1e-6) and res['grad_norm'] > 0
+    assert len(_changed(before['student'], after['student'])) == len(groups['student'])
+    assert _changed(before['critic'], after['critic']) == []
+    assert _changed(before['teacher'], after['teacher']) == []
+
+    res = fw.critic_step(sess, batch, 1e-3)
+    assert res['critic_grad_norm'] > 0 and np.isfinite(res['critic_loss'])
+    final = {k: _values(sess, v) for k, v in groups.items()}
+    assert len(_changed(after['critic'], final['critic'])) == len(groups['critic'])
+    assert _changed(after['student'], final['student']) == []
+    assert _changed(after['teacher'], final['teacher']) == []
+
+
+def test_schedule_updates_the_critic_every_kth_step(online, work):
+    sess, fw, _ = online
+    batch = _batch(work)
+    critic_updates = []
+    for _ in range(4):
+        step = int(sess.run(fw.global_step))
+        before = _values(sess, fw.critic.trainable_variables)
+        res = fw.train_step(sess, batch, 1e-4)
+        critic_updates.append((step, bool(_changed(before, _values(sess, fw.critic.trainable_variables)))))
+        assert {'loss', 'critic_loss', 'wasserstein', 'gradient_penalty', 'teacher_epe'} <= set(res)
+    assert critic_updates == [(s, s % 2 == 0) for s, _ in critic_updates]
+    assert [s for s, _ in critic_updates] == list(range(critic_updates[0][0], critic_updates[0][0] + 4))
+
+
+def _conv_same_stride2(x, w, b):
+    """NumPy float64 reference of conv3d(k=4, stride 2, 'SAME') + bias: x [B,X,Y,Z,C], w [4,4,4,C,O]."""
+    pads = []
+    for n in x.shape[1:4]:
+        total = max((-(-n // 2) - 1) * 2 + 4 - n, 0)
+        pads.append((total // 2, total - total // 2))
+    xp = np.pad(x, [(0, 0)] + pads + [(0, 0)])
+    win = np.lib.stride_tricks.sliding_window_view(xp, (4, 4, 4), axis=(1, 2, 3))[:, ::2, ::2, ::2]
+    return np.einsum('bxyzcijk,ijkco->bxyzo', win, w) + b
+
+
+def _critic_reference(x, weights, channels, slope):
+    for i in range(len(channels)):
+        x = _conv_same_stride2(x, weights['critic/conv%d/W' % (i + 1)], weights['critic/conv%d/b' % (i + 1)])
+        x = np.where(x > 0, x, slope * x)
+    return x.reshape(len(x), -1) @ weights['critic/linear/W'][:, 0]
+
+
+def test_gradient_penalty_matches_numpy_finite_differences():
+    rng = np.random.default_rng(0)
+    shape, channels = (2, 8, 8, 8, 3), (2, 3)
+    phi_t, phi_d = rng.standard_normal(shape), rng.standard_normal(shape) * 2
+    alpha = np.array([0.3, 0.8])
+    with tf.Graph().as_default():
+        tf.set_random_seed(1)
+        critic = Critic('critic', channels)
+        ph = [tf.placeholder(tf.float32, shape) for _ in range(2)] + [tf.placeholder(tf.float32, [2])]
+        gp, _ = gradient_penalty(critic, ph[0], ph[1], alpha=ph[2])
+        weights = critic.trainable_variables
+        grads = tf.gradients(gp, weights)
+        with tf.Session() as sess:
+            sess.run(tf.global_variables_initializer())
+            for v in weights:  # larger weights than the init so the gradient norm is O(1)
+                sess.run(v.assign(v * 25.0))
+            feed = dict(zip(ph, [phi_t, phi_d, alpha]))
+            gp_tf, grads_tf = sess.run([gp, grads], feed)
+            values = _values(sess, weights)
+            # second order (d GP / d weights, through the conv3d input gradient): directional derivative
+            direction = [rng.standard_normal(v.shape.as_list()) for v in weights]
+            eps = 1e-3
+            probes = []
+            for sign in (1, -1):
+                sess.run([v.assign(values[v.op.name] + sign * eps * d) for v, d in zip(weights, direction)])
+                probes.append(sess.run(gp, feed))
+    slope = critic.slope
+    # the critic's input units: voxels / sqrt(X Y Z) (RMS displacement), the penalty's gradient too
+    phi_hat = (phi_t + alpha[:, None, None, None, None] * (phi_d - phi_t)) / np.sqrt(8 * 8 * 8)
+    ref = {k: v.astype(np.float64) for k, v in values.items()}
+    h = 1e-5
+    penalties = []
+    for b in range(2):  # central differences of every input component, all in one batch
+        steps = (np.eye(phi_hat[b].size) * h).reshape((-1,) + shape[1:])
+        grad = (_critic_reference(phi_hat[b] + steps, ref, channels, slope) -
+                _critic_reference(phi_hat[b] - steps, ref, channels, slope)) / (2 * h)
+        penalties.append((np.linalg.norm(grad) - 1.0) ** 2)
+    gp_ref = np.mean(penalties)
+    assert gp_ref > 0.05 and abs(gp_tf - gp_ref) < 1e-4 * max(1.0, gp_ref)
+    analytic = sum(float(np.sum(g * d)) for g, d in zip(grads_tf, direction))
+    numeric = (probes[0] - probes[1]) / (2 * eps)
+    assert abs(analytic) > 1e-3 and abs(analytic - numeric) < 0.02 * abs(analytic)
+
+
+def _in_process(script, argv, cwd, capsys):
+    """Run ``script.main(argv)`` in a fresh graph with cwd = ``cwd``; returns its stdout."""
+    previous = os.getcwd()
+    os.chdir(str(cwd))
+    try:
+        capsys.readouterr()
+        with tf.Graph().as_default():
+            script.main([str(a) for a in argv])
+        return capsys.readouterr().out
+    finally:
+        os.chdir(previous)
+
+
+@pytest.fixture
+def store(work, capsys):
+    """eval.py --writing_flow of the teacher on scheme 1 (train, 2 pairs) and val (2 pairs),
+    run in-process (the CLI contract of eval.py is checked by the bad-input test)."""
+    import eval as eval_script
+    path = work / 'flows.h5'
+    if not path.exists():
+        out = _in_process(eval_script, ['-c', 'weights/teacher', '--writing_flow', 'flows.h5', '-v', '1,val'], work,
+                          capsys)
+        assert '1: 2 teacher flows written, 0 already stored' in out
+        assert 'val: 2 teacher flows written, 0 already stored' in out
+    return str(path)
+
+
+def test_writing_flow_round_trip_resume_and_online_agreement(work, store, online, capsys):
+    import eval as eval_script
+    batch = _batch(work, 'val', 1)
+    pair = (batch['id1'][0], batch['id2'][0])
+    with tf.Graph().as_default():
+        sess, fw, _, _ = cli.load_model(str(work / 'weights' / 'teacher'), SIZE)
+        teacher_flow = fw.register(sess, batch)[0]
+        sess.close()
+    with FlowStore(store, SIZE) as flows:
+        assert len(flows) == 4 and flows.has(*pair)
+        stored = flows.flow(*pair)
+    assert np.abs(teacher_flow).max() > 0.05
+    assert np.all(np.abs(stored - teacher_flow) <= np.abs(teacher_flow) * 2.0 ** -10 + 1e-5)
+
+    sess, fw_online, _ = online  # the online teacher's phi_t of the same un-augmented pair
+    online_flow = sess.run(fw_online.tower_flows[0]['teacher'], fw_online.feed_dict(batch))[0]
+    assert np.all(np.abs(stored - online_flow) <= np.abs(online_flow) * 2.0 ** -10 + 1e-5)
+
+    # resume: a second run finds every pair stored and writes nothing
+    out = _in_process(eval_script, ['-c', 'weights/teacher', '--writing_flow', 'flows.h5', '-v', 'val'], work, capsys)
+    assert 'val: 0 teacher flows written, 2 already stored' in out
+
+
+@pytest.fixture(scope='module')
+def aldk_run(work):
+    """A 2-step online ALDK run of a paper LDR student (its stdout)."""
+    return _ok(_script('train.py', ['-b', 'LDR', '-d', 'data/synthetic.json', '--batch', 1, '--round', 2, '--epochs', 1,
+                                    '--output', 'student', '--val_steps', 0, '--print_steps', 1, '--seed', 0,
+                                    '--aldk', '--teacher', 'weights/teacher'], work))
+
+
+def test_aldk_run_logs_both_losses_and_saves_no_teacher(work, aldk_run):
+    progress = [line for line in aldk_run.splitlines() if line.startswith('step ')]
+    assert len(progress) == 2
+    for key in ('loss', 'adversarial', 'critic_loss', 'wasserstein', 'gradient_penalty', 'teacher_epe'):
+        assert ' {} '.format(key) in progress[-1] or '({} '.format(key) in progress[-1], key
+    prefix = cli.resolve_checkpoint(str(work / 'weights' / 'student'))[1]
+    scopes = {name.split('/')[0] for name in tf.train.load_checkpoint(prefix).get_variable_to_shape_map()}
+    assert {'rcn', 'critic', 'critic_optimizer', 'global_step'} <= scopes and 'teacher' not in scopes
+    tags = set()
+    for path in glob.glob(str(work / 'logs' / 'student' / 'events.*')):
+        for event in tf.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    assert {'loss', 'loss_adversarial', 'critic_loss', 'wasserstein', 'gradient_penalty', 'teacher_epe'} <= tags
+
+
+def test_student_inference_graph_holds_only_the_student(work, aldk_run):
+    with tf.Graph().as_default():
+        sess, fw, _, _ = cli.load_model(str(work / 'weights' / 'student'))
+        names = [v.op.name for v in tf.global_variables()]
+        sess.close()
+    assert 'global_step' in names and all(n.startswith('rcn/') for n in names if n != 'global_step')
+    assert fw.parameter_count == count_parameters(fw.net.trainable_variables) < 3e6
+
+
+def test_offline_run_skips_pairs_without_a_flow_and_turns_augmentation_off(work, store, capsys):
+    import train as train_script
+    partial = str(work / 'partial.h5')
+    shutil.copy(store, partial)
+    train_pairs = Dataset(str(work / 'data' / 'synthetic.json')).pairs(1)
+    with h5py.File(partial, 'a') as f:
+        del f[pair_key(*train_pairs[0])]
+    out = _in_process(train_script, ['-b', 'LDR', '-d', 'data/synthetic.json', '--batch', 1, '--round', 2, '--epochs', 1,
+                                     '--output', 'offline', '--val_steps', 0, '--print_steps', 1,
+                                     '--distill', 'l2', '--pretrained_flow_path', partial], work, capsys)
+    assert 'Teacher flows: 1 of 2 training pairs stored in {}; 1 pairs without a flow are skipped'.format(partial) in out
+    assert 'augmentation off' in out and ' distill ' in out
+    with open(str(work / 'weights' / 'offline' / 'args.json')) as f:
+        assert json.load(f)['no_augment'] is True
+
+
+def test_bad_inputs_end_in_one_error_line(work, aldk_run):
+    bad_store = str(work / 'small.h5')
+    with FlowStoreWriter(bad_store, [32, 32, 32, 3], 'x') as w:
+        w.write('synthetic/s000', 'synthetic/s001', np.zeros([32, 32, 32, 3]))
+    liar = work / 'weights' / 'liar'  # an LDR checkpoint whose args.json claims a VTN RCN
+    shutil.copytree(str(work / 'weights' / 'student'), str(liar))
+    with open(str(liar / 'args.json')) as f:
+        args = json.load(f)
+    args.update(base_network='VTN', net_args='')
+    with open(str(liar / 'args.json'), 'w') as f:
+        json.dump(args, f)
+    train = ['train.py', '-b', 'LDR', '-d', 'data/synthetic.json', '--round', 1, '--epochs', 1, '--debug']
+    cases = [
+        (train + ['--aldk'], 'needs exactly one teacher source'),
+        (train + ['--aldk', '--teacher', 'weights/student'], 'is not a VTN RCN'),
+        (train + ['--aldk', '--teacher', 'weights/liar'], 'does not fit a VTN RCN'),
+        (train + ['--aldk', '--pretrained_flow_path', bad_store],
+         r'stored flows have shape [32, 32, 32, 3] but this run needs [64, 64, 64, 3]'),
+        (['eval.py', '-c', 'weights/student', '--writing_flow', 'x.h5'], 'is not a VTN RCN'),
+    ]
+    procs = [_script(c[0], c[1:], work, wait=False) for c, _ in cases]
+    for proc, (cmd, message) in zip(procs, cases):
+        code, _, err = _finish(proc)
+        errors = [line for line in err.splitlines() if line.startswith('error:')]
+        assert code != 0 and len(errors) == 1 and message in errors[0], (cmd, err[-2000:])
+        assert 'Traceback' not in err
