@@ -37,6 +37,22 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(message)
 
 
+def positive_int(text):
+    """argparse type of counts (--batch, --round, ...): an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError('must be a positive integer, got {}'.format(text))
+    return value
+
+
+def positive_float(text):
+    """argparse type of amounts (--epochs): a finite float > 0."""
+    value = float(text)
+    if not 0 < value < float('inf'):
+        raise argparse.ArgumentTypeError('must be a positive finite number, got {}'.format(text))
+    return value
+
+
 class UserError(Exception):
     """A problem with the user's input; reported as one line."""
 
