@@ -8,6 +8,7 @@ A run writes weights/<run>/ (args.json, model-<step> checkpoints) and logs/<run>
 """
 import argparse  # noqa: F401  (RawDescriptionHelpFormatter)
 import datetime
+import math
 import os
 import sys
 import time
@@ -249,8 +250,10 @@ def main(argv=None):
             stored = {k: v for k, v in vars(args).items() if k != 'resume_dir'}
             cli.write_json(os.path.join(run_dir, 'args.json'), stored)
             writer = tf.summary.FileWriter(log_dir, sess.graph if step == 0 else None)
-        total = int(args.epochs * args.round)
-        generator = dataset.generator(train_scheme, batch_size=args.batch, loop=True, seed=args.seed)
+        total = int(round(args.epochs * args.round))
+        # a resumed run continues with a fresh data order (seed + step), not a replay of the first pairs
+        generator = dataset.generator(train_scheme, batch_size=args.batch, loop=True,
+                                      seed=None if args.seed is None else args.seed + step)
         if store is not None:
             from data_util.flow_store import with_teacher_flows
             generator = with_teacher_flows(generator, store, args.batch)
@@ -261,6 +264,7 @@ def main(argv=None):
             logged = run_dir is not None and (step + 1) % args.print_steps == 0
             res = framework.train_step(sess, batch, lr, with_summary=logged)
             step += 1
+            check_finite(res, step, run_dir)
             if 'summary' in res:
                 writer.add_summary(res.pop('summary'), step)
             if args.debug or step % args.print_steps == 0 or step == total:
@@ -278,10 +282,31 @@ def main(argv=None):
                     writer.add_summary(tf.Summary(value=[tf.Summary.Value(tag='val_' + k, simple_value=v)
                                                          for k, v in val.items()]), step)
             if run_dir and (step % args.save_steps == 0 or step == total):
-                saver.save(sess, os.path.join(run_dir, 'model'), global_step=step, write_meta_graph=False)
+                save(saver, sess, run_dir, step)
         if run_dir:
             writer.close()
             print('Finished: {} (step {})'.format(run_dir, step))
+
+
+def check_finite(scalars, step, run_dir):
+    """Stop with one line naming the step and every non-finite loss term; checkpoints are kept."""
+    bad = sorted(k for k, v in scalars.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        kept = cli.list_checkpoints(run_dir) if run_dir else {}
+        raise cli.UserError('non-finite {} at step {}; training stopped{}'.format(
+            ', '.join('{}={}'.format(k, scalars[k]) for k in bad), step,
+            ', last good checkpoint {}'.format(kept[max(kept)]) if kept else ', no checkpoint written yet'))
+
+
+def save(saver, sess, run_dir, step):
+    """Checkpoint with its completion marker; a failed save (e.g. a full disk) stops the run."""
+    try:
+        cli.save_checkpoint(saver, sess, run_dir, step)
+    except Exception as e:
+        kept = cli.list_checkpoints(run_dir)
+        raise cli.UserError('could not save the checkpoint of step {} ({}); {}'.format(
+            step, str(e).splitlines()[0] if str(e) else type(e).__name__,
+            'the previous checkpoint {} is kept'.format(kept[max(kept)]) if kept else 'no earlier checkpoint'))
 
 
 def restore(sess, framework, checkpoint, full):

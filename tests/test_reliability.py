@@ -1,0 +1,69 @@
+"""Kill and resume, half-written checkpoints, and the non-finite loss guard of train.py."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import cli
+from tests.conftest import ROOT, error_lines, run_script
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    for step in (5, 10):
+        (tmp_path / 'model-{}.index'.format(step)).write_bytes(b'i')
+        (tmp_path / 'model-{}.data-00000-of-00001'.format(step)).write_bytes(b'd')
+    (tmp_path / 'model-5.complete').write_text('5\n')  # step 10 was interrupted before its marker
+    assert cli.list_checkpoints(str(tmp_path)) == {5: str(tmp_path / 'model-5')}
+    assert cli.resolve_checkpoint(str(tmp_path))[2] == 5
+
+
+def test_unmarked_checkpoints_of_the_original_code_still_count(tmp_path):
+    (tmp_path / 'model-7.index').write_bytes(b'i')
+    (tmp_path / 'model-7.data-00000-of-00001').write_bytes(b'd')
+    assert list(cli.list_checkpoints(str(tmp_path))) == [7]
+
+
+def test_non_finite_loss_names_step_and_terms():
+    sys.path.insert(0, ROOT)
+    import train
+    with pytest.raises(cli.UserError) as e:
+        train.check_finite({'loss': float('nan'), 'similarity': float('inf'), 'det': 0.1, 'grad_norm': 1.0}, 12, None)
+    message = str(e.value)
+    assert 'step 12' in message and 'loss=nan' in message and 'similarity=inf' in message and 'det' not in message
+
+
+@pytest.mark.slow
+def test_exploding_training_stops_with_one_line_and_keeps_checkpoints(synthetic_spec, tmp_path):
+    proc = run_script('train.py', '-b', 'LDR', '-d', synthetic_spec, '--batch', '1', '--round', '40', '--epochs', '1',
+                      '--lr', '1e30', '--output', 'boom', '--val_steps', '0', '--save_steps', '1', cwd=tmp_path)
+    lines = error_lines(proc)
+    assert proc.returncode == 2 and len(lines) == 1 and 'non-finite' in lines[0], proc.stderr[-2000:]
+    kept = cli.list_checkpoints(str(tmp_path / 'weights' / 'boom'))
+    assert 'last good checkpoint' in lines[0] and kept and max(kept) < 40
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_continues_from_the_newest_complete_checkpoint(synthetic_spec, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '-b', 'LDR', '-d', synthetic_spec, '--batch', '1',
+           '--round', '1000', '--epochs', '1', '--output', 'killed', '--val_steps', '0', '--save_steps', '3',
+           '--print_steps', '1', '--seed', '2']
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / 'weights' / 'killed'
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / 'model-6.complete').exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = cli.list_checkpoints(str(run_dir))
+    assert kept and min(kept) >= 3, 'no complete checkpoint before the kill'
+    newest = max(kept)
+    resumed = run_script('train.py', '-c', run_dir, '--epochs', str((newest + 2) / 1000), '--round', '1000',
+                         '--val_steps', '0', '--print_steps', '1', '--save_steps', '1000', cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert 'at step {}'.format(newest) in resumed.stdout
+    assert 'step {}/{}'.format(newest + 1, newest + 2) in resumed.stdout
+    assert (run_dir / 'model-{}.complete'.format(newest + 2)).exists()
