@@ -29,8 +29,11 @@ Each scan is an HDF5 group holding `volume` (X, Y, Z; intensities 0..255, any nu
 optional `segmentation` (same shape; 0/255 masks or integer label values) and optional
 `point` (k x 3 landmarks in voxel coordinates, rows of -1 where missing). A scan is validated
 when it is first read: volume shape equal to image_size, numeric and finite values within
-0..255 (0.5 of tolerance), segmentation of the volume's shape, point of shape k x 3 (rows with
-a negative coordinate become all -1). `Dataset.check` validates whole subsets up front.
+0..255 (0.5 of tolerance), segmentation of the volume's shape, point of shape k x 3 with every
+row either all -1 or inside the volume (-0.5..size - 0.5 per axis, the outer voxels' edges, as
+the converter writes them; rows with a negative coordinate then become all -1).
+`Dataset.check` validates whole subsets up front; `Dataset.check_segmentations` refuses pairs
+whose fixed and moving segmentations are both empty (Dice undefined), for evaluation.
 
 Every problem with the inputs raises `DataError` with a one-line message naming the culprit.
 """
@@ -447,6 +450,13 @@ class Dataset:
                 raise DataError('{}: point shape {} is not k x 3'.format(
                     where, list(point.shape)))
             point = point.astype(np.float32)
+            missing = np.all(point == -1, axis=1)
+            inside = np.all((point >= -0.5) & (point <= np.asarray(self.image_size) - 0.5), axis=1)
+            outside = np.flatnonzero(~missing & ~inside)
+            if len(outside):
+                raise DataError('{}: landmark row {} {} lies outside the volume {} (voxel coordinates '
+                                '-0.5..size - 0.5; a row of -1 marks a missing point)'.format(
+                                    where, outside[0], point[outside[0]].tolist(), self.image_size))
             point[np.any(point < 0, axis=1)] = -1
         return {'volume': volume, 'segmentation': segmentation, 'point': point}
 
@@ -484,6 +494,32 @@ class Dataset:
         for entry in entries:
             self.scan(entry)
         return len(entries)
+
+    def _has_foreground(self, segmentation):
+        """Whether a segmentation holds a voxel the metrics count: a class value, or > 128 in a
+        0/255 mask (network.metrics.class_masks)."""
+        if self.segmentation_class_value is None:
+            return bool(np.any(segmentation > 128))
+        labels = np.asarray(segmentation, np.float32)
+        return any(np.any(np.abs(labels - value) < 0.5) for value in self.segmentation_class_value.values())
+
+    def check_segmentations(self, subset):
+        """Raises DataError naming the first pair of a scheme key / subset name whose fixed and
+        moving scans both store a segmentation without foreground: Dice is undefined there.
+        Scans without a stored segmentation are not concerned."""
+        entries = self.scans(subset) + ([self.atlas] if self.atlas is not None else [])
+        empty = set()
+        for entry in dict.fromkeys(entries):
+            segmentation = self.scan(entry)['segmentation']
+            if segmentation is not None and not self._has_foreground(segmentation):
+                empty.add(entry)
+        if not empty:
+            return
+        for fixed, moving in self.pairs(subset):
+            if fixed in empty and moving in empty:
+                raise DataError('{}: pair fixed {!r}, moving {!r} of {!r}: both segmentations are empty '
+                                '(no labelled voxel), so Dice is undefined; fix the labels or leave the '
+                                'pair out of the subset'.format(self.spec_path, fixed, moving, subset))
 
     # ---- batches ----
 

@@ -69,7 +69,6 @@ relative to the spec's own directory. Every input problem stops the run with a o
 ``error: ...`` on stderr and exit status 2; the outputs are written to temporary files and
 renamed into place only when everything succeeded.
 """
-import argparse
 import csv
 import dataclasses
 import fnmatch
@@ -84,6 +83,8 @@ import h5py
 import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
+
+import cli
 
 DEFAULT_IMAGE_SIZE = 128
 DEFAULT_MARGIN = 4.0
@@ -592,9 +593,20 @@ def entries_from_glob(pattern, labels=None, landmarks=None, id_regex=None):
         raise PrepareError('no image matches {!r}'.format(pattern))
     return [ScanEntry(scan_id,
                       path,
-                      labels.format(id=scan_id) if labels else None,
-                      landmarks.format(id=scan_id) if landmarks else None)
+                      _fill_template(labels, scan_id, '--labels'),
+                      _fill_template(landmarks, scan_id, '--landmarks'))
             for path in paths for scan_id in [scan_id_from_path(path, id_regex)]]
+
+
+def _fill_template(template, scan_id, option):
+    """A --labels / --landmarks path template with '{id}' filled in (None stays None)."""
+    if not template:
+        return None
+    try:
+        return template.format(id=scan_id)
+    except (KeyError, IndexError, ValueError) as e:
+        raise PrepareError('{} {!r}: the only placeholder of a path template is {{id}} ({}: {})'.format(
+            option, template, type(e).__name__, e))
 
 
 def entries_from_list(path):
@@ -805,7 +817,7 @@ def _parse_schemes(texts):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog='python -m data_util.prepare',
         description='Convert scans (+ label maps, + landmarks) into the HDF5 + JSON dataset '
                     'format: reorient to LPS, crop to the foreground, pad to a cube, resample '
