@@ -6,8 +6,12 @@ image whose index is (Z, Y, X)), so the displacement vectors transformix returns
 components in reversed order; they are flipped back here. With unit spacing and zero origin a
 physical displacement equals one in voxels, and transformix's field maps fixed points into the
 moving image: a pull field like ours. The thread count is not passed to elastix (itk-elastix
-0.25 crashes with number_of_threads=2); ITK's global default (2 here) applies.
+0.25 crashes with number_of_threads=2); ITK's global default (2 here) applies. transformix
+writes deformationField.nii into its output directory (the current one by default): it is given
+a private temporary directory, removed afterwards.
 """
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -38,8 +42,12 @@ def register_timed(fixed, moving, affine=False, max_iterations=None):
     _, transform = itk.elastix_registration_method(fixed_image, moving_image, parameter_object=parameters,
                                                    log_to_console=False)
     seconds = time.perf_counter() - start
-    field = itk.transformix_deformation_field(moving_image, transform)
-    flow = np.asarray(itk.GetArrayFromImage(field), np.float32)[..., ::-1]
+    workdir = tempfile.mkdtemp(prefix='ldr_elastix_')
+    try:
+        field = itk.transformix_deformation_field(moving_image, transform, output_directory=workdir)
+        flow = np.array(itk.GetArrayFromImage(field), np.float32)[..., ::-1]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     if flow.shape != fixed.shape + (3,):
         raise RuntimeError('elastix returned a field of shape {}, expected {}'.format(flow.shape, fixed.shape + (3,)))
     return np.ascontiguousarray(flow), seconds

@@ -56,29 +56,34 @@ def require(method):
 
 
 @pytest.mark.slow
-def test_ants_syn_recovers_shift_and_bump_and_cleans_up():
+def test_ants_syn_recovers_shift_and_bump_and_cleans_up(tmp_path, monkeypatch):
     require('ants_syn')
     from baselines import ants
     fixed, moving, body, field = phantom()
     tmp = tempfile.gettempdir()
     left_before = set(glob.glob(os.path.join(tmp, '*Warp.nii.gz')) + glob.glob(os.path.join(tmp, '*Affine.mat')))
+    monkeypatch.chdir(tmp_path)
     flow, seconds = ants.register_timed(fixed, moving)
     check_recovery(flow, fixed, moving, body, field)
     assert seconds > 0
     left_after = set(glob.glob(os.path.join(tmp, '*Warp.nii.gz')) + glob.glob(os.path.join(tmp, '*Affine.mat')))
     assert left_after <= left_before, 'antspyx left files behind: {}'.format(sorted(left_after - left_before))
     assert not glob.glob(os.path.join(tmp, 'ldr_ants_*'))
+    assert os.listdir(tmp_path) == [], 'ANTs wrote into the working directory'
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('affine', [False, True])
-def test_elastix_recovers_shift_and_bump(affine):
+def test_elastix_recovers_shift_and_bump_and_cleans_up(affine, tmp_path, monkeypatch):
     require('elastix_affine_bspline' if affine else 'elastix_bspline')
     from baselines import elastix
+    monkeypatch.chdir(tmp_path)
     fixed, moving, body, field = phantom()
     flow, seconds = elastix.register_timed(fixed, moving, affine=affine, max_iterations=64)
     check_recovery(flow, fixed, moving, body, field)
     assert seconds > 0
+    assert os.listdir(tmp_path) == [], 'elastix wrote into the working directory'
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), 'ldr_elastix_*'))
 
 
 def test_registration_function_and_missing_report():
