@@ -12,8 +12,8 @@ times; the median is reported, with the ratio to the 1-cascade student of the sa
 parameter count at inference.
 
 Networks: teacher = VTN affine stem + n VTN cascades; student = light affine stem + n LDR
-(the paper's architecture, default 'refine' head); student_deconv = the same with the cheap
-'deconv' head; student_original = light affine + n LDROriginal (the original code's 3x3x3 UNet);
+(the paper's architecture, default 'upsample' head); student_refine / student_deconv = the same
+with the 'refine' / 'deconv' head; student_original = light affine + n LDROriginal (the original code's 3x3x3 UNet);
 voxelmorph = VTN affine + n VoxelMorph.
 --baselines also times ANTs SyN and Elastix B-spline (with and without an affine stage) once
 each on a synthetic liver-like pair of the same size (data_util.synthetic), when installed.
@@ -38,6 +38,7 @@ from network.tfv1 import tf  # noqa: E402
 NETWORKS = {  # name: (label, base network, base network options)
     'teacher': ('VTN + affine (teacher)', 'VTN', {}),
     'student': ('LDR + light affine (student)', 'LDR', {}),
+    'student_refine': ('LDR (refine head) + light affine', 'LDR', {'head': 'refine'}),
     'student_deconv': ('LDR (deconv head) + light affine', 'LDR', {'head': 'deconv'}),
     'student_original': ('LDROriginal + light affine', 'LDROriginal', {}),
     'voxelmorph': ('VoxelMorph + affine', 'VoxelMorph', {}),

@@ -65,3 +65,24 @@ def upsample_nearest(x, factor=2):
         shape[axis] *= factor
         x = tf.reshape(x, [-1] + shape[1:])
     return x
+
+
+def upsample_linear2(x):
+    """Linear upsampling by 2 of the three spatial axes, voxel centres aligned.
+
+    x [B, X, Y, Z, C] -> [B, 2X, 2Y, 2Z, C]. Output voxel j of an axis samples the input at
+    (j + 0.5) / 2 - 0.5, i.e. out[2i] = x[i-1] / 4 + 3 x[i] / 4 and out[2i+1] = 3 x[i] / 4 + x[i+1] / 4,
+    with the edge voxel repeated outside the volume (scipy.ndimage.zoom(x, 2, order=1,
+    grid_mode=True, mode='nearest') per channel).
+    """
+    for axis in (1, 2, 3):
+        shape = x.shape.as_list()
+        n = shape[axis]
+        padded = tf.concat([tf.gather(x, [0], axis=axis), x, tf.gather(x, [n - 1], axis=axis)], axis=axis)
+        before = tf.gather(padded, tf.range(0, n), axis=axis)
+        after = tf.gather(padded, tf.range(2, n + 2), axis=axis)
+        even, odd = 0.25 * before + 0.75 * x, 0.75 * x + 0.25 * after
+        x = tf.stack([even, odd], axis=axis + 1)
+        shape[axis] = 2 * n
+        x = tf.reshape(x, [-1] + shape[1:])
+    return x

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from network import losses, subnets
+from network import layers, losses, subnets
 from network.augment import bspline_basis, invert_points, random_ffd
 from network.cascade import RecursiveCascade, make_net_args
 from network.module import count_parameters
@@ -28,6 +28,22 @@ def test_paper_ldr_is_an_order_of_magnitude_smaller_than_vtn():
     ldr = _params(subnets.LDR)
     print('paper LDR parameters:', ldr)
     assert 5 < _params(subnets.VTN) / ldr < 30
+
+
+@pytest.mark.parametrize('head', subnets.LDR.HEADS)
+def test_ldr_heads_give_a_full_resolution_flow(head):
+    x = np.zeros((1, 32, 32, 32, 1))
+    flow = run_graph(lambda a: subnets.LDR('ldr', head=head)(a, a)['flow'], {'a': x})
+    assert flow.shape == (1, 32, 32, 32, 3) and np.all(np.isfinite(flow))
+
+
+def test_linear_upsampling_matches_scipy_zoom():
+    from scipy import ndimage
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 1, 2))
+    y = run_graph(layers.upsample_linear2, {'x': x})
+    ref = np.stack([np.stack([ndimage.zoom(x[b, ..., c], 2, order=1, grid_mode=True, mode='nearest')
+                              for c in range(2)], -1) for b in range(2)])
+    assert y.shape == (2, 6, 8, 2, 2) and np.abs(y - ref).max() < 1e-5
 
 
 def test_module_reuses_variables_on_second_call():
