@@ -18,16 +18,17 @@ Choices (not fixed by the paper):
   - Critic: five 4x4x4 stride-2 convs, channels 16, 32, 64, 128, 256, each with a bias and a
     LeakyReLU of slope 0.2 (the usual WGAN-GP critic slope; the original's lrelu default),
     no normalisation (WGAN-GP forbids batch norm in the critic), then a linear layer (no bias)
-    from the flattened features to one score. Its input (and the penalty's gradient) is the
-    flow in voxels / sqrt(X Y Z): see Critic.
+    from the flattened features to one score; see Critic for its input scaling and the units
+    of the gradient penalty ('normalized': RMS displacement as a fraction of the half-extent).
   - Critic optimiser: Adam(lr, beta1=0.5, beta2=0.9), the same learning-rate schedule as the
     student; beta1 = 0.5 / beta2 = 0.9 are the usual GAN settings (WGAN-GP uses beta2 = 0.9).
   - Schedule: the student is updated at every step, the critic every ``critic_every``-th
-    step (default 2: steps 0, 2, 4, ... of the global step), before that step's student update.
-    The spec asks for the student to be updated more often than the critic; 2 keeps the
-    critic close enough behind the student that its gradients stay informative (a critic
-    that lags far behind gives the student stale, uninformative gradients), while halving
-    the critic's cost. See DistillFramework.train_step.
+    step (default 2: global steps 0, 2, 4, ...), before that step's student update, on the same
+    batch. The spec asks for the student to be updated more often than the critic; 2 is the
+    closest to the standard WGAN-GP practice (a critic kept near its optimum, n_critic >= 1
+    per generator step) that satisfies it: the further the critic lags, the staler and less
+    informative its gradients for the student. It was chosen a priori, not tuned. The
+    critic's learning rate is ``critic_lr_factor`` (default 1) times the student's.
   - Towers: each tower's adversarial / distillation term is its own batch mean divided by the
     number of towers, so the towers' terms sum to the batch mean exactly like the summed RCN
     losses; critic terms are averaged over towers.
@@ -47,6 +48,7 @@ METHODS = ('aldk', 'l2')
 CRITIC_CHANNELS = (16, 32, 64, 128, 256)
 CRITIC_SLOPE = 0.2
 CRITIC_ADAM = {'beta1': 0.5, 'beta2': 0.9}
+CRITIC_UNITS = 'normalized'
 DEFAULT_CRITIC_EVERY = 2
 DEFAULT_CRITIC_LR_FACTOR = 1.0
 GP_EPS = 1e-12
@@ -55,33 +57,50 @@ GP_EPS = 1e-12
 class Critic(Module):
     """ALDK critic D: flow [B, X, Y, Z, 3] (voxels) -> score [B] (unbounded, a Wasserstein critic).
 
-    With ``rms_units`` (default) the flow enters in units of voxels / sqrt(X Y Z), so that the
-    L2 norm of a difference of two fields is their RMS displacement difference in voxels; the
-    gradient penalty is taken in these units too (``gradient_penalty``). The 1-Lipschitz
-    constraint then bounds D by the RMS flow difference whatever the image size, instead of by
-    the field's L2 norm over all X Y Z voxels (~900x larger at 64^3, ~2900x at 128^3), which let
-    the adversarial gradient swamp the reconstruction loss in our runs.
-    Then len(channels) 4x4x4 stride-2 'SAME' convs with LeakyReLU(slope), a linear layer on
-    the flattened features, without bias (a constant cancels in both the Wasserstein estimate
-    and the gradient penalty, so it would never be trained). The spatial size is fixed by the
-    first call (the linear layer's width); each conv halves it (rounding up).
-    """
+    The network sees each displacement as a fraction of half the image extent along its axis
+    (the [-1, 1] convention of spatial transformers; values ~0.1, so that its first layer's
+    weights, not its biases, carry the signal). Then len(channels) 4x4x4 stride-2 'SAME' convs
+    with LeakyReLU(slope), and a linear layer on the flattened features, without bias (a
+    constant cancels in both the Wasserstein estimate and the gradient penalty, so it would
+    never be trained). The spatial size is fixed by the first call; each conv halves it.
 
-    def __init__(self, name='critic', channels=CRITIC_CHANNELS, slope=CRITIC_SLOPE, rms_units=True):
+    ``units`` sets the metric in which the gradient penalty makes D 1-Lipschitz (see
+    ``to_units`` and ``gradient_penalty``), hence the scale of D and of the adversarial gradient:
+      'normalized' (default): the L2 distance of two fields is their RMS displacement difference
+          as a fraction of the half-extent, independent of the image size and resolution;
+      'rms': their RMS displacement difference in voxels (~32x 'normalized' at 64^3);
+      'voxels': the raw L2 norm over all X Y Z voxels (~900x 'rms' at 64^3).
+    With 'voxels' or 'rms' and lamb = 0.1 the adversarial gradient swamped the reconstruction
+    loss in our 64^3 runs and training diverged; with 'normalized' it is a fraction of it.
+    """
+    UNITS = ('normalized', 'rms', 'voxels')
+
+    def __init__(self, name='critic', channels=CRITIC_CHANNELS, slope=CRITIC_SLOPE, units=CRITIC_UNITS):
         super().__init__(name)
+        if units not in self.UNITS:
+            raise ValueError('unknown critic units {!r} (choose from {})'.format(units, ', '.join(self.UNITS)))
         self.channels = tuple(channels)
         self.slope = slope
-        self.rms_units = rms_units
+        self.units = units
+
+    def _metric_scale(self, sizes):
+        """Per-axis factor from voxels to the penalty's units."""
+        if self.units == 'voxels':
+            return np.ones(3)
+        rms = 1.0 / np.sqrt(np.prod(sizes))
+        return np.full(3, rms) if self.units == 'rms' else rms * 2.0 / np.asarray(sizes, np.float64)
 
     def to_units(self, flow):
-        """The flow in the critic's input units (see the class docstring)."""
-        if not self.rms_units:
-            return flow
-        return flow / float(np.sqrt(np.prod(flow.shape.as_list()[1:4])))
+        """The flow [B, X, Y, Z, 3] in the penalty's units."""
+        return flow * tf.constant(self._metric_scale(flow.shape.as_list()[1:4]), tf.float32)
 
     def _build(self, flow, in_units=False):
-        """Score of ``flow`` in voxels, or already in the critic's units when ``in_units``."""
-        net = flow if in_units else self.to_units(flow)
+        """Score of ``flow`` in voxels, or in the penalty's units when ``in_units``."""
+        sizes = flow.shape.as_list()[1:4]
+        scale = 2.0 / np.asarray(sizes, np.float64)
+        if in_units:
+            scale = scale / self._metric_scale(sizes)
+        net = flow * tf.constant(scale, tf.float32)
         for i, width in enumerate(self.channels):
             net = tf.nn.leaky_relu(conv3d('conv%d' % (i + 1), net, width, 4, 2), alpha=self.slope)
         features = int(np.prod(net.shape.as_list()[1:]))
@@ -99,7 +118,7 @@ def gradient_penalty(critic, phi_t, phi_d, alpha=None):
     """WGAN-GP penalty on flows: mean_b (||dD/dphi_hat (phi_hat_b)||_2 - 1)^2.
 
     phi_hat = phi_t + a (phi_d - phi_t) with a [B] ~ U(0, 1) per sample unless ``alpha`` [B]
-    is given; phi_hat and the gradient are in the critic's input units (``Critic.to_units``).
+    is given; the gradient and its norm are taken in the critic's penalty units (``Critic.to_units``).
     The norm runs over all X*Y*Z*3 components of a sample (the critic has no cross-sample
     terms, so the gradient of sum_b D(phi_hat_b) gives each sample's own gradient).
     Returns (penalty scalar, phi_hat in voxels).
@@ -140,6 +159,9 @@ class Teacher:
     ('rcn', the training Framework's scope); image_size: the image size it was trained at.
     Its variables are removed from the trainable collection, its flow is wrapped in
     tf.stop_gradient, and ``restore`` loads it through a name map {stored name: variable}.
+    The constructor already refuses (ValueError, one line) a checkpoint that cannot be read or
+    lacks the VTN-only variables (the affine stem's conv6_1, each cascade's pred6), so a wrong
+    teacher fails before any graph is built; ``restore`` then checks every variable's shape.
     """
 
     def __init__(self, net_args, checkpoint, image_size, name='teacher', stored_scope='rcn'):
@@ -148,6 +170,18 @@ class Teacher:
         self.stored_scope = stored_scope
         self.net = RecursiveCascade(name, **net_args)
         check_teacher_net(self.net, checkpoint)
+        stored = self._stored_shapes()
+        signature = ['affine_stem/conv6_1/W'] + ['deform_stem_%d/pred6/W' % i for i in range(self.net.n_cascades)]
+        missing = [k for k in signature if '{}/{}'.format(stored_scope, k) not in stored]
+        if missing:
+            raise ValueError('teacher checkpoint {} does not fit a VTN RCN of its args.json: no {}/{}'.format(
+                checkpoint, stored_scope, missing[0]))
+
+    def _stored_shapes(self):
+        try:
+            return tf.train.load_checkpoint(self.checkpoint).get_variable_to_shape_map()
+        except (tf.errors.OpError, ValueError) as e:
+            raise ValueError('cannot read teacher checkpoint {}: {}'.format(self.checkpoint, str(e).splitlines()[0]))
 
     def __call__(self, fixed, moving):
         """phi_t [B, X, Y, Z, 3] of (fixed, moving) in 0..1, without gradient."""
@@ -174,10 +208,7 @@ class Teacher:
 
     def restore(self, sess):
         """Load the teacher's weights; ValueError (one line) if the checkpoint does not fit."""
-        try:
-            stored = tf.train.load_checkpoint(self.checkpoint).get_variable_to_shape_map()
-        except (tf.errors.OpError, ValueError) as e:
-            raise ValueError('cannot read teacher checkpoint {}: {}'.format(self.checkpoint, str(e).splitlines()[0]))
+        stored = self._stored_shapes()
         mapping = {self.stored_name(v): v for v in self.variables}
         bad = [k for k, v in mapping.items() if stored.get(k) != v.shape.as_list()]
         if bad:
@@ -194,7 +225,8 @@ class DistillFramework(Framework):
     Teacher source, exactly one of: ``teacher`` (a Teacher: online, phi_t computed on the very
     (augmented) pair the student sees) or ``stored_flows=True`` (offline: phi_t fed through
     ``teacher_flow`` from a flow store; requires augment=False).
-    beta, gamma, lamb: as in the module docstring; critic_every: critic update period in steps.
+    beta, gamma, lamb: as in the module docstring; critic_every: critic update period in steps;
+    critic_lr_factor: critic / student learning-rate ratio; critic_units: see Critic.
 
     ``tower_flows``: per tower {'student': phi_s, 'teacher': phi_t} (for inspection and tests).
     Optimisers: ``optimizer`` (the base Framework's Adam) on ``net.trainable_variables`` only;
@@ -206,7 +238,7 @@ class DistillFramework(Framework):
     def __init__(self, net_args, image_size, segmentation_class_value=None, devices=('/cpu:0',),
                  augment=True, method='aldk', teacher=None, stored_flows=False, beta=0.1, gamma=0.3,
                  lamb=0.1, critic_every=DEFAULT_CRITIC_EVERY, critic_lr_factor=DEFAULT_CRITIC_LR_FACTOR,
-                 critic_channels=CRITIC_CHANNELS, scope='rcn'):
+                 critic_units=CRITIC_UNITS, critic_channels=CRITIC_CHANNELS, scope='rcn'):
         if method not in METHODS:
             raise ValueError('unknown distillation method {!r} (choose from {})'.format(method, ', '.join(METHODS)))
         if (teacher is None) == (not stored_flows):
@@ -226,10 +258,11 @@ class DistillFramework(Framework):
         self.beta, self.gamma, self.lamb = float(beta), float(gamma), float(lamb)
         self.critic_every = int(critic_every)
         self.critic_lr_factor = float(critic_lr_factor)
-        self.critic = Critic('critic', critic_channels) if method == 'aldk' else None
+        self.critic = Critic('critic', critic_channels, units=critic_units) if method == 'aldk' else None
         self.teacher_flow_feed = (tf.placeholder(tf.float32, [None] + list(image_size) + [3], name='teacher_flow')
                                   if stored_flows else None)
-        super().__init__(net_args, image_size, segmentation_class_value, devices, augment, False, scope)
+        super().__init__(net_args, image_size, segmentation_class_value=segmentation_class_value, devices=devices,
+                         augment=augment, validation=False, scope=scope)
 
     @property
     def training_state(self):
