@@ -20,14 +20,26 @@
 // Layout of the work: voxels are processed in runs of up to kRun consecutive voxels along
 // z within one (b, x, y) row. For a run, SetupRun first computes each axis' neighbour
 // offsets and weights for all its voxels (a branch-free loop the compiler vectorises),
-// then a per-voxel loop reads the 8 corners and loops over channels, which are contiguous
-// (channel-last). Runs are spread over TensorFlow's intra-op thread pool.
+// then the 8 corners are read and interpolated. Runs are spread over TensorFlow's
+// intra-op thread pool.
+//
+// Forward interpolation: when compiled with AVX2 (build.py adds -mavx2 -mfma on CPUs that
+// have them), one channel is interpolated 8 voxels at a time, reading each corner row's
+// two z neighbours with one 8-byte load (AVX2 gathers measured 1.5x slower than these
+// plain loads on our Ice Lake machines); other channel counts use 4-channel vectors per
+// voxel. The
+// portable scalar loop serves the remaining voxels and builds without AVX2. All paths
+// read the same corners with the same weights.
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
 #include <type_traits>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -100,8 +112,10 @@ inline int32_t ClampI(int32_t v, int32_t lo, int32_t hi) {
 }
 
 // Sets entry i of `a` to the neighbours of position `pos` on an axis of `size` voxels and
-// element stride `stride`. Branch-free, so that the loop in SetupRun vectorises.
-template <Padding P>
+// element stride `stride`: offsets and weights, and the weights' derivatives only if
+// kSlopes (the flow gradient needs them). Branch-free, so that the loop in SetupRun
+// vectorises.
+template <Padding P, bool kSlopes>
 inline void SetNeighbours(float pos, int32_t size, int32_t stride, int i, AxisRun* __restrict a) {
   const float last = static_cast<float>(size - 1);
   // Border: clamp into [0, last]. Zeros: beyond [-2, last + 2] both corners are outside
@@ -123,14 +137,16 @@ inline void SetNeighbours(float pos, int32_t size, int32_t stride, int i, AxisRu
   a->offset[1][i] = ClampI(hi, 0, size - 1) * stride;
   a->weight[0][i] = (1.f - t) * in_lo;
   a->weight[1][i] = t * in_hi;
-  a->dweight[0][i] = -slope * in_lo;
-  a->dweight[1][i] = slope * in_hi;
+  if (kSlopes) {
+    a->dweight[0][i] = -slope * in_lo;
+    a->dweight[1][i] = slope * in_hi;
+  }
 }
 
 // Neighbours along x, y and z of every voxel of run r, as offsets into a batch item of
-// `channels` channels. One loop reads the three flow components of each voxel together,
+// `channels` channels (weight derivatives only if kSlopes). One loop reads the three flow components of each voxel together,
 // which vectorises far better than three strided passes.
-template <Padding P>
+template <Padding P, bool kSlopes>
 void SetupRun(const Grid& g, int64_t channels, const Run& r, const float* __restrict flow,
               AxisRun* __restrict ax, AxisRun* __restrict ay, AxisRun* __restrict az) {
   const float* __restrict f = flow + 3 * r.voxel;
@@ -145,9 +161,9 @@ void SetupRun(const Grid& g, int64_t channels, const Run& r, const float* __rest
   const auto z0 = static_cast<float>(r.z0);
   const int n = static_cast<int>(r.n);
   for (int i = 0; i < n; ++i) {
-    SetNeighbours<P>(x + f[3 * i], nx, stride_x, i, ax);
-    SetNeighbours<P>(y + f[3 * i + 1], ny, stride_y, i, ay);
-    SetNeighbours<P>((z0 + static_cast<float>(i)) + f[3 * i + 2], nz, stride_z, i, az);
+    SetNeighbours<P, kSlopes>(x + f[3 * i], nx, stride_x, i, ax);
+    SetNeighbours<P, kSlopes>(y + f[3 * i + 1], ny, stride_y, i, ay);
+    SetNeighbours<P, kSlopes>((z0 + static_cast<float>(i)) + f[3 * i + 2], nz, stride_z, i, az);
   }
 }
 
@@ -236,6 +252,159 @@ class WarpKernelBase : public OpKernel {
   Padding padding_ = Padding::kBorder;
 };
 
+// Trilinear values at voxels [begin, n) of a run, all channels: dst[i * channels + c] from
+// the batch item's data `src` and the run's axis neighbours. Interpolates along z in the 4
+// corner rows, then along y, then along x. Portable scalar code.
+inline void InterpolateScalar(const float* __restrict src, const AxisRun axes[3],
+                              int64_t channels, int begin, int n, float* __restrict dst) {
+  const AxisRun& ax = axes[0];
+  const AxisRun& ay = axes[1];
+  const AxisRun& az = axes[2];
+  for (int i = begin; i < n; ++i) {
+    const Corners k = CornersAt(axes, i);
+    for (int64_t c = 0; c < channels; ++c) {
+      float along_y[2];
+      for (int ix = 0; ix < 2; ++ix) {
+        float along_z[2];
+        for (int iy = 0; iy < 2; ++iy) {
+          const float* row = src + k.row[ix][iy] + c;
+          along_z[iy] = row[k.z[0]] * az.weight[0][i] + row[k.z[1]] * az.weight[1][i];
+        }
+        along_y[ix] = along_z[0] * ay.weight[0][i] + along_z[1] * ay.weight[1][i];
+      }
+      dst[i * channels + c] = along_y[0] * ax.weight[0][i] + along_y[1] * ax.weight[1][i];
+    }
+  }
+}
+
+#ifdef __AVX2__
+// a * wa + b * wb, lane-wise (8 and 4 lanes).
+inline __m256 Lerp8(__m256 a, __m256 wa, __m256 b, __m256 wb) {
+  return _mm256_fmadd_ps(b, wb, _mm256_mul_ps(a, wa));
+}
+
+inline __m128 Lerp4(__m128 a, __m128 wa, __m128 b, __m128 wb) {
+  return _mm_fmadd_ps(b, wb, _mm_mul_ps(a, wa));
+}
+
+// The float pairs at src + i and src + j: {src[i], src[i + 1], src[j], src[j + 1]}.
+inline __m128 LoadTwoPairs(const float* src, int32_t i, int32_t j) {
+  const __m128 first = _mm_castsi128_ps(_mm_loadu_si64(src + i));
+  return _mm_loadh_pi(first, reinterpret_cast<const __m64*>(src + j));
+}
+
+// For 8 voxels with pair starts start[0..7]: *lower = {src[start[v]]}, *upper =
+// {src[start[v] + 1]}, voxel v in lane v.
+inline void LoadPairs8(const float* src, const int32_t start[8], __m256* lower, __m256* upper) {
+  // Voxels 0, 1 | 4, 5 in a and 2, 3 | 6, 7 in b (low | high 128-bit lane); the shuffles
+  // take elements 0, 2 (lower) or 1, 3 (upper) of a, then of b, per lane.
+  const __m256 a = _mm256_set_m128(LoadTwoPairs(src, start[4], start[5]),
+                                   LoadTwoPairs(src, start[0], start[1]));
+  const __m256 b = _mm256_set_m128(LoadTwoPairs(src, start[6], start[7]),
+                                   LoadTwoPairs(src, start[2], start[3]));
+  *lower = _mm256_shuffle_ps(a, b, 0x88);
+  *upper = _mm256_shuffle_ps(a, b, 0xDD);
+}
+
+// One channel (channels == 1, nz >= 2): trilinear values at voxels [0, n & ~7) of a run,
+// 8 voxels at a time; returns the number of voxels done. Each voxel's two z neighbours
+// lie in the pair q, q + 1 with q = min(lower z offset, nz - 2), so one 8-byte load per
+// corner row reads both; a blend then picks the neighbour values exactly as the scalar
+// code reads them (a clamped neighbour may be q or q + 1).
+inline int InterpolatePairs(const float* __restrict src, const AxisRun axes[3], int32_t nz,
+                            int n, float* __restrict dst) {
+  const AxisRun& ax = axes[0];
+  const AxisRun& ay = axes[1];
+  const AxisRun& az = axes[2];
+  const __m256i last_pair = _mm256_set1_epi32(nz - 2);
+  const int end = n & ~7;
+  for (int i = 0; i < end; i += 8) {
+    const __m256i z0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(az.offset[0] + i));
+    const __m256i z1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(az.offset[1] + i));
+    const __m256i q = _mm256_min_epi32(z0, last_pair);
+    const __m256 upper0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(z0, q));
+    const __m256 upper1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(z1, q));
+    const __m256 wz0 = _mm256_loadu_ps(az.weight[0] + i);
+    const __m256 wz1 = _mm256_loadu_ps(az.weight[1] + i);
+    __m256 along_y[2];
+    for (int ix = 0; ix < 2; ++ix) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ax.offset[ix] + i));
+      __m256 along_z[2];
+      for (int iy = 0; iy < 2; ++iy) {
+        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ay.offset[iy] + i));
+        alignas(32) int32_t start[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(start),
+                           _mm256_add_epi32(_mm256_add_epi32(x, y), q));
+        __m256 lower, upper;
+        LoadPairs8(src, start, &lower, &upper);
+        along_z[iy] = Lerp8(_mm256_blendv_ps(lower, upper, upper0), wz0,
+                            _mm256_blendv_ps(lower, upper, upper1), wz1);
+      }
+      along_y[ix] = Lerp8(along_z[0], _mm256_loadu_ps(ay.weight[0] + i), along_z[1],
+                          _mm256_loadu_ps(ay.weight[1] + i));
+    }
+    _mm256_storeu_ps(dst + i, Lerp8(along_y[0], _mm256_loadu_ps(ax.weight[0] + i), along_y[1],
+                                    _mm256_loadu_ps(ax.weight[1] + i)));
+  }
+  return end;
+}
+
+// Any channel count: trilinear values at all n voxels of a run, 4 channels at a time
+// (masked loads and stores for the last, partial group).
+inline int InterpolateChannelVectors(const float* __restrict src, const AxisRun axes[3],
+                                     int64_t channels, int n, float* __restrict dst) {
+  const AxisRun& ax = axes[0];
+  const AxisRun& ay = axes[1];
+  const AxisRun& az = axes[2];
+  for (int i = 0; i < n; ++i) {
+    const Corners k = CornersAt(axes, i);
+    for (int64_t c = 0; c < channels; c += 4) {
+      const __m128i mask = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int32_t>(channels - c)),
+                                           _mm_setr_epi32(0, 1, 2, 3));
+      __m128 along_y[2];
+      for (int ix = 0; ix < 2; ++ix) {
+        __m128 along_z[2];
+        for (int iy = 0; iy < 2; ++iy) {
+          const float* row = src + k.row[ix][iy] + c;
+          along_z[iy] = Lerp4(_mm_maskload_ps(row + k.z[0], mask), _mm_set1_ps(az.weight[0][i]),
+                              _mm_maskload_ps(row + k.z[1], mask), _mm_set1_ps(az.weight[1][i]));
+        }
+        along_y[ix] = Lerp4(along_z[0], _mm_set1_ps(ay.weight[0][i]), along_z[1],
+                            _mm_set1_ps(ay.weight[1][i]));
+      }
+      _mm_maskstore_ps(dst + i * channels + c, mask,
+                       Lerp4(along_y[0], _mm_set1_ps(ax.weight[0][i]), along_y[1],
+                             _mm_set1_ps(ax.weight[1][i])));
+    }
+  }
+  return n;
+}
+#endif
+
+// Warps runs [first, last) of the batch: out = image sampled at p + flow(p), for
+// `channels` channels (a compile-time constant when the caller passes one).
+template <Padding P>
+void WarpRuns(const Grid& g, int64_t channels, const float* image, const float* flow,
+              float* out, int64_t first, int64_t last) {
+  AxisRun axes[3];
+  for (int64_t index = first; index < last; ++index) {
+    const Run r = RunAt(g, index);
+    SetupRun<P, false>(g, channels, r, flow, &axes[0], &axes[1], &axes[2]);
+    const float* src = image + r.b * g.voxels() * channels;
+    float* dst = out + r.voxel * channels;
+    const int n = static_cast<int>(r.n);
+    int done = 0;
+#ifdef __AVX2__
+    if (channels == 1 && g.nz >= 2) {
+      done = InterpolatePairs(src, axes, static_cast<int32_t>(g.nz), n, dst);
+    } else {
+      done = InterpolateChannelVectors(src, axes, channels, n, dst);
+    }
+#endif
+    InterpolateScalar(src, axes, channels, done, n, dst);
+  }
+}
+
 class WarpOp : public WarpKernelBase {
  public:
   explicit WarpOp(OpKernelConstruction* context) : WarpKernelBase(context) {}
@@ -256,32 +425,7 @@ class WarpOp : public WarpKernelBase {
       constexpr Padding kPadding = decltype(pad)::value;
       const int64_t channels = decltype(fixed)::value > 0 ? decltype(fixed)::value : g.channels;
       auto shard = [&](int64_t first, int64_t last) {
-        AxisRun axes[3];
-        for (int64_t index = first; index < last; ++index) {
-          const Run r = RunAt(g, index);
-          SetupRun<kPadding>(g, channels, r, flow_data, &axes[0], &axes[1], &axes[2]);
-          const float* src = image_data + r.b * g.voxels() * channels;
-          float* dst = out_data + r.voxel * channels;
-          const AxisRun& ax = axes[0];
-          const AxisRun& ay = axes[1];
-          const AxisRun& az = axes[2];
-          for (int i = 0; i < r.n; ++i, dst += channels) {
-            const Corners k = CornersAt(axes, i);
-            for (int64_t c = 0; c < channels; ++c) {
-              // Interpolate along z in the 4 corner rows, then along y, then along x.
-              float along_y[2];
-              for (int ix = 0; ix < 2; ++ix) {
-                float along_z[2];
-                for (int iy = 0; iy < 2; ++iy) {
-                  const float* row = src + k.row[ix][iy] + c;
-                  along_z[iy] = row[k.z[0]] * az.weight[0][i] + row[k.z[1]] * az.weight[1][i];
-                }
-                along_y[ix] = along_z[0] * ay.weight[0][i] + along_z[1] * ay.weight[1][i];
-              }
-              dst[c] = along_y[0] * ax.weight[0][i] + along_y[1] * ax.weight[1][i];
-            }
-          }
-        }
+        WarpRuns<kPadding>(g, channels, image_data, flow_data, out_data, first, last);
       };
       Workers(context)->ParallelFor(
           g.runs(), ThreadPool::SchedulingParams::Adaptive(CostPerRun(channels)), shard);
@@ -318,7 +462,7 @@ class WarpGradFlowOp : public WarpKernelBase {
         AxisRun axes[3];
         for (int64_t index = first; index < last; ++index) {
           const Run r = RunAt(g, index);
-          SetupRun<kPadding>(g, channels, r, flow_data, &axes[0], &axes[1], &axes[2]);
+          SetupRun<kPadding, true>(g, channels, r, flow_data, &axes[0], &axes[1], &axes[2]);
           const AxisRun& ax = axes[0];
           const AxisRun& ay = axes[1];
           const AxisRun& az = axes[2];
@@ -423,7 +567,7 @@ class WarpGradImageOp : public WarpKernelBase {
           const int64_t end = b * item_runs + (s + 1) * item_runs / splits;
           for (int64_t index = begin; index < end; ++index) {
             const Run r = RunAt(g, index);
-            SetupRun<kPadding>(g, channels, r, flow_data, &axes[0], &axes[1], &axes[2]);
+            SetupRun<kPadding, false>(g, channels, r, flow_data, &axes[0], &axes[1], &axes[2]);
             const float* upstream = grad_data + r.voxel * channels;
             for (int i = 0; i < r.n; ++i, upstream += channels) {
               const Corners k = CornersAt(axes, i);
