@@ -15,7 +15,7 @@ Stages (each a subprocess of the project's own command-line tools, run with cwd 
   l2-N            train.py -b LDR -n N --distill l2 ...    plain flow distillation (ablation)
   voxelmorph-N    train.py -b VoxelMorph -n N              (VTN affine + VoxelMorph), smallest N only
   eval-<run>      eval.py -c weights/<run> -v SUBSET       metrics + network-only CPU seconds per pair
-  baseline-<m>    python -m baselines.evaluate <m>         ANTs SyN, Elastix B-spline (+ affine)
+  baseline-<m>    python -m baselines.evaluate <m>         no registration, ANTs SyN, Elastix B-spline (+ affine)
   sections        python reproduce.py sections ...         warped sections of figure 2
 
 A stage is finished when its record stages/<stage>.json exists (written atomically after the
@@ -31,15 +31,20 @@ Choices:
   - Timing (table 1, "CPU s/pair"): eval.py's median network-only seconds per pair at batch 1;
     the baselines' registration call alone (median). Every stage runs with TF_NUM_INTRAOP_THREADS,
     TF_NUM_INTEROP_THREADS and ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS set to --threads (2).
-  - Learning rate: Adam --lr with the original's step decay: --round = steps / 5, five epochs,
-    so the last 40 % of the steps run at 1/2 and 1/4 of the rate.
+  - Learning rate: Adam --lr (students) and --teacher_lr (teachers) with the original's step
+    decay: --round = steps / 5, five epochs, so the last 40 % of the steps run at 1/2 and 1/4
+    of the rate.
   - Intermediate checkpoints of a finished training stage are deleted (the final one stays);
     a teacher checkpoint with optimiser state is ~0.5 GB per cascade.
   - The demo (64^3, 16 scans: 11 train / 2 val / 3 test) evaluates the 2 adjacent test pairs
     (--paired; figure 2 shows the 2 other test scans warped to the first), so that the classical
     baselines (~1 min per 64^3 pair for both Elastix runs together) fit in its 15 minutes; it
-    trains 240 teacher and 200 student steps of 2 pairs at the paper's learning rate 1e-4 (at
-    1e-3 the ALDK critic diverged in a trial and the student fell below the identity's Dice).
+    trains 240 teacher steps at the paper's learning rate 1e-4 (at 1e-3 the VTN affine stem
+    diverged within 200 steps) and 200 student steps at 1e-3 (at 1e-4 the students barely left
+    the identity in 200 steps), all of 2 pairs. A demo this short leaves every learned method
+    far from converged; its table shows the pipeline, not the paper's accuracy.
+  - "No registration (identity)" is a baseline row (the zero flow) so every number can be read
+    against the overlap before registration.
 """
 import argparse
 import datetime
@@ -62,9 +67,9 @@ LEARNED = {  # key: (label, train.py arguments, uses the teacher)
     'l2': ('LDR + L2 distillation', ['-b', 'LDR', '--distill', 'l2'], True),
     'voxelmorph': ('VoxelMorph + affine', ['-b', 'VoxelMorph'], False),
 }
-BASELINES = ('ants_syn', 'elastix_bspline', 'elastix_affine_bspline')
+BASELINES = ('identity', 'ants_syn', 'elastix_bspline', 'elastix_affine_bspline')
 DEMO = {'n_scans': 16, 'n_val': 2, 'n_test': 3, 'image_size': 64, 'steps': 200, 'teacher_steps': 240,
-        'batch': 2, 'lr': 1e-4, 'methods': ['teacher', 'ldr', 'aldk'], 'paired': True}
+        'batch': 2, 'lr': 1e-3, 'teacher_lr': 1e-4, 'methods': ['teacher', 'ldr', 'aldk'], 'paired': True}
 ECHO_PREFIXES = ('step ', 'validation at', 'Finished', 'Graph built', 'Distillation', 'Teacher flows', 'wrote ',
                  'Evaluating', 'Restored', 'warning', 'error')
 FIGURE_PAIRS = 4
@@ -147,7 +152,8 @@ def train_stage(ctx, method, n):
     steps = a.teacher_steps if method == 'teacher' else a.steps
     run = '{}-{}'.format(method, n)
     command = script('train.py', *flags) + ['-n', str(n), '-d', ctx.spec, '--batch', str(a.batch)]
-    command += schedule(steps) + ['--lr', repr(a.lr), '--seed', str(a.seed), '--output', run,
+    lr = a.teacher_lr if method == 'teacher' else a.lr
+    command += schedule(steps) + ['--lr', repr(lr), '--seed', str(a.seed), '--output', run,
                                   '--val_steps', str(a.val_steps if a.val_steps is not None else 0),
                                   '--save_steps', str(max(1, steps // 4)), '--print_steps', str(max(1, steps // 10))]
     if method != 'teacher' and method != 'voxelmorph' and a.student_net_args:
@@ -708,7 +714,10 @@ def build_parser():
     p.add_argument('--teacher_steps', type=int, default=None,
                    help='training steps of the teacher (default --steps; demo 240)')
     p.add_argument('--batch', type=int, default=None, help='pairs per training step (default 4; demo 2)')
-    p.add_argument('--lr', type=float, default=None, help='initial Adam learning rate (default 1e-4)')
+    p.add_argument('--lr', type=float, default=None,
+                   help='initial Adam learning rate of the students (default 1e-4; demo 1e-3)')
+    p.add_argument('--teacher_lr', type=float, default=None,
+                   help='initial Adam learning rate of the teachers (default --lr; demo 1e-4)')
     p.add_argument('--methods', nargs='+', choices=list(LEARNED), default=None,
                    help='learned methods (default: all; demo: teacher ldr aldk)')
     p.add_argument('--baselines', nargs='+', choices=list(BASELINES) + ['none'], default=None,
@@ -732,7 +741,7 @@ def build_parser():
     return p
 
 
-CONFIG_KEYS = ('demo', 'dataset', 'steps', 'teacher_steps', 'batch', 'lr', 'subset', 'paired', 'teacher_flows',
+CONFIG_KEYS = ('demo', 'dataset', 'steps', 'teacher_steps', 'batch', 'lr', 'teacher_lr', 'subset', 'paired', 'teacher_flows',
                'student_net_args', 'seed', 'image_size', 'demo_scans', 'demo_test', 'threads')
 
 
@@ -741,7 +750,7 @@ def resolve_args(args):
     if args.demo == bool(args.dataset):
         raise cli.UserError('give either --demo or -d SPEC')
     if args.demo:
-        for key in ('steps', 'teacher_steps', 'batch', 'lr', 'methods'):
+        for key in ('steps', 'teacher_steps', 'batch', 'lr', 'teacher_lr', 'methods'):
             if getattr(args, key) is None:
                 setattr(args, key, DEMO[key])
         args.paired = True
@@ -752,7 +761,8 @@ def resolve_args(args):
             raise cli.UserError('--steps is required with -d (e.g. --steps 20000)')
         args.teacher_steps = args.teacher_steps or args.steps
         args.batch = args.batch or 4
-        args.lr = args.lr or DEMO['lr']
+        args.lr = args.lr or 1e-4
+        args.teacher_lr = args.teacher_lr or args.lr
         args.methods = args.methods or list(LEARNED)
         args.name = args.name or os.path.splitext(os.path.basename(args.dataset))[0]
         if not os.path.isfile(args.dataset):

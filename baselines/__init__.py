@@ -4,12 +4,13 @@ Each method registers a MOVING volume to a FIXED one, both float arrays [X, Y, Z
 with unit spacing, and returns a pull field ``flow`` float32 [X, Y, Z, 3] in voxels with
 ``warped(p) = moving(p + flow(p))``, channel k along array axis k (SPEC section 2).
 
+    identity                no registration (the zero flow): the overlap before registration
     ants_syn                ANTs SyN (antspyx, type_of_transform 'SyN': affine + SyN, defaults)
     elastix_bspline         elastix with its default 'bspline' parameter map alone
     elastix_affine_bspline  elastix default 'affine' map, then the default 'bspline' map
 
 The packages are optional extras (requirements-baselines.txt); ``missing(method)`` tells
-whether one can run here. Both libraries run their registration on
+whether one can run here (identity needs none). Both libraries run their registration on
 ``THREADS`` ITK threads (ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS, set before their import).
 """
 import importlib
@@ -19,6 +20,7 @@ THREADS = 2
 os.environ.setdefault('ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS', str(THREADS))
 
 METHODS = {
+    'identity': {'module': 'identity', 'package': None, 'label': 'No registration (identity)', 'options': {}},
     'ants_syn': {'module': 'ants', 'package': 'antspyx', 'label': 'ANTs SyN', 'options': {}},
     'elastix_bspline': {'module': 'elastix', 'package': 'itk-elastix', 'label': 'Elastix B-spline',
                         'options': {'affine': False}},
@@ -43,7 +45,7 @@ def missing(method):
     if method not in METHODS:
         raise ValueError('unknown baseline {!r} (choose from {})'.format(method, ', '.join(METHODS)))
     package = METHODS[method]['package']
-    if not installed(package):
+    if package is not None and not installed(package):
         return '{} not installed (pip install -r requirements-baselines.txt)'.format(package)
     return None
 
@@ -59,6 +61,8 @@ def registration_function(method):
 def version(method):
     """Installed version of the method's package, or None."""
     from importlib import metadata
+    if METHODS[method]['package'] is None:
+        return None
     try:
         return metadata.version(METHODS[method]['package'])
     except metadata.PackageNotFoundError:

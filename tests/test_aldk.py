@@ -31,15 +31,15 @@ SIZE = [64, 64, 64]
 TEACHER_NET = "channels=4"
 
 
-def _script(name, args, cwd, wait=True):
+def _script(name, args, cwd, wait=True, timeout=600):
     """Run a project script as a subprocess (cwd = the test's temp dir, where outputs go)."""
     cmd = [sys.executable, os.path.join(ROOT, name)] + [str(a) for a in args]
     proc = subprocess.Popen(cmd, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return _finish(proc) if wait else proc
+    return _finish(proc, timeout) if wait else proc
 
 
-def _finish(proc):
-    out, err = proc.communicate(timeout=600)
+def _finish(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
 
@@ -374,7 +374,7 @@ def test_aldk_lowers_flow_error_to_teacher(tmp_path):
     logs = {}
 
     def train(name, args):
-        code, out, err = _script('train.py', args + common + ['--output', name], tmp_path)
+        code, out, err = _script('train.py', args + common + ['--output', name], tmp_path, timeout=3600)
         logs[name] = str(tmp_path / (name + '.log'))
         with open(logs[name], 'w') as f:
             f.write(out + err)
