@@ -96,6 +96,77 @@ def test_matches_pure_tf_at_grid_points_and_edges(library, padding):
         assert np.abs(a - b).max() < 1e-5
 
 
+def edge_positions(size):
+    """Sample positions along an axis of ``size`` voxels: beyond, on and just inside both
+    faces, and one grid point and one fraction inside (all exact in float32)."""
+    last = size - 1
+    return np.array([-3.5, -1, -0.25, 0, 0.25, last / 2, last - 0.25, last, last + 0.25,
+                     last + 1, last + 2.75], np.float32)
+
+
+def edge_flow(rng, batch, size):
+    """[batch, *size, 3] flow sending each voxel, per axis, to a random edge_positions entry."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing='ij'), -1)
+    targets = [rng.choice(edge_positions(n), (batch,) + size) for n in size]
+    return (np.stack(targets, -1) - grid).astype(np.float32)
+
+
+# Z lengths around the one-channel 8-voxel vectors: depth 1 (no z pair), 2 (one pair), 8
+# (one full vector), 13 and 21 (vectors plus scalar remainders).
+ONE_CHANNEL_Z = (1, 2, 8, 13, 21)
+
+
+@pytest.mark.parametrize('padding', PADDINGS)
+@pytest.mark.parametrize('nz', ONE_CHANNEL_Z)
+def test_one_channel_at_faces_and_outside(library, padding, nz):
+    """C = 1 (the 8-voxel path and its scalar remainder) at positions on, just inside and
+    beyond the faces along every axis, against the pure-TF warp."""
+    rng = np.random.default_rng(100 + nz)
+    size = (3, 4, nz)
+    image = rng.random((2,) + size + (1,), dtype=np.float32)
+    flow = edge_flow(rng, 2, size)
+    dy = rng.normal(size=image.shape).astype(np.float32)
+    got = forward_and_gradients(ops.warp_op, image, flow, dy, padding)
+    want = forward_and_gradients(st.warp_tf, image, flow, dy, padding)
+    for name, a, b in zip(['output', 'd image', 'd flow'], got, want):
+        assert np.abs(a - b).max() < 1e-5, name
+
+
+def clamp_bound_flow(flow, padding):
+    """``flow`` with each non-finite component replaced by the displacement to the bound the
+    op clamps that position to: NaN and -inf to the lower bound, +inf to the upper one;
+    the bounds are [0, n - 1] with 'border' padding and [-2, n + 1] with 'zeros'."""
+    sizes = flow.shape[1:4]
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in sizes], indexing='ij'), -1)
+    margin = 0 if padding == 'border' else 2
+    lower = np.broadcast_to(-margin - grid, flow.shape)
+    upper = np.broadcast_to(np.array(sizes) - 1 + margin - grid, flow.shape)
+    out = np.where(np.isnan(flow) | (flow == -np.inf), lower, flow)
+    return np.where(flow == np.inf, upper, out).astype(np.float32)
+
+
+@pytest.mark.parametrize('padding', PADDINGS)
+@pytest.mark.parametrize('nz', ONE_CHANNEL_Z)
+def test_one_channel_non_finite_flow(library, padding, nz):
+    """NaN and +-inf flow components (one per voxel, in vectors and remainders alike).
+
+    The pure-TF warp returns NaN there (and for +-inf with 'zeros' padding); the op instead
+    clamps such a position like a finite one beyond the bound (NaN to the lower bound) and
+    returns a finite value: the pure-TF warp's value at that bound.
+    """
+    rng = np.random.default_rng(200 + nz)
+    size = (3, 4, nz)
+    image = rng.random((2,) + size + (1,), dtype=np.float32)
+    flow = rng.normal(0, 2, (2,) + size + (3,)).astype(np.float32)
+    bad = rng.random((2,) + size) < 0.4
+    axis = rng.integers(0, 3, bad.sum())
+    flow[bad, axis] = rng.choice(np.array([np.nan, np.inf, -np.inf], np.float32), bad.sum())
+    got = run(lambda i, f: ops.warp_op(i, f, padding), [image, flow])
+    want = run(lambda i, f: st.warp_tf(i, f, padding), [image, clamp_bound_flow(flow, padding)])
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() < 1e-5
+
+
 @pytest.mark.parametrize('padding', PADDINGS)
 def test_gradients_match_finite_differences(library, padding):
     rng = np.random.default_rng(11)
