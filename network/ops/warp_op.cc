@@ -19,17 +19,22 @@
 //
 // Layout of the work: voxels are processed in runs of up to kRun consecutive voxels along
 // z within one (b, x, y) row. For a run, SetupRun first computes each axis' neighbour
-// offsets and weights for all its voxels (a branch-free loop the compiler vectorises),
-// then the 8 corners are read and interpolated. Runs are spread over TensorFlow's
-// intra-op thread pool.
+// offsets and weights for its voxels (a branch-free loop the compiler vectorises), then
+// the 8 corners are read and interpolated. Runs are spread over TensorFlow's intra-op
+// thread pool.
 //
 // Forward interpolation: when compiled with AVX2 (build.py adds -mavx2 -mfma on CPUs that
-// have them), one channel is interpolated 8 voxels at a time, reading each corner row's
-// two z neighbours with one 8-byte load (AVX2 gathers measured 1.5x slower than these
-// plain loads on our Ice Lake machines); other channel counts use 4-channel vectors per
-// voxel. The
-// portable scalar loop serves the remaining voxels and builds without AVX2. All paths
-// read the same corners with the same weights.
+// have them), one channel is warped 8 voxels at a time: their neighbours and weights are
+// computed in registers straight from the flow (bit-identical to SetupRun's), and each
+// corner row's two z neighbours are read with one 8-byte load (AVX2 gathers measured 1.5x
+// slower than these plain loads on our Ice Lake machines). Other channel counts use
+// 4-channel vectors per voxel. The portable scalar loop serves the remaining voxels and
+// builds without AVX2. All paths read the same corners with the same weights.
+//
+// Non-finite flows: a position of +-inf is clamped like any position beyond that face,
+// NaN like one below 0: with "border" onto the face (NaN onto 0), with "zeros" to where
+// all corners are outside (the sample is 0). So the output stays finite where warp_tf
+// returns NaN.
 
 #include <algorithm>
 #include <cstdint>
@@ -143,12 +148,14 @@ inline void SetNeighbours(float pos, int32_t size, int32_t stride, int i, AxisRu
   }
 }
 
-// Neighbours along x, y and z of every voxel of run r, as offsets into a batch item of
-// `channels` channels (weight derivatives only if kSlopes). One loop reads the three flow components of each voxel together,
-// which vectorises far better than three strided passes.
+// Neighbours along x, y and z of voxels [begin, n) of run r, as offsets into a batch item
+// of `channels` channels (weight derivatives only if kSlopes). One loop reads the three
+// flow components of each voxel together, which vectorises far better than three strided
+// passes.
 template <Padding P, bool kSlopes>
-void SetupRun(const Grid& g, int64_t channels, const Run& r, const float* __restrict flow,
-              AxisRun* __restrict ax, AxisRun* __restrict ay, AxisRun* __restrict az) {
+void SetupRun(const Grid& g, int64_t channels, const Run& r, int begin,
+              const float* __restrict flow, AxisRun* __restrict ax, AxisRun* __restrict ay,
+              AxisRun* __restrict az) {
   const float* __restrict f = flow + 3 * r.voxel;
   const auto nx = static_cast<int32_t>(g.nx);
   const auto ny = static_cast<int32_t>(g.ny);
@@ -160,7 +167,7 @@ void SetupRun(const Grid& g, int64_t channels, const Run& r, const float* __rest
   const auto y = static_cast<float>(r.y);
   const auto z0 = static_cast<float>(r.z0);
   const int n = static_cast<int>(r.n);
-  for (int i = 0; i < n; ++i) {
+  for (int i = begin; i < n; ++i) {
     SetNeighbours<P, kSlopes>(x + f[3 * i], nx, stride_x, i, ax);
     SetNeighbours<P, kSlopes>(y + f[3 * i + 1], ny, stride_y, i, ay);
     SetNeighbours<P, kSlopes>((z0 + static_cast<float>(i)) + f[3 * i + 2], nz, stride_z, i, az);
@@ -306,45 +313,104 @@ inline void LoadPairs8(const float* src, const int32_t start[8], __m256* lower, 
   *upper = _mm256_shuffle_ps(a, b, 0xDD);
 }
 
-// One channel (channels == 1, nz >= 2): trilinear values at voxels [0, n & ~7) of a run,
-// 8 voxels at a time; returns the number of voxels done. Each voxel's two z neighbours
-// lie in the pair q, q + 1 with q = min(lower z offset, nz - 2), so one 8-byte load per
-// corner row reads both; a blend then picks the neighbour values exactly as the scalar
-// code reads them (a clamped neighbour may be q or q + 1).
-inline int InterpolatePairs(const float* __restrict src, const AxisRun axes[3], int32_t nz,
-                            int n, float* __restrict dst) {
-  const AxisRun& ax = axes[0];
-  const AxisRun& ay = axes[1];
-  const AxisRun& az = axes[2];
+// The x, y and z components of 8 voxels' flows, flow[0 .. 23] stored xyz, xyz, ...: in
+// the three vectors loaded, component k of voxel v sits at position 3v + k. The lanes
+// holding x (or y, z) components are distinct across the three vectors, so two blends
+// collect them into one vector and a permutation puts voxel v into lane v.
+inline void LoadFlow8(const float* flow, __m256* fx, __m256* fy, __m256* fz) {
+  const __m256 a = _mm256_loadu_ps(flow);       // x0 y0 z0 x1 y1 z1 x2 y2
+  const __m256 b = _mm256_loadu_ps(flow + 8);   // z2 x3 y3 z3 x4 y4 z4 x5
+  const __m256 c = _mm256_loadu_ps(flow + 16);  // y5 z5 x6 y6 z6 x7 y7 z7
+  const __m256 x = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x92), c, 0x24);  // x0 x3 x6 x1 ..
+  const __m256 y = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x24), c, 0x49);  // y5 y0 y3 y6 ..
+  const __m256 z = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x49), c, 0x92);  // z2 z5 z0 z3 ..
+  *fx = _mm256_permutevar8x32_ps(x, _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5));
+  *fy = _mm256_permutevar8x32_ps(y, _mm256_setr_epi32(1, 4, 7, 2, 5, 0, 3, 6));
+  *fz = _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7));
+}
+
+// One axis' neighbours of 8 sample positions, lane-wise as SetNeighbours computes them:
+// the lower ([0]) and upper ([1]) grid index clamped into the volume (not multiplied by
+// a stride) and their interpolation weights.
+struct Axis8 {
+  __m256i index[2];
+  __m256 weight[2];
+};
+
+template <Padding P>
+inline Axis8 Neighbours8(__m256 pos, int32_t size) {
+  const float last = static_cast<float>(size - 1);
+  const float margin = P == Padding::kBorder ? 0.f : 2.f;  // as in SetNeighbours
+  // max_ps returns its second operand when the first is NaN: NaN becomes the lower bound,
+  // as in ClampF.
+  const __m256 p = _mm256_min_ps(_mm256_max_ps(pos, _mm256_set1_ps(-margin)),
+                                 _mm256_set1_ps(last + margin));
+  const __m256 lo_f = _mm256_floor_ps(p);
+  const __m256i lo = _mm256_cvttps_epi32(lo_f);
+  const __m256i corner[2] = {lo, _mm256_add_epi32(lo, _mm256_set1_epi32(1))};
+  const __m256 t = _mm256_sub_ps(p, lo_f);
+  Axis8 a;
+  a.weight[0] = _mm256_sub_ps(_mm256_set1_ps(1.f), t);
+  a.weight[1] = t;
+  for (int k = 0; k < 2; ++k) {
+    a.index[k] = _mm256_min_epi32(_mm256_max_epi32(corner[k], _mm256_setzero_si256()),
+                                  _mm256_set1_epi32(size - 1));
+    if (P == Padding::kZeros) {
+      // A corner outside the volume (moved by the clamp) gets weight +0, as
+      // (weight >= 0) * 0 in SetNeighbours.
+      const __m256i inside = _mm256_cmpeq_epi32(corner[k], a.index[k]);
+      a.weight[k] = _mm256_and_ps(a.weight[k], _mm256_castsi256_ps(inside));
+    }
+  }
+  return a;
+}
+
+// One channel (channels == 1, nz >= 2): trilinear values at voxels [0, n & ~7) of run r,
+// 8 voxels at a time, computing their neighbours from the flow in registers (the same
+// values SetupRun would store); returns the number of voxels done. Each voxel's two z
+// neighbours lie in the pair q, q + 1 with q = min(lower z index, nz - 2), so one 8-byte
+// load per corner row reads both; a blend then picks the neighbour values exactly as the
+// scalar code reads them (a clamped neighbour may be q or q + 1).
+template <Padding P>
+inline int InterpolatePairs(const Grid& g, const Run& r, const float* __restrict flow,
+                            const float* __restrict src, float* __restrict dst) {
+  const auto ny = static_cast<int32_t>(g.ny);
+  const auto nz = static_cast<int32_t>(g.nz);
+  const __m256i stride_x = _mm256_set1_epi32(static_cast<int32_t>(g.ny * g.nz));
+  const __m256i stride_y = _mm256_set1_epi32(nz);
   const __m256i last_pair = _mm256_set1_epi32(nz - 2);
-  const int end = n & ~7;
+  const __m256 x = _mm256_set1_ps(static_cast<float>(r.x));
+  const __m256 y = _mm256_set1_ps(static_cast<float>(r.y));
+  const __m256 lanes = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+  const float* __restrict f = flow + 3 * r.voxel;
+  const int end = static_cast<int>(r.n) & ~7;
   for (int i = 0; i < end; i += 8) {
-    const __m256i z0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(az.offset[0] + i));
-    const __m256i z1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(az.offset[1] + i));
-    const __m256i q = _mm256_min_epi32(z0, last_pair);
-    const __m256 upper0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(z0, q));
-    const __m256 upper1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(z1, q));
-    const __m256 wz0 = _mm256_loadu_ps(az.weight[0] + i);
-    const __m256 wz1 = _mm256_loadu_ps(az.weight[1] + i);
+    __m256 fx, fy, fz;
+    LoadFlow8(f + 3 * i, &fx, &fy, &fz);
+    const Axis8 ax = Neighbours8<P>(_mm256_add_ps(x, fx), static_cast<int32_t>(g.nx));
+    const Axis8 ay = Neighbours8<P>(_mm256_add_ps(y, fy), ny);
+    // z of voxel i + v: (z0 + i) + v, exact in float as in SetupRun.
+    const __m256 z = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(r.z0 + i)), lanes);
+    const Axis8 az = Neighbours8<P>(_mm256_add_ps(z, fz), nz);
+    const __m256i q = _mm256_min_epi32(az.index[0], last_pair);
+    const __m256 upper0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(az.index[0], q));
+    const __m256 upper1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(az.index[1], q));
     __m256 along_y[2];
     for (int ix = 0; ix < 2; ++ix) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ax.offset[ix] + i));
+      const __m256i row_x = _mm256_add_epi32(_mm256_mullo_epi32(ax.index[ix], stride_x), q);
       __m256 along_z[2];
       for (int iy = 0; iy < 2; ++iy) {
-        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ay.offset[iy] + i));
         alignas(32) int32_t start[8];
         _mm256_store_si256(reinterpret_cast<__m256i*>(start),
-                           _mm256_add_epi32(_mm256_add_epi32(x, y), q));
+                           _mm256_add_epi32(row_x, _mm256_mullo_epi32(ay.index[iy], stride_y)));
         __m256 lower, upper;
         LoadPairs8(src, start, &lower, &upper);
-        along_z[iy] = Lerp8(_mm256_blendv_ps(lower, upper, upper0), wz0,
-                            _mm256_blendv_ps(lower, upper, upper1), wz1);
+        along_z[iy] = Lerp8(_mm256_blendv_ps(lower, upper, upper0), az.weight[0],
+                            _mm256_blendv_ps(lower, upper, upper1), az.weight[1]);
       }
-      along_y[ix] = Lerp8(along_z[0], _mm256_loadu_ps(ay.weight[0] + i), along_z[1],
-                          _mm256_loadu_ps(ay.weight[1] + i));
+      along_y[ix] = Lerp8(along_z[0], ay.weight[0], along_z[1], ay.weight[1]);
     }
-    _mm256_storeu_ps(dst + i, Lerp8(along_y[0], _mm256_loadu_ps(ax.weight[0] + i), along_y[1],
-                                    _mm256_loadu_ps(ax.weight[1] + i)));
+    _mm256_storeu_ps(dst + i, Lerp8(along_y[0], ax.weight[0], along_y[1], ax.weight[1]));
   }
   return end;
 }
@@ -389,17 +455,17 @@ void WarpRuns(const Grid& g, int64_t channels, const float* image, const float* 
   AxisRun axes[3];
   for (int64_t index = first; index < last; ++index) {
     const Run r = RunAt(g, index);
-    SetupRun<P, false>(g, channels, r, flow, &axes[0], &axes[1], &axes[2]);
     const float* src = image + r.b * g.voxels() * channels;
     float* dst = out + r.voxel * channels;
     const int n = static_cast<int>(r.n);
-    int done = 0;
+    int done = 0;  // voxels of the run already written
 #ifdef __AVX2__
-    if (channels == 1 && g.nz >= 2) {
-      done = InterpolatePairs(src, axes, static_cast<int32_t>(g.nz), n, dst);
-    } else {
-      done = InterpolateChannelVectors(src, axes, channels, n, dst);
-    }
+    const bool pairs = channels == 1 && g.nz >= 2;
+    if (pairs) done = InterpolatePairs<P>(g, r, flow, src, dst);
+#endif
+    SetupRun<P, false>(g, channels, r, done, flow, &axes[0], &axes[1], &axes[2]);
+#ifdef __AVX2__
+    if (!pairs) done = InterpolateChannelVectors(src, axes, channels, n, dst);
 #endif
     InterpolateScalar(src, axes, channels, done, n, dst);
   }
@@ -462,7 +528,7 @@ class WarpGradFlowOp : public WarpKernelBase {
         AxisRun axes[3];
         for (int64_t index = first; index < last; ++index) {
           const Run r = RunAt(g, index);
-          SetupRun<kPadding, true>(g, channels, r, flow_data, &axes[0], &axes[1], &axes[2]);
+          SetupRun<kPadding, true>(g, channels, r, 0, flow_data, &axes[0], &axes[1], &axes[2]);
           const AxisRun& ax = axes[0];
           const AxisRun& ay = axes[1];
           const AxisRun& az = axes[2];
@@ -567,7 +633,8 @@ class WarpGradImageOp : public WarpKernelBase {
           const int64_t end = b * item_runs + (s + 1) * item_runs / splits;
           for (int64_t index = begin; index < end; ++index) {
             const Run r = RunAt(g, index);
-            SetupRun<kPadding, false>(g, channels, r, flow_data, &axes[0], &axes[1], &axes[2]);
+            SetupRun<kPadding, false>(g, channels, r, 0, flow_data, &axes[0], &axes[1],
+                                      &axes[2]);
             const float* upstream = grad_data + r.voxel * channels;
             for (int i = 0; i < r.n; ++i, upstream += channels) {
               const Corners k = CornersAt(axes, i);
