@@ -64,7 +64,20 @@ def _check_header(handle, path, flow_shape=None):
     return stored
 
 
-class FlowStoreWriter:
+class _StoreFile:
+    """An open store file (``self._file``, h5py) closed by ``close`` or on leaving a ``with`` block."""
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class FlowStoreWriter(_StoreFile):
     """Appends teacher flows to a store (created if missing). Use as a context manager.
 
     flow_shape: [X, Y, Z, 3]; teacher: the checkpoint prefix the flows come from (an existing
@@ -122,17 +135,8 @@ class FlowStoreWriter:
         self._file.move(partial, key)
         self._file.flush()
 
-    def close(self):
-        self._file.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class FlowStore:
+class FlowStore(_StoreFile):
     """Reads a store. ``image_size`` [X, Y, Z] (optional) must match the stored flows' shape."""
 
     def __init__(self, path, image_size=None):
@@ -168,15 +172,6 @@ class FlowStore:
     def missing(self, pairs):
         """The (id1, id2) pairs of ``pairs`` that have no stored flow."""
         return [(a, b) for a, b in pairs if not self.has(a, b)]
-
-    def close(self):
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _take(batch, index):
