@@ -67,9 +67,10 @@ LEARNED = {  # key: (label, train.py arguments, uses the teacher)
     'l2': ('LDR + L2 distillation', ['-b', 'LDR', '--distill', 'l2'], True),
     'voxelmorph': ('VoxelMorph + affine', ['-b', 'VoxelMorph'], False),
 }
+PAPER_LR = 1e-4  # Adam learning rate of the paper and the original code
 BASELINES = ('identity', 'ants_syn', 'elastix_bspline', 'elastix_affine_bspline')
 DEMO = {'n_scans': 16, 'n_val': 2, 'n_test': 3, 'image_size': 64, 'steps': 200, 'teacher_steps': 240,
-        'batch': 2, 'lr': 1e-3, 'teacher_lr': 1e-4, 'methods': ['teacher', 'ldr', 'aldk'], 'paired': True}
+        'batch': 2, 'lr': 1e-3, 'teacher_lr': PAPER_LR, 'methods': ['teacher', 'ldr', 'aldk'], 'paired': True}
 ECHO_PREFIXES = ('step ', 'validation at', 'Finished', 'Graph built', 'Distillation', 'Teacher flows', 'wrote ',
                  'Evaluating', 'Restored', 'warning', 'error')
 FIGURE_PAIRS = 4
@@ -761,7 +762,7 @@ def resolve_args(args):
             raise cli.UserError('--steps is required with -d (e.g. --steps 20000)')
         args.teacher_steps = args.teacher_steps or args.steps
         args.batch = args.batch or 4
-        args.lr = args.lr or 1e-4
+        args.lr = args.lr or PAPER_LR
         args.teacher_lr = args.teacher_lr or args.lr
         args.methods = args.methods or list(LEARNED)
         args.name = args.name or os.path.splitext(os.path.basename(args.dataset))[0]
