@@ -63,6 +63,9 @@ def build_parser():
                    help='update the critic every N-th step, before that step\'s student update (student: every step)')
     g.add_argument('--critic_lr_factor', type=float, default=1.0,
                    help='critic learning rate = this x the student\'s (same schedule)')
+    g.add_argument('--critic_units', choices=('normalized', 'rms', 'voxels'), default='normalized',
+                   help='metric of the gradient penalty, hence the scale of the adversarial gradient '
+                        '(network.aldk.Critic)')
     return p
 
 
@@ -149,12 +152,12 @@ def build_framework(args, net_args, image_size, dataset, devices):
                                  augment=not args.no_augment, method='aldk' if args.aldk else 'l2', teacher=teacher,
                                  stored_flows=bool(args.pretrained_flow_path), beta=args.beta, gamma=args.gamma,
                                  lamb=args.lamb, critic_every=args.critic_every,
-                                 critic_lr_factor=args.critic_lr_factor)
+                                 critic_lr_factor=args.critic_lr_factor, critic_units=args.critic_units)
     source = ('teacher {} ({:,} parameters, frozen, not saved)'.format(args.teacher, teacher.parameter_count)
               if teacher else 'teacher flows of {}'.format(args.pretrained_flow_path))
     print('Distillation: {}, {}, beta {} gamma {} lamb {}{}'.format(
         'ALDK' if args.aldk else 'L2', source, args.beta, args.gamma, args.lamb,
-        ', critic every {} steps'.format(args.critic_every) if args.aldk else ''))
+        ', critic every {} steps, critic units {}'.format(args.critic_every, args.critic_units) if args.aldk else ''))
     return framework
 
 
