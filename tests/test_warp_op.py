@@ -111,19 +111,22 @@ def edge_flow(rng, batch, size):
     return (np.stack(targets, -1) - grid).astype(np.float32)
 
 
-# Z lengths around the one-channel 8-voxel vectors: depth 1 (no z pair), 2 (one pair), 8
-# (one full vector), 13 and 21 (vectors plus scalar remainders).
-ONE_CHANNEL_Z = (1, 2, 8, 13, 21)
+# Z lengths around the 8-voxel setup vectors: depth 1 (no z pair), 2 (one pair), 8 (one
+# full vector), 13 and 21 (vectors plus scalar remainders).
+PAIR_Z = (1, 2, 8, 13, 21)
+# Channel counts: 1 (pair path), 2-4 (channel-pair path), 5 (4-channel vectors).
+PATH_CHANNELS = (1, 2, 3, 4, 5)
 
 
 @pytest.mark.parametrize('padding', PADDINGS)
-@pytest.mark.parametrize('nz', ONE_CHANNEL_Z)
-def test_one_channel_at_faces_and_outside(library, padding, nz):
-    """C = 1 (the 8-voxel path and its scalar remainder) at positions on, just inside and
-    beyond the faces along every axis, against the pure-TF warp."""
-    rng = np.random.default_rng(100 + nz)
+@pytest.mark.parametrize('nz', PAIR_Z)
+@pytest.mark.parametrize('channels', PATH_CHANNELS)
+def test_faces_and_outside(library, padding, nz, channels):
+    """Every forward path and its scalar remainder at positions on, just inside and beyond
+    the faces along every axis, against the pure-TF warp."""
+    rng = np.random.default_rng(100 + nz + 10 * channels)
     size = (3, 4, nz)
-    image = rng.random((2,) + size + (1,), dtype=np.float32)
+    image = rng.random((2,) + size + (channels,), dtype=np.float32)
     flow = edge_flow(rng, 2, size)
     dy = rng.normal(size=image.shape).astype(np.float32)
     got = forward_and_gradients(ops.warp_op, image, flow, dy, padding)
@@ -146,17 +149,18 @@ def clamp_bound_flow(flow, padding):
 
 
 @pytest.mark.parametrize('padding', PADDINGS)
-@pytest.mark.parametrize('nz', ONE_CHANNEL_Z)
-def test_one_channel_non_finite_flow(library, padding, nz):
+@pytest.mark.parametrize('nz', PAIR_Z)
+@pytest.mark.parametrize('channels', PATH_CHANNELS)
+def test_non_finite_flow(library, padding, nz, channels):
     """NaN and +-inf flow components (one per voxel, in vectors and remainders alike).
 
     The pure-TF warp returns NaN there (and for +-inf with 'zeros' padding); the op instead
     clamps such a position like a finite one beyond the bound (NaN to the lower bound) and
     returns a finite value: the pure-TF warp's value at that bound.
     """
-    rng = np.random.default_rng(200 + nz)
+    rng = np.random.default_rng(200 + nz + 10 * channels)
     size = (3, 4, nz)
-    image = rng.random((2,) + size + (1,), dtype=np.float32)
+    image = rng.random((2,) + size + (channels,), dtype=np.float32)
     flow = rng.normal(0, 2, (2,) + size + (3,)).astype(np.float32)
     bad = rng.random((2,) + size) < 0.4
     axis = rng.integers(0, 3, bad.sum())

@@ -29,9 +29,12 @@
 // SetupRun's) and stores them; the second reads each corner row's two z neighbours with
 // one 8-byte broadcast load and interpolates. Split so, the loads no longer wait on the
 // arithmetic (1.3x faster than one fused pass); AVX2 gathers measured 2.5-3x slower than
-// these plain loads on our Ice Lake machines. Other channel counts use
-// 4-channel vectors per voxel. The portable scalar loop serves the remaining voxels and
-// builds without AVX2. All paths read the same corners with the same weights.
+// these plain loads on our Ice Lake machines. Two to four channels share that first pass;
+// the second then reads each corner row's z pair (2C floats) with one 8-float load per
+// voxel (InterpolateChannelPairs; it sums the z neighbours last, which rounds differently
+// by about one ulp). More channels use 4-channel vectors per voxel. The portable scalar
+// loop serves the remaining voxels and builds without AVX2. All paths read the same
+// corners with the same weights.
 //
 // Non-finite flows: a position of +-inf is clamped like any position beyond that face,
 // NaN like one below 0: with "border" onto the face (NaN onto 0), with "zeros" to where
@@ -379,28 +382,34 @@ inline Axis8 Neighbours8(__m256 pos, int32_t size) {
   return a;
 }
 
-// One channel, 8 voxels at a time: what the interpolation needs of a run's voxels, kept
-// in memory so that the loads of the second pass do not wait on the arithmetic of the first.
+// What the interpolation needs of a run's voxels, computed 8 voxels at a time and kept in
+// memory, so that the loads of the second pass do not wait on the arithmetic of the first.
 // Each voxel's two z neighbours lie in the pair q, q + 1 with q = min(lower z index,
-// nz - 2), so one 8-byte load per corner row reads both; `upper` then says, per z
-// neighbour, whether it is q + 1 (all bits set) or q (zero): a clamped neighbour may be
-// either.
+// nz - 2), so one load per corner row reads both: 2 floats for one channel, 2C for C.
+// `upper` says, per z neighbour, whether it is q + 1 (all bits set) or q (zero): a clamped
+// neighbour may be either. `pair_weight` is the weight of element q ([0]) and q + 1 ([1]):
+// the sum of the neighbours' weights that fall on it. When both neighbours fall on one
+// element the other's weight is 0 (clamping only merges them where the position is on or
+// beyond the last voxel, whose upper weight is 0, or where a neighbour lies outside with
+// "zeros"), so each sum equals a single weight exactly.
 struct PairRun {
   alignas(32) int32_t start[2][2][kRun];  // [ix][iy]: element offset of corner row's pair
   alignas(32) float upper[2][kRun];
+  alignas(32) float pair_weight[2][kRun];
   alignas(32) float weight[3][2][kRun];  // [axis][lower / upper neighbour]
 };
 
-// First pass (channels == 1, nz >= 2): PairRun entries of voxels [0, n & ~7) of run r,
-// computed in registers straight from the flow, bit-identical to SetupRun's values; returns
-// n & ~7.
+// First pass (nz >= 2): PairRun entries of voxels [0, n & ~7) of run r for an image of
+// `channels` channels, computed in registers straight from the flow, bit-identical to
+// SetupRun's values; returns n & ~7.
 template <Padding P>
-inline int SetupPairs(const Grid& g, const Run& r, const float* __restrict flow,
+inline int SetupPairs(const Grid& g, int64_t channels, const Run& r, const float* __restrict flow,
                       PairRun* __restrict run) {
   const auto ny = static_cast<int32_t>(g.ny);
   const auto nz = static_cast<int32_t>(g.nz);
-  const __m256i stride_x = _mm256_set1_epi32(static_cast<int32_t>(g.ny * g.nz));
-  const __m256i stride_y = _mm256_set1_epi32(nz);
+  const auto c = static_cast<int32_t>(channels);
+  const __m256i stride_x = _mm256_set1_epi32(static_cast<int32_t>(g.ny * g.nz) * c);
+  const __m256i stride_y = _mm256_set1_epi32(nz * c);
   const __m256i last_pair = _mm256_set1_epi32(nz - 2);
   const __m256 x = _mm256_set1_ps(static_cast<float>(r.x));
   const __m256 y = _mm256_set1_ps(static_cast<float>(r.y));
@@ -418,13 +427,20 @@ inline int SetupPairs(const Grid& g, const Run& r, const float* __restrict flow,
             _mm256_add_ps(_mm256_add_ps(_mm256_set1_ps(static_cast<float>(r.z0 + i)), lanes), fz),
             nz)};
     const __m256i q = _mm256_min_epi32(axes[2].index[0], last_pair);
+    __m256 on_q = _mm256_setzero_ps(), on_next = _mm256_setzero_ps();
     for (int k = 0; k < 2; ++k) {
-      _mm256_store_ps(run->upper[k] + i,
-                      _mm256_castsi256_ps(_mm256_cmpgt_epi32(axes[2].index[k], q)));
+      const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(axes[2].index[k], q));
+      _mm256_store_ps(run->upper[k] + i, upper);
+      on_q = _mm256_add_ps(on_q, _mm256_andnot_ps(upper, axes[2].weight[k]));
+      on_next = _mm256_add_ps(on_next, _mm256_and_ps(upper, axes[2].weight[k]));
       for (int a = 0; a < 3; ++a) _mm256_store_ps(run->weight[a][k] + i, axes[a].weight[k]);
     }
+    _mm256_store_ps(run->pair_weight[0] + i, on_q);
+    _mm256_store_ps(run->pair_weight[1] + i, on_next);
+    const __m256i q_elements = _mm256_mullo_epi32(q, _mm256_set1_epi32(c));
     for (int ix = 0; ix < 2; ++ix) {
-      const __m256i row_x = _mm256_add_epi32(_mm256_mullo_epi32(axes[0].index[ix], stride_x), q);
+      const __m256i row_x =
+          _mm256_add_epi32(_mm256_mullo_epi32(axes[0].index[ix], stride_x), q_elements);
       for (int iy = 0; iy < 2; ++iy) {
         _mm256_store_si256(
             reinterpret_cast<__m256i*>(run->start[ix][iy] + i),
@@ -454,6 +470,50 @@ inline void InterpolatePairs(const float* __restrict src, const PairRun& run, in
       along_y[ix] = Lerp8(along_z[0], weight(1, 0), along_z[1], weight(1, 1));
     }
     _mm256_storeu_ps(dst + i, Lerp8(along_y[0], weight(0, 0), along_y[1], weight(0, 1)));
+  }
+}
+
+// Second pass for kC = 2, 3 or 4 channels: trilinear values at voxels [0, end) from the
+// PairRun; `item` is the number of floats in src. One voxel at a time, each corner row's
+// pair (2 kC floats) is read with one 8-float load and weighted lane-wise (element q's
+// channels in lanes [0, kC), q + 1's in [kC, 2 kC)); the rows are combined along y and x in
+// that layout and the two halves added at the end. Summing the z neighbours last rounds
+// differently from the scalar path (by about one float ulp of the value). A load that
+// would reach past src is masked to the 2 kC floats. Each voxel is stored as 4 floats; the
+// surplus ones fall on the run's next voxel, which is written after it, and the run's last
+// voxel is stored masked, so no other run's output is touched.
+template <int kC>
+inline void InterpolateChannelPairs(const float* __restrict src, int64_t item, const PairRun& run,
+                                    int end, float* __restrict dst) {
+  static_assert(kC >= 2 && kC <= 4, "2 kC floats must fit one 8-float vector");
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 second = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lanes, _mm256_set1_epi32(kC - 1)));
+  const __m256i pair_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * kC), lanes);
+  const __m256i fold = _mm256_add_epi32(lanes, _mm256_set1_epi32(kC));  // lane k <- lane k + kC
+  const __m128i store_mask = _mm_cmpgt_epi32(_mm_set1_epi32(kC), _mm_setr_epi32(0, 1, 2, 3));
+  for (int i = 0; i < end; ++i) {
+    const __m256 wz = _mm256_blendv_ps(_mm256_set1_ps(run.pair_weight[0][i]),
+                                       _mm256_set1_ps(run.pair_weight[1][i]), second);
+    const bool inside = run.start[1][1][i] + 8 <= item;  // the largest of the four starts
+    auto weight = [&](int axis, int k) { return _mm256_set1_ps(run.weight[axis][k][i]); };
+    __m256 along_y[2];
+    for (int ix = 0; ix < 2; ++ix) {
+      __m256 along_z[2];
+      for (int iy = 0; iy < 2; ++iy) {
+        const float* pair = src + run.start[ix][iy][i];
+        along_z[iy] = _mm256_mul_ps(
+            inside ? _mm256_loadu_ps(pair) : _mm256_maskload_ps(pair, pair_mask), wz);
+      }
+      along_y[ix] = Lerp8(along_z[0], weight(1, 0), along_z[1], weight(1, 1));
+    }
+    const __m256 both = Lerp8(along_y[0], weight(0, 0), along_y[1], weight(0, 1));
+    const __m128 value =
+        _mm256_castps256_ps128(_mm256_add_ps(both, _mm256_permutevar8x32_ps(both, fold)));
+    if (i + 1 < end) {
+      _mm_storeu_ps(dst + i * kC, value);
+    } else {
+      _mm_maskstore_ps(dst + i * kC, store_mask, value);
+    }
   }
 }
 
@@ -505,10 +565,16 @@ void WarpRuns(const Grid& g, int64_t channels, const float* image, const float* 
     const int n = static_cast<int>(r.n);
     int done = 0;  // voxels of the run already written
 #ifdef __AVX2__
-    const bool pairs = channels == 1 && g.nz >= 2;
+    const bool pairs = channels <= 4 && g.nz >= 2;
     if (pairs) {
-      done = SetupPairs<P>(g, r, flow, &pair_run);
-      InterpolatePairs(src, pair_run, done, dst);
+      done = SetupPairs<P>(g, channels, r, flow, &pair_run);
+      const int64_t item = g.voxels() * channels;
+      switch (channels) {
+        case 1: InterpolatePairs(src, pair_run, done, dst); break;
+        case 2: InterpolateChannelPairs<2>(src, item, pair_run, done, dst); break;
+        case 3: InterpolateChannelPairs<3>(src, item, pair_run, done, dst); break;
+        default: InterpolateChannelPairs<4>(src, item, pair_run, done, dst); break;
+      }
     }
 #endif
     SetupRun<P, false>(g, channels, r, done, flow, &axes[0], &axes[1], &axes[2]);
