@@ -162,6 +162,8 @@ class Teacher:
     The constructor already refuses (ValueError, one line) a checkpoint that cannot be read or
     lacks the VTN-only variables (the affine stem's conv6_1, each cascade's pred6), so a wrong
     teacher fails before any graph is built; ``restore`` then checks every variable's shape.
+    checkpoint=None gives a teacher without weights to restore (its initialisers' random
+    weights; for benchmarks), whose ``restore`` raises ValueError.
     """
 
     def __init__(self, net_args, checkpoint, image_size, name='teacher', stored_scope='rcn'):
@@ -170,6 +172,8 @@ class Teacher:
         self.stored_scope = stored_scope
         self.net = RecursiveCascade(name, **net_args)
         check_teacher_net(self.net, checkpoint)
+        if checkpoint is None:
+            return
         stored = self._stored_shapes()
         signature = ['affine_stem/conv6_1/W'] + ['deform_stem_%d/pred6/W' % i for i in range(self.net.n_cascades)]
         missing = [k for k in signature if '{}/{}'.format(stored_scope, k) not in stored]
@@ -208,6 +212,8 @@ class Teacher:
 
     def restore(self, sess):
         """Load the teacher's weights; ValueError (one line) if the checkpoint does not fit."""
+        if self.checkpoint is None:
+            raise ValueError('this teacher has no checkpoint to restore')
         stored = self._stored_shapes()
         mapping = {self.stored_name(v): v for v in self.variables}
         bad = [k for k, v in mapping.items() if stored.get(k) != v.shape.as_list()]
