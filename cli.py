@@ -12,6 +12,8 @@ import sys
 import tempfile
 
 EXIT_USAGE = 2
+# network.subnets.BASE_NETWORKS' keys, listed here so that argument parsing needs no TensorFlow.
+BASE_NETWORK_NAMES = ('VTN', 'VoxelMorph', 'LDR', 'LDROriginal')
 
 
 def parse_devices(flag):

@@ -18,7 +18,7 @@ import cli
 
 def build_parser():
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-b', '--base_network', default=None,
+    p.add_argument('-b', '--base_network', default=None, choices=cli.BASE_NETWORK_NAMES,
                    help='VTN, VoxelMorph, LDR (paper architecture) or LDROriginal (default VTN)')
     p.add_argument('-n', '--n_cascades', type=int, default=None, help='number of cascades (default 1)')
     p.add_argument('-r', '--rep', type=int, default=None, help='shared-weight repeats per cascade (default 1)')

@@ -59,8 +59,7 @@ CASES = [
     Case('train-missing-spec', 'train.py', train('no_such_spec.json'), 'no_such_spec.json: cannot read'),
     Case('train-size-not-divisible', 'train.py', train('size40.json', '-b', 'VTN'),  # imports TensorFlow
          '40x40x40 is not divisible by 64'),
-    Case('train-unknown-base', 'train.py', train(None, '-b', 'ResNet'),  # imports TensorFlow
-         "unknown base network 'ResNet'"),
+    Case('train-unknown-base', 'train.py', train(None, '-b', 'ResNet'), "invalid choice: 'ResNet'"),
     Case('train-bad-gpu', 'train.py', train(None, '-g', 'zero'), "bad -g 'zero'"),
     Case('train-output-exists', 'train.py', train(None, '--output', 'tiny'), 'run directory weights/tiny exists'),
     Case('train-flow-store-of-another-shape', 'train.py',

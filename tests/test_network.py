@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import cli
 from network import layers, losses, subnets
 from network.augment import bspline_basis, invert_points, random_ffd
 from network.cascade import RecursiveCascade, make_net_args
@@ -22,6 +23,10 @@ def _params(cls, size=64):
     (subnets.VTN, 28.2e6, 0.03), (subnets.VTNAffineStem, 14.2e6, 0.03), (subnets.LDROriginal, 0.28e6, 0.03)])
 def test_parameter_counts(cls, expected, tol):
     assert abs(_params(cls) - expected) / expected < tol
+
+
+def test_command_line_lists_every_base_network():
+    assert cli.BASE_NETWORK_NAMES == tuple(subnets.BASE_NETWORKS)
 
 
 def test_paper_ldr_is_an_order_of_magnitude_smaller_than_vtn():
