@@ -2,10 +2,11 @@
 
 Usage: ``python -m bench.warp [--size 128] [--threads 2]``
 
-For batch 1 and 4 and C = 1 and 3 it times, in one process and one TF session per case
-(intra- and inter-op threads = --threads), the forward pass and the forward + backward pass
-(gradients w.r.t. image and flow) of ``network.ops.warp_op`` and of
-``network.spatial_transformer.warp_tf``: the median of several runs after one warm-up.
+For batch 1 and 4 and C = 1 and 3 it times, in one process with one TF session per case and
+implementation (intra- and inter-op threads = --threads), the forward pass and the forward +
+backward pass (gradients w.r.t. image and flow) of ``network.ops.warp_op`` and of
+``network.spatial_transformer.warp_tf``: the median of 5-15 runs after one warm-up, the two
+implementations' runs alternating, so that load from other processes falls on both alike.
 Inputs live in TF variables, so no feeding or fetching is timed. Flows are smooth random
 fields like registration output (a 5^3 grid of N(0, 3^2)-voxel displacements, upsampled
 trilinearly), so some samples fall outside the volume; padding 'border'.
@@ -33,17 +34,12 @@ from network.spatial_transformer import warp_tf
 CASES = [(1, 1), (1, 3), (4, 1), (4, 3)]  # (batch, channels)
 
 
-def timed_runs(run, budget, min_runs, max_runs):
-    """Medians (wall seconds, process CPU seconds) of ``run()`` after one warm-up.
+def median_times(run, count):
+    """Medians (wall seconds, process CPU seconds) of ``count`` calls of ``run()``.
 
-    As many runs as fit ``budget`` seconds, within [min_runs, max_runs]. CPU time sums
-    all threads of this process; unlike wall time it barely grows when other processes
-    compete for the cores.
+    CPU time sums all threads of this process; unlike wall time it barely grows when other
+    processes compete for the cores.
     """
-    start = time.perf_counter()
-    run()
-    first = time.perf_counter() - start
-    count = int(min(max_runs, max(min_runs, budget // max(first, 1e-6))))
     walls, cpus = [], []
     for _ in range(count):
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -53,11 +49,34 @@ def timed_runs(run, budget, min_runs, max_runs):
     return statistics.median(walls), statistics.median(cpus)
 
 
+def alternating_times(runs, budget, min_rounds, max_rounds):
+    """Per callable of ``runs``, its median_times over rounds that call each once in turn.
+
+    One warm-up call each first; then as many rounds as fit ``budget`` seconds, within
+    [min_rounds, max_rounds]. Alternating keeps a burst of load on the shared machine from
+    falling on one implementation only, so the ratios of the medians are steadier than
+    those of back-to-back series.
+    """
+    start = time.perf_counter()
+    for run in runs:
+        run()
+    first = time.perf_counter() - start
+    count = int(min(max_rounds, max(min_rounds, budget // max(first, 1e-6))))
+    samples = [([], []) for _ in runs]
+    for _ in range(count):
+        for run, (walls, cpus) in zip(runs, samples):
+            wall, cpu = median_times(run, 1)
+            walls.append(wall)
+            cpus.append(cpu)
+    return [(statistics.median(walls), statistics.median(cpus)) for walls, cpus in samples]
+
+
 def memcpy_rate():
     """Bytes/s of a numpy copy of 256 MB (read + write counted)."""
     src = np.ones(64 * 2 ** 20, dtype=np.float32)
     dst = np.empty_like(src)
-    seconds, _ = timed_runs(lambda: np.copyto(dst, src), budget=2.0, min_runs=5, max_runs=20)
+    np.copyto(dst, src)
+    seconds, _ = median_times(lambda: np.copyto(dst, src), 10)
     return 2 * src.nbytes / seconds
 
 
@@ -77,8 +96,9 @@ def smooth_flow(rng, batch, size):
     return flow.astype(np.float32)
 
 
-def time_case(warp_fn, batch, channels, size, threads, budget, min_runs, max_runs):
-    """timed_runs results of the forward and the forward + backward pass of ``warp_fn``."""
+def open_case(warp_fn, batch, channels, size, threads):
+    """A TF session holding ``warp_fn``'s graph for one case, and its forward and forward +
+    backward (gradients w.r.t. image and flow) as zero-argument callables."""
     rng = np.random.RandomState(0)
     shape = (batch, size, size, size)
     image = rng.rand(*shape, channels).astype(np.float32)
@@ -96,11 +116,23 @@ def time_case(warp_fn, batch, channels, size, threads, budget, min_runs, max_run
         init = tf.variables_initializer(variables)
     config = tf.ConfigProto(intra_op_parallelism_threads=threads,
                             inter_op_parallelism_threads=threads)
-    with tf.Session(graph=graph, config=config) as sess:
-        sess.run(init, feed_dict=values)
-        fwd = timed_runs(lambda: sess.run(forward), budget, min_runs, max_runs)
-        both = timed_runs(lambda: sess.run(backward), budget, min_runs, max_runs)
-    return fwd, both
+    sess = tf.Session(graph=graph, config=config)
+    sess.run(init, feed_dict=values)
+    return sess, (lambda: sess.run(forward)), (lambda: sess.run(backward))
+
+
+def time_case(batch, channels, size, threads):
+    """Median (wall, CPU) seconds of the op's and the pure-TF warp's forward and forward +
+    backward passes, each pass timed in alternating rounds: ((op fwd, tf fwd), (op both,
+    tf both))."""
+    op_sess, op_fwd, op_both = open_case(ops.warp_op, batch, channels, size, threads)
+    tf_sess, tf_fwd, tf_both = open_case(warp_tf, batch, channels, size, threads)
+    try:
+        return (alternating_times([op_fwd, tf_fwd], budget=8.0, min_rounds=5, max_rounds=15),
+                alternating_times([op_both, tf_both], budget=8.0, min_rounds=5, max_rounds=15))
+    finally:
+        op_sess.close()
+        tf_sess.close()
 
 
 def main():
@@ -113,10 +145,7 @@ def main():
     copy = memcpy_rate()
     rows = []
     for batch, channels in CASES:
-        op_fwd, op_both = time_case(ops.warp_op, batch, channels, args.size, args.threads,
-                                    budget=3.0, min_runs=5, max_runs=20)
-        tf_fwd, tf_both = time_case(warp_tf, batch, channels, args.size, args.threads,
-                                    budget=6.0, min_runs=3, max_runs=7)
+        (op_fwd, tf_fwd), (op_both, tf_both) = time_case(batch, channels, args.size, args.threads)
         voxels = batch * args.size ** 3
         for name, op_t, tf_t, floats in (('fwd', op_fwd, tf_fwd, 2 * channels + 3),
                                          ('fwd+bwd', op_both, tf_both, 6 * channels + 12)):
