@@ -102,6 +102,24 @@ Run RunAt(const Grid& g, int64_t index) {
   return r;
 }
 
+// The run after r (RunAt(g, index + 1) for r = RunAt(g, index)), without RunAt's divisions.
+Run NextRun(const Grid& g, Run r) {
+  r.voxel += r.n;
+  r.z0 += kRun;
+  if (r.z0 >= g.nz) {
+    r.z0 = 0;
+    if (++r.y == g.ny) {
+      r.y = 0;
+      if (++r.x == g.nx) {
+        r.x = 0;
+        ++r.b;
+      }
+    }
+  }
+  r.n = std::min<int64_t>(kRun, g.nz - r.z0);
+  return r;
+}
+
 // One axis' neighbours of the sample positions of a run's voxels: the lower ([0]) and
 // upper ([1]) grid index, clamped into the volume and multiplied by the axis' stride (an
 // element offset into one batch item); their interpolation weights; and the derivatives
@@ -590,8 +608,8 @@ void WarpRuns(const Grid& g, int64_t channels, const float* image, const float* 
 #ifdef __AVX2__
   PairRun pair_run;
 #endif
-  for (int64_t index = first; index < last; ++index) {
-    const Run r = RunAt(g, index);
+  Run r = RunAt(g, first);
+  for (int64_t index = first; index < last; ++index, r = NextRun(g, r)) {
     const float* src = image + r.b * g.voxels() * channels;
     float* dst = out + r.voxel * channels;
     const int n = static_cast<int>(r.n);
@@ -610,6 +628,7 @@ void WarpRuns(const Grid& g, int64_t channels, const float* image, const float* 
       }
     }
 #endif
+    if (done == n) continue;
     SetupRun<P, false>(g, channels, r, done, flow, &axes[0], &axes[1], &axes[2]);
 #ifdef __AVX2__
     if (!pairs) done = InterpolateChannelVectors(src, axes, channels, n, dst);
@@ -673,8 +692,8 @@ class WarpGradFlowOp : public WarpKernelBase {
       const int64_t channels = decltype(fixed)::value > 0 ? decltype(fixed)::value : g.channels;
       auto shard = [&](int64_t first, int64_t last) {
         AxisRun axes[3];
-        for (int64_t index = first; index < last; ++index) {
-          const Run r = RunAt(g, index);
+        Run r = RunAt(g, first);
+        for (int64_t index = first; index < last; ++index, r = NextRun(g, r)) {
           SetupRun<kPadding, true>(g, channels, r, 0, flow_data, &axes[0], &axes[1], &axes[2]);
           const AxisRun& ax = axes[0];
           const AxisRun& ay = axes[1];
@@ -778,8 +797,8 @@ class WarpGradImageOp : public WarpKernelBase {
           std::fill(dst, dst + item, 0.f);
           const int64_t begin = b * item_runs + s * item_runs / splits;
           const int64_t end = b * item_runs + (s + 1) * item_runs / splits;
-          for (int64_t index = begin; index < end; ++index) {
-            const Run r = RunAt(g, index);
+          Run r = RunAt(g, begin);
+          for (int64_t index = begin; index < end; ++index, r = NextRun(g, r)) {
             SetupRun<kPadding, false>(g, channels, r, 0, flow_data, &axes[0], &axes[1],
                                       &axes[2]);
             const float* upstream = grad_data + r.voxel * channels;
