@@ -63,7 +63,7 @@ def build_parser():
                    help='update the critic every N-th step, before that step\'s student update (student: every step)')
     g.add_argument('--critic_lr_factor', type=float, default=1.0,
                    help='critic learning rate = this x the student\'s (same schedule)')
-    g.add_argument('--critic_units', choices=('normalized', 'rms', 'voxels'), default='normalized',
+    g.add_argument('--critic_units', choices=cli.CRITIC_UNITS, default='normalized',
                    help='metric of the gradient penalty, hence the scale of the adversarial gradient '
                         '(network.aldk.Critic)')
     return p

@@ -34,23 +34,26 @@ from network.spatial_transformer import warp_tf
 CASES = [(1, 1), (1, 3), (4, 1), (4, 3)]  # (batch, channels)
 
 
-def median_times(run, count):
-    """Medians (wall seconds, process CPU seconds) of ``count`` calls of ``run()``.
+def timed_call(run):
+    """(wall seconds, process CPU seconds) of one call of ``run()``.
 
     CPU time sums all threads of this process; unlike wall time it barely grows when other
     processes compete for the cores.
     """
-    walls, cpus = [], []
-    for _ in range(count):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        run()
-        walls.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - start_cpu)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def medians(samples):
+    """(median wall, median CPU) of a list of timed_call results."""
+    walls, cpus = zip(*samples)
     return statistics.median(walls), statistics.median(cpus)
 
 
 def alternating_times(runs, budget, min_rounds, max_rounds):
-    """Per callable of ``runs``, its median_times over rounds that call each once in turn.
+    """Per callable of ``runs``, the medians of its timed_calls over rounds that call each
+    once in turn.
 
     One warm-up call each first; then as many rounds as fit ``budget`` seconds, within
     [min_rounds, max_rounds]. Alternating keeps a burst of load on the shared machine from
@@ -62,13 +65,11 @@ def alternating_times(runs, budget, min_rounds, max_rounds):
         run()
     first = time.perf_counter() - start
     count = int(min(max_rounds, max(min_rounds, budget // max(first, 1e-6))))
-    samples = [([], []) for _ in runs]
+    samples = [[] for _ in runs]
     for _ in range(count):
-        for run, (walls, cpus) in zip(runs, samples):
-            wall, cpu = median_times(run, 1)
-            walls.append(wall)
-            cpus.append(cpu)
-    return [(statistics.median(walls), statistics.median(cpus)) for walls, cpus in samples]
+        for run, taken in zip(runs, samples):
+            taken.append(timed_call(run))
+    return [medians(taken) for taken in samples]
 
 
 def memcpy_rate():
@@ -76,7 +77,7 @@ def memcpy_rate():
     src = np.ones(64 * 2 ** 20, dtype=np.float32)
     dst = np.empty_like(src)
     np.copyto(dst, src)
-    seconds, _ = median_times(lambda: np.copyto(dst, src), 10)
+    seconds, _ = medians([timed_call(lambda: np.copyto(dst, src)) for _ in range(10)])
     return 2 * src.nbytes / seconds
 
 
