@@ -362,6 +362,31 @@ def _flow_error(run, dataset, store, subsets):
     return float(np.mean(errors))
 
 
+
+def test_alignment_table_reports_each_students_pairs_and_its_flow_error(work, aldk_run, store, capsys):
+    """bench.aldk_alignment on the fixture's ALDK student and its own critic: one row with the val
+    pairs, cosines in [-1, 1], and the end-point error that eval's registration path gives."""
+    from bench import aldk_alignment
+    out = _in_process(aldk_alignment, ['--critic', 'weights/student', '-d', 'data/synthetic.json', '--flows',
+                                       'flows.h5', '-v', 'val', 'weights/student'], work, capsys)
+    rows = [line.strip('|').split('|') for line in out.splitlines() if line.startswith('| weights/student')]
+    assert len(rows) == 1, out
+    cells = [c.strip() for c in rows[0]]
+    assert cells[1] == '2'
+    for cell in cells[2:4]:
+        mean, std = (float(v) for v in cell.split('+-'))
+        assert -1 <= mean <= 1 and 0 <= std <= 1, cell
+    assert float(cells[4]) > 0
+    with FlowStore(store, SIZE) as flows:
+        expected = _flow_error(str(work / 'weights' / 'student'), Dataset(str(work / 'data' / 'synthetic.json')),
+                               flows, ['val'])
+    assert float(cells[5]) == pytest.approx(expected, abs=1.5e-3)
+
+    code, _, err = _script('bench/aldk_alignment.py', ['--critic', 'weights/teacher', '-d', 'data/synthetic.json',
+                                                       '--flows', 'flows.h5', 'weights/student'], work)
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert code != 0 and len(errors) == 1 and 'is not an ALDK run' in errors[0], err[-2000:]
+
 @pytest.mark.full
 def test_aldk_lowers_flow_error_to_teacher(tmp_path):
     """16 synthetic 64^3 scans (train 10: 90 pairs; held out val 2 + test 4: 14 pairs); a VTN
