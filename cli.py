@@ -188,6 +188,15 @@ def load_run_args(run_dir):
         raise UserError('{} is not valid JSON ({})'.format(path, e))
 
 
+def run_net_args(run_args, rep=None, extra=None):
+    """RecursiveCascade kwargs of a train.py run from its args.json: its base network, cascades,
+    repeats (``rep`` if given) and net_args, the options in ``extra`` overriding the latter."""
+    from network.cascade import make_net_args
+    options = parse_kwargs(run_args.get('net_args', ''), 'the run\'s net_args')
+    options.update(extra or {})
+    return make_net_args(run_args['base_network'], run_args['n_cascades'], rep or run_args.get('rep', 1), options)
+
+
 def load_model(checkpoint, image_size=None, class_values=None, rep=None, flow_multiplier=None,
                net_args_override='', threads=None):
     """Build an evaluation Framework for a train.py checkpoint and restore it.
@@ -196,17 +205,14 @@ def load_model(checkpoint, image_size=None, class_values=None, rep=None, flow_mu
     The graph holds the registration network only (no optimiser, critic or teacher).
     threads: size of the session's intra- and inter-op thread pools (None = TensorFlow's choice).
     """
-    from network.cascade import make_net_args
     from network.framework import Framework, session_config
     from network.tfv1 import tf
     run_dir, prefix, _ = resolve_checkpoint(checkpoint)
     run_args = load_run_args(run_dir)
-    extra = parse_kwargs(run_args.get('net_args', ''), 'the run\'s net_args')
-    extra.update(parse_kwargs(net_args_override, '--net_args'))
+    extra = parse_kwargs(net_args_override, '--net_args')
     if flow_multiplier is not None:
         extra['flow_multiplier'] = flow_multiplier
-    net_args = make_net_args(run_args['base_network'], run_args['n_cascades'],
-                             rep or run_args.get('rep', 1), extra)
+    net_args = run_net_args(run_args, rep, extra)
     size = image_size or run_args['image_size']
     framework = Framework(net_args, size, class_values, validation=True)
     sess = tf.Session(config=session_config(framework.devices, threads))

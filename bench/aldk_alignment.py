@@ -39,7 +39,6 @@ def cosine(a, b):
 def alignment(student, critic_args, critic_prefix, dataset, store, subsets):
     """Per-pair rows (cos adversarial, cos reconstruction, weighted norm ratio, EPE) of one student run."""
     from network.aldk import CRITIC_UNITS, DistillFramework
-    from network.cascade import make_net_args
     from network.framework import session_config
     from network.tfv1 import tf
     run_dir, prefix, _ = cli.resolve_checkpoint(student)
@@ -47,11 +46,9 @@ def alignment(student, critic_args, critic_prefix, dataset, store, subsets):
     if list(run_args['image_size']) != list(critic_args['image_size']):
         raise cli.UserError('{} was trained at {} but the critic at {}'.format(
             run_dir, 'x'.join(map(str, run_args['image_size'])), 'x'.join(map(str, critic_args['image_size']))))
-    net_args = make_net_args(run_args['base_network'], run_args['n_cascades'], run_args.get('rep', 1),
-                             cli.parse_kwargs(run_args.get('net_args', ''), 'the run\'s net_args'))
     rows = []
     with tf.Graph().as_default():
-        fw = DistillFramework(net_args, run_args['image_size'], dataset.segmentation_class_value, augment=False,
+        fw = DistillFramework(cli.run_net_args(run_args), run_args['image_size'], dataset.segmentation_class_value, augment=False,
                               method='aldk', stored_flows=True, beta=critic_args['beta'], gamma=critic_args['gamma'],
                               lamb=critic_args['lamb'], critic_units=critic_args.get('critic_units', CRITIC_UNITS))
         if fw.gamma == 0:

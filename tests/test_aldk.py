@@ -362,7 +362,6 @@ def _flow_error(run, dataset, store, subsets):
     return float(np.mean(errors))
 
 
-
 def test_alignment_table_reports_each_students_pairs_and_its_flow_error(work, aldk_run, store, capsys):
     """bench.aldk_alignment on the fixture's ALDK student and its own critic: one row with the val
     pairs, cosines in [-1, 1], and the end-point error that eval's registration path gives."""
@@ -386,6 +385,7 @@ def test_alignment_table_reports_each_students_pairs_and_its_flow_error(work, al
                                                        '--flows', 'flows.h5', 'weights/student'], work)
     errors = [line for line in err.splitlines() if line.startswith('error:')]
     assert code != 0 and len(errors) == 1 and 'is not an ALDK run' in errors[0], err[-2000:]
+
 
 @pytest.mark.full
 def test_aldk_lowers_flow_error_to_teacher(tmp_path):
