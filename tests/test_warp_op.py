@@ -43,6 +43,15 @@ def forward_and_gradients(warp_fn, image, flow, dy, padding):
     return run(graph, [image, flow])
 
 
+def assert_op_matches_pure_tf(image, flow, dy, padding):
+    """The op's output and both gradients equal the pure-TF warp's within 1e-5."""
+    got = forward_and_gradients(ops.warp_op, image, flow, dy, padding)
+    want = forward_and_gradients(st.warp_tf, image, flow, dy, padding)
+    for name, a, b in zip(['output', 'd image', 'd flow'], got, want):
+        assert a.shape == b.shape, name
+        assert np.abs(a - b).max() < 1e-5, name
+
+
 def warp_numpy(image, flow, padding):
     """float64 trilinear warp, image [B,X,Y,Z,C], flow [B,X,Y,Z,3] (voxels)."""
     sizes = image.shape[1:4]
@@ -74,11 +83,7 @@ def test_matches_pure_tf(library, padding, batch, size, channels):
     image = rng.random((batch,) + size + (channels,), dtype=np.float32)
     flow = rng.normal(0, 4, (batch,) + size + (3,)).astype(np.float32)  # many samples outside
     dy = rng.normal(size=image.shape).astype(np.float32)
-    got = forward_and_gradients(ops.warp_op, image, flow, dy, padding)
-    want = forward_and_gradients(st.warp_tf, image, flow, dy, padding)
-    for name, a, b in zip(['output', 'd image', 'd flow'], got, want):
-        assert a.shape == b.shape
-        assert np.abs(a - b).max() < 1e-5, name
+    assert_op_matches_pure_tf(image, flow, dy, padding)
 
 
 @pytest.mark.parametrize('padding', PADDINGS)
@@ -90,10 +95,21 @@ def test_matches_pure_tf_at_grid_points_and_edges(library, padding):
     flow[0, :, :, :, 0] = 5 - np.arange(6)[:, None, None]  # every x lands on the last face
     flow[1, :, :, :, 2] = -np.arange(5)[None, None, :]  # every z lands on the first face
     dy = rng.normal(size=image.shape).astype(np.float32)
-    got = forward_and_gradients(ops.warp_op, image, flow, dy, padding)
-    want = forward_and_gradients(st.warp_tf, image, flow, dy, padding)
-    for a, b in zip(got, want):
-        assert np.abs(a - b).max() < 1e-5
+    assert_op_matches_pure_tf(image, flow, dy, padding)
+
+
+@pytest.mark.parametrize('padding', PADDINGS)
+@pytest.mark.parametrize('channels', (1, 2, 3, 4))
+def test_matches_pure_tf_with_small_displacements(library, padding, channels):
+    """Small displacements, as a registration's: inside the volume nearly every group of 8
+    voxels has all upper x and y neighbours one stride above the lower ones (the pair
+    paths' shortcut), at the faces not."""
+    rng = np.random.default_rng(40 + channels)
+    size = (20, 18, 40)
+    image = rng.random((2,) + size + (channels,), dtype=np.float32)
+    flow = rng.normal(0, 0.4, (2,) + size + (3,)).astype(np.float32)
+    dy = rng.normal(size=image.shape).astype(np.float32)
+    assert_op_matches_pure_tf(image, flow, dy, padding)
 
 
 def edge_positions(size):
@@ -129,10 +145,7 @@ def test_faces_and_outside(library, padding, nz, channels):
     image = rng.random((2,) + size + (channels,), dtype=np.float32)
     flow = edge_flow(rng, 2, size)
     dy = rng.normal(size=image.shape).astype(np.float32)
-    got = forward_and_gradients(ops.warp_op, image, flow, dy, padding)
-    want = forward_and_gradients(st.warp_tf, image, flow, dy, padding)
-    for name, a, b in zip(['output', 'd image', 'd flow'], got, want):
-        assert np.abs(a - b).max() < 1e-5, name
+    assert_op_matches_pure_tf(image, flow, dy, padding)
 
 
 def clamp_bound_flow(flow, padding):

@@ -33,8 +33,12 @@
 // (which then stores each corner row's x-y weight product); the second reads each corner
 // row's z pair (2C floats) with one 8-float load per voxel (InterpolateChannelPairs; its
 // order of operations rounds differently by a few float ulp). More channels use 4-channel
-// vectors per voxel. The portable scalar loop serves the remaining voxels and builds
-// without AVX2. All paths read the same corners with the same per-axis weights.
+// vectors per voxel. Where the 8 voxels of a group all have their upper x and y neighbours
+// one stride above the lower ones (everywhere but at the faces), the second pass
+// reads one row start per voxel and reaches the other three rows by the strides (about
+// 5 % faster at one channel, 5-15 % at three). The portable scalar loop serves the
+// remaining voxels and builds without AVX2. All paths read the same corners with the same
+// per-axis weights.
 //
 // Non-finite flows: a position of +-inf is clamped like any position beyond that face,
 // NaN like one below 0: with "border" onto the face (NaN onto 0), with "zeros" to where
@@ -417,11 +421,14 @@ inline Axis8 Neighbours8(__m256 pos, int32_t size) {
 // each sum equals a single weight exactly and a q, q + 1 blend of the pair equals the
 // z interpolation of the neighbours. One channel interpolates along y and x with
 // `axis_weight`; two to four channels weight each corner row by `row_weight`.
+// `full_steps[k]`: voxels 8k .. 8k + 7 all have start[ix][iy] = start[0][0] + ix stride_x +
+// iy stride_y (no upper x or y neighbour clamped onto the lower one).
 struct PairRun {
   alignas(32) int32_t start[2][2][kRun];  // [ix][iy]: element offset of corner row's pair
   alignas(32) float pair_weight[2][kRun];
   alignas(32) float axis_weight[2][2][kRun];  // [x / y][lower / upper neighbour]
   alignas(32) float row_weight[2][2][kRun];   // [ix][iy]: x weight times y weight
+  bool full_steps[kRun / 8];
 };
 
 // First pass (nz >= 2): PairRun entries of voxels [0, n & ~7) of run r for an image of
@@ -482,6 +489,9 @@ inline int SetupPairs(const Grid& g, int64_t channels, const Run& r, const float
         _mm256_and_si256(_mm256_sub_epi32(axes[0].index[0], axes[0].index[1]), stride_x);
     const __m256i step_y =
         _mm256_and_si256(_mm256_sub_epi32(axes[1].index[0], axes[1].index[1]), stride_y);
+    run->full_steps[i / 8] =
+        _mm256_movemask_epi8(_mm256_and_si256(_mm256_cmpeq_epi32(step_x, stride_x),
+                                              _mm256_cmpeq_epi32(step_y, stride_y))) == -1;
     for (int ix = 0; ix < 2; ++ix) {
       const __m256i row_x = ix ? _mm256_add_epi32(base, step_x) : base;
       for (int iy = 0; iy < 2; ++iy) {
@@ -494,10 +504,11 @@ inline int SetupPairs(const Grid& g, int64_t channels, const Run& r, const float
 }
 
 // Second pass: trilinear values at voxels [0, end) (a multiple of 8) from the PairRun
-// (axis_weight), one channel, 8 voxels at a time: along z, then y, then x.
-inline void InterpolatePairs(const float* __restrict src, const PairRun& run, int end,
-                             float* __restrict dst) {
-  for (int i = 0; i < end; i += 8) {
+// (axis_weight), one channel, 8 voxels at a time: along z, then y, then x. stride_x and
+// stride_y are the image's element strides (rows reached from start[0][0] on full_steps).
+inline void InterpolatePairs(const float* __restrict src, int32_t stride_x, int32_t stride_y,
+                             const PairRun& run, int end, float* __restrict dst) {
+  auto eight = [&](int i, auto full) {
     const __m256 on_q = _mm256_load_ps(run.pair_weight[0] + i);
     const __m256 on_next = _mm256_load_ps(run.pair_weight[1] + i);
     auto weight = [&](int axis, int k) { return _mm256_load_ps(run.axis_weight[axis][k] + i); };
@@ -506,12 +517,24 @@ inline void InterpolatePairs(const float* __restrict src, const PairRun& run, in
       __m256 along_z[2];
       for (int iy = 0; iy < 2; ++iy) {
         __m256 lower, upper;
-        LoadPairs8(src, run.start[ix][iy] + i, &lower, &upper);
+        if (decltype(full)::value) {
+          const float* row = src + (ix ? stride_x : 0) + (iy ? stride_y : 0);
+          LoadPairs8(row, run.start[0][0] + i, &lower, &upper);
+        } else {
+          LoadPairs8(src, run.start[ix][iy] + i, &lower, &upper);
+        }
         along_z[iy] = Lerp8(lower, on_q, upper, on_next);
       }
       along_y[ix] = Lerp8(along_z[0], weight(1, 0), along_z[1], weight(1, 1));
     }
     _mm256_storeu_ps(dst + i, Lerp8(along_y[0], weight(0, 0), along_y[1], weight(0, 1)));
+  };
+  for (int i = 0; i < end; i += 8) {
+    if (run.full_steps[i / 8]) {
+      eight(i, std::true_type());
+    } else {
+      eight(i, std::false_type());
+    }
   }
 }
 
@@ -519,50 +542,66 @@ inline void InterpolatePairs(const float* __restrict src, const PairRun& run, in
 // PairRun (row_weight); `item` is the number of floats in src. One voxel at a time, each
 // corner row's pair (2 kC floats) is read with one 8-float load (element q's channels in
 // lanes [0, kC), q + 1's in [kC, 2 kC)); the four rows are summed with their x-y weights,
-// the sum is weighted lane-wise by the pair weights and its two halves are added. This
+// and the sum's two halves are added, weighted by the pair weights. This
 // order rounds differently from the separable one (by a few float ulp of the value). A
 // load that would reach past src is masked to the 2 kC floats. Each voxel is stored as 4
 // floats; the surplus ones fall on the run's next voxel, which is written after it, and
 // the run's last voxel is stored masked, so no other run's output is touched. The corner
 // rows of the voxel 16 ahead are prefetched (about 8 % faster at three channels; it did
-// not help one channel).
+// not help one channel). stride_x and stride_y as in InterpolatePairs.
 template <int kC>
-inline void InterpolateChannelPairs(const float* __restrict src, int64_t item, const PairRun& run,
-                                    int end, float* __restrict dst) {
+inline void InterpolateChannelPairs(const float* __restrict src, int64_t item, int32_t stride_x,
+                                    int32_t stride_y, const PairRun& run, int end,
+                                    float* __restrict dst) {
   static_assert(kC >= 2 && kC <= 4, "2 kC floats must fit one 8-float vector");
   constexpr int kPrefetch = 16;  // voxels ahead whose corner rows are prefetched
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256 second = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lanes, _mm256_set1_epi32(kC - 1)));
   const __m256i pair_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * kC), lanes);
   const __m256i fold = _mm256_add_epi32(lanes, _mm256_set1_epi32(kC));  // lane k <- lane k + kC
   const __m128i store_mask = _mm_cmpgt_epi32(_mm_set1_epi32(kC), _mm_setr_epi32(0, 1, 2, 3));
-  for (int i = 0; i < end; ++i) {
+  const int64_t diagonal = static_cast<int64_t>(stride_x) + stride_y;
+  auto voxel = [&](int i, auto full) {
     if (i + kPrefetch < end) {
+      const float* ahead = src + run.start[0][0][i + kPrefetch];
+      _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + stride_y), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + stride_x), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + diagonal), _MM_HINT_T0);
+    }
+    const float* rows[2][2];
+    if (decltype(full)::value) {
+      rows[0][0] = src + run.start[0][0][i];
+      rows[0][1] = rows[0][0] + stride_y;
+      rows[1][0] = rows[0][0] + stride_x;
+      rows[1][1] = rows[0][0] + diagonal;
+    } else {
       for (int ix = 0; ix < 2; ++ix) {
-        for (int iy = 0; iy < 2; ++iy) {
-          _mm_prefetch(reinterpret_cast<const char*>(src + run.start[ix][iy][i + kPrefetch]),
-                       _MM_HINT_T0);
-        }
+        for (int iy = 0; iy < 2; ++iy) rows[ix][iy] = src + run.start[ix][iy][i];
       }
     }
-    const bool inside = run.start[1][1][i] + 8 <= item;  // the largest of the four starts
+    const bool inside = rows[1][1] + 8 <= src + item;  // the largest of the four rows
     __m256 sum = _mm256_setzero_ps();
     for (int ix = 0; ix < 2; ++ix) {
       for (int iy = 0; iy < 2; ++iy) {
-        const float* pair = src + run.start[ix][iy][i];
+        const float* pair = rows[ix][iy];
         sum = _mm256_fmadd_ps(inside ? _mm256_loadu_ps(pair) : _mm256_maskload_ps(pair, pair_mask),
                               _mm256_set1_ps(run.row_weight[ix][iy][i]), sum);
       }
     }
-    const __m256 both = _mm256_mul_ps(sum, _mm256_blendv_ps(_mm256_set1_ps(run.pair_weight[0][i]),
-                                                            _mm256_set1_ps(run.pair_weight[1][i]),
-                                                            second));
-    const __m128 value =
-        _mm256_castps256_ps128(_mm256_add_ps(both, _mm256_permutevar8x32_ps(both, fold)));
+    const __m128 value = _mm256_castps256_ps128(
+        _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sum, fold), _mm256_set1_ps(run.pair_weight[1][i]),
+                        _mm256_mul_ps(sum, _mm256_set1_ps(run.pair_weight[0][i]))));
     if (i + 1 < end) {
       _mm_storeu_ps(dst + i * kC, value);
     } else {
       _mm_maskstore_ps(dst + i * kC, store_mask, value);
+    }
+  };
+  for (int group = 0; group < end; group += 8) {
+    if (run.full_steps[group / 8]) {
+      for (int i = group; i < group + 8; ++i) voxel(i, std::true_type());
+    } else {
+      for (int i = group; i < group + 8; ++i) voxel(i, std::false_type());
     }
   }
 }
@@ -620,11 +659,13 @@ void WarpRuns(const Grid& g, int64_t channels, const float* image, const float* 
       done = channels == 1 ? SetupPairs<P, false>(g, channels, r, flow, &pair_run)
                            : SetupPairs<P, true>(g, channels, r, flow, &pair_run);
       const int64_t item = g.voxels() * channels;
+      const auto sy = static_cast<int32_t>(g.nz * channels);
+      const auto sx = static_cast<int32_t>(g.ny) * sy;
       switch (channels) {
-        case 1: InterpolatePairs(src, pair_run, done, dst); break;
-        case 2: InterpolateChannelPairs<2>(src, item, pair_run, done, dst); break;
-        case 3: InterpolateChannelPairs<3>(src, item, pair_run, done, dst); break;
-        default: InterpolateChannelPairs<4>(src, item, pair_run, done, dst); break;
+        case 1: InterpolatePairs(src, sx, sy, pair_run, done, dst); break;
+        case 2: InterpolateChannelPairs<2>(src, item, sx, sy, pair_run, done, dst); break;
+        case 3: InterpolateChannelPairs<3>(src, item, sx, sy, pair_run, done, dst); break;
+        default: InterpolateChannelPairs<4>(src, item, sx, sy, pair_run, done, dst); break;
       }
     }
 #endif
