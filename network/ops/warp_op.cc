@@ -35,8 +35,8 @@
 // order of operations rounds differently by a few float ulp). More channels use 4-channel
 // vectors per voxel. Where the 8 voxels of a group all have their upper x and y neighbours
 // one stride above the lower ones (everywhere but at the faces), the second pass
-// reads one row start per voxel and reaches the other three rows by the strides (about
-// 5 % faster at one channel, 5-15 % at three). The portable scalar loop serves the
+// reads one row start per voxel and reaches the other three rows by the strides (measured
+// 4-6 % faster at one channel, 3-10 % at three). The portable scalar loop serves the
 // remaining voxels and builds without AVX2. All paths read the same corners with the same
 // per-axis weights.
 //
