@@ -83,6 +83,9 @@ constexpr int kRun = 64;  // voxels per work unit along z
 struct Grid {
   int64_t batch, nx, ny, nz, channels;
   int64_t voxels() const { return nx * ny * nz; }  // voxels of one batch item
+  // Element strides of the y and x axes in one batch item of `c` channels (< 2^31, checked).
+  int32_t stride_y(int64_t c) const { return static_cast<int32_t>(nz * c); }
+  int32_t stride_x(int64_t c) const { return static_cast<int32_t>(ny * nz * c); }
   int64_t runs_per_row() const { return (nz + kRun - 1) / kRun; }
   int64_t runs() const { return batch * nx * ny * runs_per_row(); }  // runs of the batch
 };
@@ -189,8 +192,8 @@ void SetupRun(const Grid& g, int64_t channels, const Run& r, int begin,
   const auto ny = static_cast<int32_t>(g.ny);
   const auto nz = static_cast<int32_t>(g.nz);
   const auto stride_z = static_cast<int32_t>(channels);
-  const auto stride_y = static_cast<int32_t>(g.nz * channels);
-  const auto stride_x = static_cast<int32_t>(g.ny * g.nz * channels);
+  const int32_t stride_y = g.stride_y(channels);
+  const int32_t stride_x = g.stride_x(channels);
   const auto x = static_cast<float>(r.x);
   const auto y = static_cast<float>(r.y);
   const auto z0 = static_cast<float>(r.z0);
@@ -440,8 +443,8 @@ inline int SetupPairs(const Grid& g, int64_t channels, const Run& r, const float
   const auto ny = static_cast<int32_t>(g.ny);
   const auto nz = static_cast<int32_t>(g.nz);
   const auto c = static_cast<int32_t>(channels);
-  const __m256i stride_x = _mm256_set1_epi32(static_cast<int32_t>(g.ny * g.nz) * c);
-  const __m256i stride_y = _mm256_set1_epi32(nz * c);
+  const __m256i stride_x = _mm256_set1_epi32(g.stride_x(channels));
+  const __m256i stride_y = _mm256_set1_epi32(g.stride_y(channels));
   const __m256i last_pair = _mm256_set1_epi32(nz - 2);
   const __m256 x = _mm256_set1_ps(static_cast<float>(r.x));
   const __m256 y = _mm256_set1_ps(static_cast<float>(r.y));
@@ -659,8 +662,8 @@ void WarpRuns(const Grid& g, int64_t channels, const float* image, const float* 
       done = channels == 1 ? SetupPairs<P, false>(g, channels, r, flow, &pair_run)
                            : SetupPairs<P, true>(g, channels, r, flow, &pair_run);
       const int64_t item = g.voxels() * channels;
-      const auto sy = static_cast<int32_t>(g.nz * channels);
-      const auto sx = static_cast<int32_t>(g.ny) * sy;
+      const int32_t sx = g.stride_x(channels);
+      const int32_t sy = g.stride_y(channels);
       switch (channels) {
         case 1: InterpolatePairs(src, sx, sy, pair_run, done, dst); break;
         case 2: InterpolateChannelPairs<2>(src, item, sx, sy, pair_run, done, dst); break;
