@@ -434,6 +434,11 @@ struct PairRun {
   bool full_steps[kRun / 8];
 };
 
+// Voxels ahead of the current group whose flow SetupPairs prefetches (four runs). Measured at
+// 128^3: the first pass alone 14 % faster on one thread; the whole forward pass on two threads
+// 1.4-8.7 % faster (median 2 %) over eight paired runs at B 1 and 4, C 1 and 3.
+constexpr int64_t kFlowAhead = 4 * kRun;
+
 // First pass (nz >= 2): PairRun entries of voxels [0, n & ~7) of run r for an image of
 // `channels` channels, computed in registers straight from the flow with SetupRun's
 // neighbours and weights; row_weight if kRowWeights, else axis_weight. Returns n & ~7.
@@ -450,8 +455,14 @@ inline int SetupPairs(const Grid& g, int64_t channels, const Run& r, const float
   const __m256 y = _mm256_set1_ps(static_cast<float>(r.y));
   const __m256 lanes = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
   const float* __restrict f = flow + 3 * r.voxel;
+  const int64_t flow_last = 3 * g.batch * g.voxels() - 1;
   const int end = static_cast<int>(r.n) & ~7;
   for (int i = 0; i < end; i += 8) {
+    // The 96 bytes of flow of the group kFlowAhead voxels on, one prefetch per 64-byte line.
+    for (int64_t line = 0; line < 2; ++line) {
+      const int64_t ahead = 3 * (r.voxel + i + kFlowAhead) + 16 * line;
+      _mm_prefetch(reinterpret_cast<const char*>(flow + std::min(ahead, flow_last)), _MM_HINT_T0);
+    }
     __m256 fx, fy, fz;
     LoadFlow8(f + 3 * i, &fx, &fy, &fz);
     const Axis8 axes[3] = {
