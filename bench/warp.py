@@ -58,18 +58,18 @@ def alternating_times(runs, budget, min_rounds, max_rounds):
     """Per callable of ``runs``, the medians of its timed_calls over rounds that call each
     once in turn.
 
-    One warm-up call each first; then as many rounds as fit ``budget`` seconds, within
+    One warm-up call each first (it holds TF's one-time set-up, so it is not timed); then as
+    many rounds as fit ``budget`` seconds at the pace of the first timed round, within
     [min_rounds, max_rounds]. Alternating keeps a burst of load on the shared machine from
     falling on one implementation only, so the ratios of the medians are steadier than
     those of back-to-back series.
     """
-    start = time.perf_counter()
     for run in runs:
         run()
-    first = time.perf_counter() - start
-    count = int(min(max_rounds, max(min_rounds, budget // max(first, 1e-6))))
-    samples = [[] for _ in runs]
-    for _ in range(count):
+    samples = [[timed_call(run)] for run in runs]
+    first_round = sum(taken[0][0] for taken in samples)
+    count = int(min(max_rounds, max(min_rounds, budget // max(first_round, 1e-6))))
+    for _ in range(count - 1):
         for run, taken in zip(runs, samples):
             taken.append(timed_call(run))
     return [medians(taken) for taken in samples]
