@@ -8,8 +8,7 @@ backward pass (gradients w.r.t. image and flow) of ``network.ops.warp_op`` and o
 ``network.spatial_transformer.warp_tf``: the median of 5-45 runs after one warm-up (as many as
 fit 12 s per pass), the two implementations' runs alternating, so that load from other
 processes falls on both alike. Slow spells of these shared machines last tens of seconds and
-slow the op more than pure TF (in one 45-round series at B 1, C 3 the ratio of 15-round medians
-fell from 21x to 17x); a longer series lets one move the median less.
+can slow the op more than pure TF; a longer series lets one move the medians less.
 Inputs live in TF variables, so no feeding or fetching is timed. Flows are smooth random
 fields like registration output (a 5^3 grid of N(0, 3^2)-voxel displacements, upsampled
 trilinearly), so some samples fall outside the volume; padding 'border'.
