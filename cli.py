@@ -78,6 +78,35 @@ def run(main):
         fail('interrupted')
 
 
+class _LineStream:
+    """A text stream for tqdm that writes each refresh of the bar as a line of its own, so that
+    a log file or a pipe gets readable lines instead of carriage returns piling up on one."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace('\r', '').rstrip()
+        if text:
+            self.stream.write(text + '\n')
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress(total, desc, unit, initial=0, enabled=True, log_interval=30.0):
+    """A tqdm progress bar on stderr, redrawn in place on a terminal. Elsewhere (a log file, a
+    pipe) it writes plain lines: none for work shorter than ``log_interval`` seconds (so a
+    quick job or a one-line error stays clean), else one every ``log_interval`` seconds and
+    one at the end."""
+    from tqdm import tqdm
+    stream = sys.stderr
+    if stream.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, file=stream)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled,
+                file=_LineStream(stream), mininterval=log_interval, delay=log_interval)
+
+
 def parse_kwargs(text, flag):
     """Parse ``"a=1, b='x'"`` (the original's --net_args/--data_args syntax) into a dict, safely."""
     text = (text or '').strip()

@@ -62,11 +62,9 @@ def evaluate(sess, framework, dataset, subset, batch_size):
     seconds: wall time of ``framework.register`` per pair of its batch. The first batch is
     registered once untimed beforehand, so TensorFlow's one-off graph set-up is not counted.
     """
-    from tqdm import tqdm
     records = []
     warmed = False
-    progress = tqdm(total=dataset.num_pairs(subset), desc='evaluating {}'.format(subset), unit='pair',
-                    file=sys.stderr)
+    progress = cli.progress(dataset.num_pairs(subset), 'evaluating {}'.format(subset), 'pair')
     for batch in dataset.generator(subset, batch_size=batch_size):
         if not warmed:
             framework.register(sess, batch)
@@ -118,8 +116,6 @@ def report_text(records, summary):
 
 def write_flows(args, prefix, dataset, subsets):
     """--writing_flow: store the teacher's flow of every pair of ``subsets`` that the store lacks."""
-    from tqdm import tqdm
-
     from data_util.flow_store import FlowStoreWriter
     from network.aldk import check_teacher_net
     sess, framework, _, prefix = cli.load_model(
@@ -131,8 +127,7 @@ def write_flows(args, prefix, dataset, subsets):
         for subset in subsets:
             dataset.check([subset])
             written = skipped = 0
-            progress = tqdm(total=dataset.num_pairs(subset), desc='flows of {}'.format(subset), unit='pair',
-                            file=sys.stderr)
+            progress = cli.progress(dataset.num_pairs(subset), 'flows of {}'.format(subset), 'pair')
             for batch in dataset.generator(subset, batch_size=args.batch):
                 ids = list(zip(batch['id1'], batch['id2']))
                 todo = [i for i, (a, b) in enumerate(ids) if not store.has(a, b)]

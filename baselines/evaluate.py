@@ -91,8 +91,6 @@ def main(argv=None):
         raise cli.UserError('{}: {}'.format(args.method, reason))
     from data_util.dataset import Dataset
     from eval import report_text, summarize
-    from tqdm import tqdm
-
     subset = int(args.val_subset) if args.val_subset.isdigit() else args.val_subset
     dataset = Dataset(args.dataset, batch_size=1, paired=args.paired)
     dataset.check([subset])
@@ -103,8 +101,7 @@ def main(argv=None):
     records = load_partial(partial_path, args.method, args.dataset, subset)
     done = {(r['id1'], r['id2']) for r in records}
     total = dataset.num_pairs(subset) if args.max_pairs is None else min(args.max_pairs, dataset.num_pairs(subset))
-    progress = tqdm(total=total, initial=len(records), desc='{} on {}'.format(args.method, subset), unit='pair',
-                    file=sys.stderr)
+    progress = cli.progress(total, '{} on {}'.format(args.method, subset), 'pair', initial=len(records))
     for index, batch in enumerate(dataset.generator(subset, batch_size=1)):
         if index >= total:
             break

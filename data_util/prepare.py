@@ -770,9 +770,10 @@ def convert(entries, output, spec_path=None, name=None, image_type='brain', atla
         temporaries.append(h5_temporary)
         label_values = set()
         with h5py.File(h5_temporary, 'w') as h5:
-            for entry in tqdm(entries, desc='prepare', unit='scan', file=sys.stderr,
-                              disable=None if progress else True):
-                label_values |= convert_scan(entry, h5, options)
+            with cli.progress(len(entries), 'prepare', 'scan', enabled=progress) as bar:
+                for entry in entries:
+                    label_values |= convert_scan(entry, h5, options)
+                    bar.update()
         spec = build_spec(name, output, spec_path or output, ids, image_size, image_type,
                           atlas, subsets, schemes, label_values, strict_subsets)
         if spec_path:
@@ -862,7 +863,7 @@ def parse_args(argv=None):
     parser.add_argument('--roi', type=float, nargs=6, metavar=('X0', 'Y0', 'Z0', 'X1', 'Y1', 'Z1'),
                         help='crop box corners in LPS mm instead of the foreground box')
     parser.add_argument('--quiet', action='store_true',
-                        help='no progress bar (it is shown on terminals only)')
+                        help='no progress output')
     return parser.parse_args(argv)
 
 

@@ -1,4 +1,5 @@
-"""Kill and resume, half-written checkpoints, and the non-finite loss guard of train.py."""
+"""Kill and resume, half-written checkpoints, the non-finite loss guard of train.py, and progress output in logs."""
+import io
 import os
 import signal
 import subprocess
@@ -24,6 +25,28 @@ def test_unmarked_checkpoints_of_the_original_code_still_count(tmp_path):
     (tmp_path / 'model-7.index').write_bytes(b'i')
     (tmp_path / 'model-7.data-00000-of-00001').write_bytes(b'd')
     assert list(cli.list_checkpoints(str(tmp_path))) == [7]
+
+
+def test_progress_into_a_log_is_plain_lines(monkeypatch):
+    log = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, 'stderr', log)
+    with cli.progress(3, 'evaluating val', 'pair', log_interval=0) as bar:
+        for _ in range(3):
+            bar.update()
+    lines = log.getvalue().splitlines()
+    assert '\r' not in log.getvalue()
+    assert lines[0].startswith('evaluating val:   0%') and lines[-1].startswith('evaluating val: 100%')
+    assert all(line.strip() for line in lines)
+
+
+def test_progress_is_silent_when_off_or_quick(monkeypatch):
+    log = io.StringIO()
+    monkeypatch.setattr(sys, 'stderr', log)
+    with cli.progress(2, 'prepare', 'scan', enabled=False, log_interval=0) as bar:
+        bar.update(2)
+    with cli.progress(2, 'prepare', 'scan') as bar:  # done within the default 30 s
+        bar.update(2)
+    assert log.getvalue() == ''
 
 
 def test_non_finite_loss_names_step_and_terms():

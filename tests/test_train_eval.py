@@ -33,6 +33,7 @@ def test_train_then_eval_improves_dice(synthetic_spec, tmp_path):
 
     ev = run_script('eval.py', '-c', run_dir, '-v', 'val,test', cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-2000:]
+    assert '\r' not in ev.stderr  # no progress bar redrawn into a pipe
     for subset in ('val', 'test'):
         result = json.loads((tmp_path / 'evaluate' / 'e2e-200-{}.json'.format(subset)).read_text())
         assert len(result['pairs']) == 2 and result['parameters'] > 0
