@@ -8,6 +8,7 @@ what warp(affine_flow, flow) + flow equals for a linear field (no interpolation,
 import inspect
 
 from . import losses
+from .layers import transform_vectors
 from .module import Module
 from .spatial_transformer import warp
 from .subnets import AFFINE_STEMS, BASE_NETWORKS
@@ -84,7 +85,7 @@ class RecursiveCascade(Module):
         if prev is None:
             return flow
         if 'W' in prev:
-            return tf.einsum('bij,bxyzj->bxyzi', prev['W'] + tf.eye(3), flow) + prev['agg_flow']
+            return transform_vectors(prev['W'] + tf.eye(3), flow) + prev['agg_flow']
         return warp(prev['agg_flow'], flow, self.warp_padding) + flow
 
 

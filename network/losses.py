@@ -24,10 +24,21 @@ def similarity_loss(fixed, warped):
 
 
 def regularization_loss(flow):
-    """l2 (sum of squares / 2) of forward differences along X, Y, Z, divided by X*Y*Z*3. Scalar."""
-    diffs = [flow[:, 1:] - flow[:, :-1], flow[:, :, 1:] - flow[:, :, :-1],
-             flow[:, :, :, 1:] - flow[:, :, :, :-1]]
-    return tf.add_n([tf.nn.l2_loss(d) for d in diffs]) / float(np.prod(flow.shape.as_list()[1:5]))
+    """l2 (sum of squares / 2) of forward differences along X, Y, Z, divided by X*Y*Z*3. Scalar.
+
+    The neighbours are cut with tf.slice, not flow[:, 1:]: a strided slice's gradient
+    (StridedSliceGrad) made this loss 7x slower forward + backward at 128^3 on CPU (368 against
+    52 ms), a third of a student's training step.
+    """
+    shape = flow.shape.as_list()
+    diffs = []
+    for axis in (1, 2, 3):
+        size = [-1] * 5
+        size[axis] = shape[axis] - 1
+        ahead = [0] * 5
+        ahead[axis] = 1
+        diffs.append(tf.slice(flow, ahead, size) - tf.slice(flow, [0] * 5, size))
+    return tf.add_n([tf.nn.l2_loss(d) for d in diffs]) / float(np.prod(shape[1:5]))
 
 
 def _entries(m):

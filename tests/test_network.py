@@ -53,6 +53,15 @@ def test_linear_upsampling_matches_scipy_zoom():
     assert y.shape == (2, 6, 8, 2, 2) and np.abs(y - ref).max() < 1e-5
 
 
+def test_linear_upsampling_gradient_matches_finite_differences():
+    x = np.random.default_rng(1).standard_normal((2, 3, 2, 4, 2)).astype(np.float32)
+    with tf.Graph().as_default(), tf.Session():
+        x_t = tf.constant(x)
+        y = layers.upsample_linear2(x_t)
+        error = tf.test.compute_gradient_error(x_t, x.shape, y, [2, 6, 4, 8, 2], delta=1e-2)
+    assert error < 1e-3
+
+
 def test_module_reuses_variables_on_second_call():
     with tf.Graph().as_default():
         x = tf.placeholder(tf.float32, [1, 32, 32, 32, 1])
@@ -86,6 +95,19 @@ def test_similarity_and_regularization_analytic():
     assert abs(reg - (3 * 5 * 6 * 4 / 2) / (4 * 5 * 6 * 3)) < 1e-6
 
 
+def test_regularization_loss_and_gradient_against_numpy():
+    f = np.random.default_rng(6).standard_normal((2, 4, 5, 6, 3))
+    diffs = [np.diff(f, axis=axis) for axis in (1, 2, 3)]
+    expected = sum((d ** 2).sum() / 2 for d in diffs) / (4 * 5 * 6 * 3)
+    expected_grad = sum(np.pad(d, [(1, 0) if a == axis else (0, 0) for a in range(5)])
+                        - np.pad(d, [(0, 1) if a == axis else (0, 0) for a in range(5)])
+                        for axis, d in zip((1, 2, 3), diffs)) / (4 * 5 * 6 * 3)
+    loss, grad = run_graph(lambda f: (losses.regularization_loss(f), tf.gradients(losses.regularization_loss(f), f)[0]),
+                           {'f': f})
+    assert abs(loss - expected) < 1e-5 * expected
+    np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
+
+
 def test_det_and_ortho_losses_against_numpy():
     rng = np.random.default_rng(1)
     A = np.eye(3) + rng.normal(0, 0.2, (3, 3, 3))
@@ -102,13 +124,33 @@ def test_det_and_ortho_losses_against_numpy():
 
 
 def test_affine_flow_of_known_W_b():
-    W = np.array([[[0.1, 0.0, 0.2], [0.0, -0.1, 0.0], [0.3, 0.0, 0.0]]])
-    b = np.array([[1.0, -2.0, 0.5]])
+    rng = np.random.default_rng(3)
+    W, b = rng.normal(size=(2, 3, 3)), rng.normal(size=(2, 3)) * 5
     sizes = (5, 6, 7)
     flow = run_graph(lambda W, b: subnets.affine_flow(W, b, sizes), {'W': W, 'b': b})
-    p = np.array([4, 1, 3])
-    c = (np.array(sizes) - 1) / 2
-    np.testing.assert_allclose(flow[0, 4, 1, 3], W[0] @ (p - c) + b[0], atol=1e-5)
+    grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in sizes], indexing='ij'), -1)
+    np.testing.assert_allclose(flow, np.einsum('bij,xyzj->bxyzi', W, grid) + b[:, None, None, None], atol=1e-5)
+
+
+def test_affine_flow_gradients_match_finite_differences():
+    rng = np.random.default_rng(4)
+    W, b = rng.normal(size=(2, 3, 3)), rng.normal(size=(2, 3))
+    with tf.Graph().as_default(), tf.Session():
+        W_t, b_t = tf.constant(W), tf.constant(b)
+        flow = subnets.affine_flow(tf.cast(W_t, tf.float32), tf.cast(b_t, tf.float32), (3, 4, 5))
+        error = tf.test.compute_gradient_error([W_t, b_t], [W.shape, b.shape], tf.cast(flow, tf.float64),
+                                               [2, 3, 4, 5, 3], delta=1e-2)
+    assert error < 2e-3
+
+
+def test_transform_vectors_and_stack_channels_match_numpy():
+    rng = np.random.default_rng(5)
+    M, v, a, c = rng.normal(size=(2, 3, 3)), rng.normal(size=(2, 3, 4, 5, 3)), \
+        rng.normal(size=(2, 3, 4, 5, 2)), rng.normal(size=(2, 3, 4, 5, 2))
+    out = run_graph(lambda M, v: layers.transform_vectors(M, v), {'M': M, 'v': v})
+    np.testing.assert_allclose(out, np.einsum('bij,bxyzj->bxyzi', M, v), atol=1e-5)
+    pair = run_graph(lambda a, c: layers.stack_channels(a, c), {'a': a, 'c': c})
+    np.testing.assert_array_equal(pair, np.concatenate([a, c], 4).astype(np.float32))
 
 
 def test_composition_of_two_translations_is_their_sum():
