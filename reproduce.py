@@ -1,6 +1,6 @@
 """Reproduce the paper's experiments: teacher -> teacher flows -> students -> baselines -> tables.
 
-    python reproduce.py --demo                     # synthetic liver-like data, ~15 min on 2 cores
+    python reproduce.py --demo                     # synthetic liver-like data, ~10 min on 2 cores
     python reproduce.py -d datasets/lpba.json --lpba40 ../shared/data/LPBA40 --cascades 1 \\
         --steps 20000 --teacher_steps 20000        # the LPBA40 protocol, 1 cascade
     python reproduce.py -d SPEC --cascades 1 2 3 --steps N --list   # show the stages and their state
@@ -38,7 +38,7 @@ Choices:
     a teacher checkpoint with optimiser state is ~0.5 GB per cascade.
   - The demo (64^3, 16 scans: 11 train / 2 val / 3 test) evaluates the 2 adjacent test pairs
     (--paired; figure 2 shows the 2 other test scans warped to the first), so that the classical
-    baselines (~1 min per 64^3 pair for both Elastix runs together) fit in its 15 minutes; it
+    baselines (~1 min per 64^3 pair for both Elastix runs together) fit in its ~10 minutes; it
     trains 240 teacher steps at the paper's learning rate 1e-4 (at 1e-3 the VTN affine stem
     diverged within 200 steps) and 200 student steps at 1e-3 (at 1e-4 the students barely left
     the identity in 200 steps), all of 2 pairs. A demo this short leaves every learned method
@@ -706,7 +706,7 @@ def sections_main(argv):
 def build_parser():
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--demo', action='store_true',
-                   help='synthetic liver-like data at 64^3, teacher + LDR + LDR + ALDK + baselines (~15 min)')
+                   help='synthetic liver-like data at 64^3, teacher + LDR + LDR + ALDK + baselines (~10 min)')
     p.add_argument('-d', '--dataset', default=None, help='JSON dataset spec (not with --demo)')
     p.add_argument('--name', default=None, help='results/<name>/ (default: demo, or the spec file name)')
     p.add_argument('--results', default='results', help='parent directory of the run (default results)')
