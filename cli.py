@@ -101,7 +101,7 @@ def progress(total, desc, unit, initial=0, enabled=True, log_interval=30.0):
     one at the end."""
     from tqdm import tqdm
     stream = sys.stderr
-    if stream.isatty():
+    if getattr(stream, 'isatty', lambda: False)():
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, file=stream)
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled,
                 file=_LineStream(stream), mininterval=log_interval, delay=log_interval)
