@@ -102,9 +102,10 @@ def progress(total, desc, unit, initial=0, enabled=True, log_interval=30.0):
     from tqdm import tqdm
     stream = sys.stderr
     if getattr(stream, 'isatty', lambda: False)():
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, file=stream)
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled,
-                file=_LineStream(stream), mininterval=log_interval, delay=log_interval)
+        output = {'file': stream}
+    else:
+        output = {'file': _LineStream(stream), 'mininterval': log_interval, 'delay': log_interval}
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, **output)
 
 
 def parse_kwargs(text, flag):

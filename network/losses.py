@@ -28,7 +28,7 @@ def regularization_loss(flow):
 
     The neighbours are cut with tf.slice, not flow[:, 1:]: a strided slice's gradient
     (StridedSliceGrad) made this loss 7x slower forward + backward at 128^3 on CPU (368 against
-    52 ms), a third of a student's training step.
+    52 ms, timed once on 2 threads), a third of a student's training step (in a TF trace).
     """
     shape = flow.shape.as_list()
     diffs = []

@@ -28,8 +28,7 @@ class DeformableNet(Module):
 
     def _build(self, fixed, moving):
         check_size(self, fixed)
-        flow = self._flow(stack_channels(fixed, moving))
-        return {'flow': flow * self.flow_multiplier if self.flow_multiplier != 1 else flow}
+        return {'flow': self._flow(stack_channels(fixed, moving)) * self.flow_multiplier}
 
     def _flow(self, pair):
         raise NotImplementedError
@@ -158,7 +157,7 @@ def affine_flow(W, b, sizes):
     W [B,3,3], b [B,3], sizes (X, Y, Z) -> [B, X, Y, Z, 3] in voxels. Built without a grid of
     positions, as one batched matmul [B, XY, 4] x [B, 4, 3Z]: row (x, y) holds
     W[:, 0] x + W[:, 1] y + b and a 1; column (z, i) picks component i and adds W[i, 2] z
-    (9x faster than an einsum over the grid at 128^3).
+    (9x faster than an einsum over the grid at 128^3, timed once on 2 threads).
     """
     X, Y, Z = sizes
     x, y, z = [tf.range(n, dtype=tf.float32) - (n - 1) / 2.0 for n in sizes]
@@ -166,7 +165,7 @@ def affine_flow(W, b, sizes):
     in_plane = (x[None, :, None, None] * W[:, None, None, :, 0] + b[:, None, None, :]
                 + y[None, None, :, None] * W[:, None, None, :, 1])  # [B, X, Y, 3]
     rows = tf.concat([tf.reshape(in_plane, [batch, X * Y, 3]), tf.ones([batch, X * Y, 1])], 2)
-    pick = tf.tile(tf.tile(tf.eye(3), [1, Z])[None], [batch, 1, 1])  # [B, 3, 3Z]
+    pick = tf.tile(tf.eye(3)[None], [batch, 1, Z])  # [B, 3, 3Z]
     along_z = tf.reshape(z[None, :, None] * W[:, None, :, 2], [batch, 1, 3 * Z])
     columns = tf.concat([pick, along_z], 1)  # [B, 4, 3Z]
     return tf.reshape(tf.matmul(rows, columns), [batch, X, Y, Z, 3])
