@@ -4,6 +4,8 @@ With env LDR_REQUIRE_WARP_OP=1 (CI) the op must be the active warp; without it t
 still tested whenever it builds, and the op tests are skipped (with the reason) if not.
 """
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -303,3 +305,34 @@ def test_unavailable_op_falls_back_with_one_warning(monkeypatch, capsys):
         ops.load_warp_op()
     with pytest.raises(RuntimeError):
         st.warp_impl()
+
+
+def runtime_library(compiler, name):
+    """Absolute path of the compiler's runtime library ``name`` (e.g. libasan.so), or None."""
+    found = subprocess.run([compiler, '-print-file-name=' + name], stdout=subprocess.PIPE,
+                           universal_newlines=True).stdout.strip()
+    return found if os.path.isabs(found) and os.path.exists(found) else None
+
+
+@pytest.mark.slow
+def test_kernels_stay_inside_their_tensors_under_address_sanitizer(library, tmp_path):
+    """An AddressSanitizer build of the op runs forward and both gradients on shapes that reach
+    every code path, with samples at the far corner (tests/asan_warp.py, in a child process
+    with ASan preloaded). ASan aborts on any read or write outside a tensor."""
+    compiler = build.compiler()
+    runtime = [runtime_library(compiler, name) for name in ('libasan.so', 'libstdc++.so.6')]
+    if None in runtime:
+        pytest.skip('{} has no AddressSanitizer runtime (libasan.so)'.format(compiler))
+    sanitized = str(tmp_path / 'warp_op_asan.so')
+    compiled = subprocess.run(build.command(sanitized, ['-fsanitize=address', '-fno-omit-frame-pointer']),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    assert compiled.returncode == 0, compiled.stdout[-2000:]
+    # ASan's interceptors need libstdc++ loaded before TensorFlow; Python's own leaks are no finding.
+    env = dict(os.environ, LD_PRELOAD=' '.join(runtime), ASAN_OPTIONS='detect_leaks=0')
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'asan_warp.py')
+    result = subprocess.run([sys.executable, script, sanitized], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=1200)
+    findings = [line for line in result.stderr.splitlines() if 'AddressSanitizer' in line]
+    assert not findings, '\n'.join(findings + result.stderr.splitlines()[-30:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == 'checked 75 cases'

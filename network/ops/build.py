@@ -56,10 +56,14 @@ def cpu_flags():
     return ['-mavx2', '-mfma'] if {'avx2', 'fma'} <= set(flags) else []
 
 
-def command(output):
-    """The full compiler command line that writes the library to ``output``."""
-    return ([compiler()] + BASE_FLAGS + cpu_flags() + tf.sysconfig.get_compile_flags()
-            + [SOURCE, '-o', output] + tf.sysconfig.get_link_flags())
+def command(output, extra_flags=()):
+    """The full compiler command line that writes the library to ``output``.
+
+    ``extra_flags`` (e.g. a sanitizer's) go after the optimisation and CPU flags.
+    """
+    return ([compiler()] + BASE_FLAGS + cpu_flags() + list(extra_flags)
+            + tf.sysconfig.get_compile_flags() + [SOURCE, '-o', output]
+            + tf.sysconfig.get_link_flags())
 
 
 def library_path():

@@ -1,0 +1,73 @@
+"""The warp op's kernels under AddressSanitizer; run by test_warp_op.py in a child process.
+
+Usage: ``LD_PRELOAD=<libasan> python tests/asan_warp.py LIBRARY`` with LIBRARY an ASan build
+of ``network/ops/warp_op.cc`` (its ops keep their names; this process loads no other build).
+Runs the forward op and both gradient ops on shapes that reach every code path (channels 1-5;
+z lengths around the 8-voxel groups and 64-voxel runs; batch 1 and 2, so the image gradient
+splits its scatter) with flows whose last voxels sample the volume's far corner, where a
+read past the image would start. Each result must match the pure-TF warp within 1e-5. ASan
+aborts the process on the first out-of-bounds access; the last line printed is
+``checked N cases``.
+"""
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from network.spatial_transformer import warp_tf  # noqa: E402
+from network.tfv1 import tf  # noqa: E402
+
+SIZES = [(3, 3, 16), (2, 2, 9), (5, 4, 72), (4, 5, 150), (20, 18, 40)]
+
+
+def warp_and_gradients(warp, image, flow, dy, padding):
+    """[output, d image, d flow] of ``warp`` at these arrays, on 2 threads."""
+    with tf.Graph().as_default():
+        image_t, flow_t = tf.constant(image), tf.constant(flow)
+        out = warp(image_t, flow_t, padding)
+        fetches = [out] + tf.gradients(out, [image_t, flow_t], grad_ys=tf.constant(dy))
+        config = tf.ConfigProto(intra_op_parallelism_threads=2, inter_op_parallelism_threads=2)
+        with tf.Session(config=config) as sess:
+            return sess.run(fetches)
+
+
+def main(library_path):
+    library = tf.load_op_library(library_path)
+
+    @tf.RegisterGradient('LdrWarp')
+    def _grad(op, grad):
+        padding = op.get_attr('padding')
+        padding = padding.decode() if isinstance(padding, bytes) else padding
+        image, flow = op.inputs
+        return [library.ldr_warp_grad_image(image, flow, grad, padding=padding),
+                library.ldr_warp_grad_flow(image, flow, grad, padding=padding)]
+
+    def op_warp(image, flow, padding):
+        return library.ldr_warp(image, flow, padding=padding)
+
+    rng = np.random.default_rng(0)
+    cases = 0
+    for channels in (1, 2, 3, 4, 5):
+        for size in SIZES:
+            for batch, padding, scale in ((1, 'border', 0.3), (2, 'zeros', 0.3), (2, 'border', 2.0)):
+                image = rng.random((batch,) + size + (channels,), dtype=np.float32)
+                flow = rng.normal(0, scale, (batch,) + size + (3,)).astype(np.float32)
+                # The last voxels of each item sample just short of the far corner.
+                flow[:, -2:, -2:, -12:] = np.abs(flow[:, -2:, -2:, -12:]) + 0.3
+                dy = rng.normal(size=image.shape).astype(np.float32)
+                got = warp_and_gradients(op_warp, image, flow, dy, padding)
+                want = warp_and_gradients(warp_tf, image, flow, dy, padding)
+                for name, a, b in zip(('output', 'd image', 'd flow'), got, want):
+                    error = np.abs(a - b).max()
+                    if error >= 1e-5:
+                        sys.exit('{}: {} differs from the pure-TF warp by {:.2e} (C {}, size {}, '
+                                 'batch {}, {})'.format(library_path, name, error, channels, size,
+                                                        batch, padding))
+                cases += 1
+    print('checked {} cases'.format(cases))
+
+
+if __name__ == '__main__':
+    main(sys.argv[1])
