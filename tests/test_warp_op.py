@@ -315,17 +315,21 @@ def runtime_library(compiler, name):
 
 
 @pytest.mark.slow
-def test_kernels_stay_inside_their_tensors_under_address_sanitizer(library, tmp_path):
+@pytest.mark.parametrize('portable', [False, True], ids=['cpu_flags', 'portable'])
+def test_kernels_stay_inside_their_tensors_under_address_sanitizer(library, tmp_path, portable):
     """An AddressSanitizer build of the op runs forward and both gradients on shapes that reach
-    every code path, with samples at the far corner (tests/asan_warp.py, in a child process
-    with ASan preloaded). ASan aborts on any read or write outside a tensor."""
+    every code path, with samples at the far corner, and matches the pure-TF warp
+    (tests/asan_warp.py, in a child process with ASan preloaded). ASan aborts on any read or
+    write outside a tensor. The portable build (no AVX2 flags) checks the code that other
+    CPUs run."""
     compiler = build.compiler()
     runtime = [runtime_library(compiler, name) for name in ('libasan.so', 'libstdc++.so.6')]
     if None in runtime:
         pytest.skip('{} has no AddressSanitizer runtime (libasan.so)'.format(compiler))
     sanitized = str(tmp_path / 'warp_op_asan.so')
-    compiled = subprocess.run(build.command(sanitized, ['-fsanitize=address', '-fno-omit-frame-pointer']),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    flags = ['-fsanitize=address', '-fno-omit-frame-pointer']
+    compiled = subprocess.run(build.command(sanitized, flags, portable), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, universal_newlines=True)
     assert compiled.returncode == 0, compiled.stdout[-2000:]
     # ASan's interceptors need libstdc++ loaded before TensorFlow; Python's own leaks are no finding.
     env = dict(os.environ, LD_PRELOAD=' '.join(runtime), ASAN_OPTIONS='detect_leaks=0')

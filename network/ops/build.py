@@ -56,12 +56,13 @@ def cpu_flags():
     return ['-mavx2', '-mfma'] if {'avx2', 'fma'} <= set(flags) else []
 
 
-def command(output, extra_flags=()):
+def command(output, extra_flags=(), portable=False):
     """The full compiler command line that writes the library to ``output``.
 
-    ``extra_flags`` (e.g. a sanitizer's) go after the optimisation and CPU flags.
+    ``extra_flags`` (e.g. a sanitizer's) go after the optimisation and CPU flags; ``portable``
+    leaves out the CPU flags, so the library holds only the code that builds without AVX2.
     """
-    return ([compiler()] + BASE_FLAGS + cpu_flags() + list(extra_flags)
+    return ([compiler()] + BASE_FLAGS + ([] if portable else cpu_flags()) + list(extra_flags)
             + tf.sysconfig.get_compile_flags() + [SOURCE, '-o', output]
             + tf.sysconfig.get_link_flags())
 
