@@ -16,6 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from network import ops  # noqa: E402
 from network.spatial_transformer import warp_tf  # noqa: E402
 from network.tfv1 import tf  # noqa: E402
 
@@ -35,14 +36,7 @@ def warp_and_gradients(warp, image, flow, dy, padding):
 
 def main(library_path):
     library = tf.load_op_library(library_path)
-
-    @tf.RegisterGradient('LdrWarp')
-    def _grad(op, grad):
-        padding = op.get_attr('padding')
-        padding = padding.decode() if isinstance(padding, bytes) else padding
-        image, flow = op.inputs
-        return [library.ldr_warp_grad_image(image, flow, grad, padding=padding),
-                library.ldr_warp_grad_flow(image, flow, grad, padding=padding)]
+    ops._register_gradient(library)
 
     def op_warp(image, flow, padding):
         return library.ldr_warp(image, flow, padding=padding)

@@ -39,8 +39,8 @@
 // 4-6 % faster at one channel, 3-10 % at three). The portable scalar loop serves the
 // remaining voxels and builds without AVX2. All paths read the same corners with the same
 // per-axis weights. The second passes prefetch, besides the rows of the voxels just ahead,
-// the image rows the output rows two y steps on will first read (see kRowsAhead): 8 % faster
-// at one channel, 15 % at three.
+// the image rows the output rows two y steps on will first read (see kRowsAhead): 4-9 %
+// faster at one channel, 14-16 % at three.
 //
 // Non-finite flows: a position of +-inf is clamped like any position beyond that face,
 // NaN like one below 0: with "border" onto the face (NaN onto 0), with "zeros" to where
@@ -524,8 +524,8 @@ inline int SetupPairs(const Grid& g, int64_t channels, const Run& r, const float
 // new ones in time. So each group of 8 voxels prefetches into L2 the upper-x row kRowsAhead
 // y rows past its lower corner row, where the output row two y steps on will read (where the
 // flow there is alike). Measured at 128^3 on two threads, A/B builds alternating in one
-// process: the forward pass 4-9 % faster at one channel, 14-16 % at three (with the
-// per-group checks of InterpolateChannelPairs).
+// process: the forward pass 4-9 % faster at one channel, 14-16 % at three (the latter
+// together with InterpolateChannelPairs' per-group checks and prefetches).
 constexpr int kRowsAhead = 3;
 
 // Prefetches `lines` 64-byte lines (1 or 2) into L2 for the group whose first voxel's lower
@@ -588,8 +588,8 @@ inline void InterpolatePairs(const float* __restrict src, int64_t item, int32_t 
 // floats; the surplus ones fall on the run's next voxel, which is written after it, and
 // the run's last voxel is stored masked, so no other run's output is touched. Groups of 8
 // voxels that need neither (all but the run's last group, away from the item's end) skip
-// those checks. Per group, the corner rows of the voxels 16 and 21 ahead are prefetched
-// (their lines cover the group 16 on) and the rows kRowsAhead on. stride_x and stride_y as
+// those checks. Each group prefetches the corner rows of its voxels 16 and 21 on (their
+// lines cover the group two on) and the rows kRowsAhead on. stride_x and stride_y as
 // in InterpolatePairs.
 template <int kC>
 inline void InterpolateChannelPairs(const float* __restrict src, int64_t item, int32_t stride_x,
