@@ -7,17 +7,17 @@
 Writes <eval_output_dir>/<run>-<step>[-rep<R>][-<name>]-<subset>.txt (a line per pair and a
 Summary block, like the original) and the same name .json (per-pair, per-class and summary
 metrics, seconds per pair, parameter count). Existing results are kept unless --force.
+
+Dice and Jaccard are measured on the fixed scan's original grid, as predict.py measures them,
+when the dataset holds the scans' original geometry and label maps (see evaluation.py).
 """
 import argparse  # noqa: F401  (RawDescriptionHelpFormatter)
 import os
 import sys
 import time
 
-import numpy as np
-
 import cli
-
-METRICS = ('dice', 'jacc', 'landmark_dist', 'jacobian_det', 'folding')
+from evaluation import overlap_values, pair_record, report_text, summarize
 
 
 def build_parser():
@@ -46,22 +46,15 @@ def build_parser():
     return p
 
 
-def nanmean(values):
-    values = np.asarray(values, np.float64)
-    return float(np.mean(values[~np.isnan(values)])) if np.any(~np.isnan(values)) else float('nan')
-
-
-def nanstd(values):
-    values = np.asarray(values, np.float64)
-    return float(np.std(values[~np.isnan(values)])) if np.any(~np.isnan(values)) else float('nan')
-
-
 def evaluate(sess, framework, dataset, subset, batch_size):
     """Per-pair records of one subset: ids, metrics, per-class dice/jacc, seconds (network only).
 
-    seconds: wall time of ``framework.register`` per pair of its batch. The first batch is
-    registered once untimed beforehand, so TensorFlow's one-off graph set-up is not counted.
+    dice / jacc are measured on the original grids when the dataset has them (see the module
+    doc), else on the preprocessed grid; dice_grid / jacc_grid always on the grid. seconds:
+    wall time of ``framework.register`` per pair of its batch. The first batch is registered
+    once untimed beforehand, so TensorFlow's one-off graph set-up is not counted.
     """
+    values = overlap_values(dataset.segmentation_class_value, framework.class_names)
     records = []
     warmed = False
     progress = cli.progress(dataset.num_pairs(subset), 'evaluating {}'.format(subset), 'pair')
@@ -74,44 +67,10 @@ def evaluate(sess, framework, dataset, subset, batch_size):
         seconds = (time.perf_counter() - t0) / len(flow)
         res = framework.evaluate_batch(sess, batch, flow=flow)
         for i in range(len(flow)):
-            records.append({
-                'id1': str(batch['id1'][i]), 'id2': str(batch['id2'][i]),
-                'dice': nanmean(res['dices'][i]), 'jacc': nanmean(res['jaccs'][i]),
-                'landmark_dist': nanmean(res['landmark_dists'][i]),
-                'jacobian_det': float(res['jacobian_det'][i]), 'folding': float(res['folding'][i]),
-                'dices': [float(v) for v in res['dices'][i]], 'jaccs': [float(v) for v in res['jaccs'][i]],
-                'seconds': seconds})
+            records.append(pair_record(dataset, batch, i, res, flow[i], seconds, values))
         progress.update(len(flow))
     progress.close()
     return records
-
-
-def summarize(records, class_names):
-    """Mean and std of every metric over pairs, per-class means, median seconds per pair."""
-    summary = {m: {'mean': nanmean([r[m] for r in records]), 'std': nanstd([r[m] for r in records])}
-               for m in METRICS}
-    summary['seconds_per_pair'] = float(np.median([r['seconds'] for r in records]))
-    per_class = {}
-    if class_names:
-        for k, name in enumerate(class_names):
-            per_class[name] = {'dice': nanmean([r['dices'][k] for r in records]),
-                               'jacc': nanmean([r['jaccs'][k] for r in records])}
-    return summary, per_class
-
-
-def report_text(records, summary):
-    """The original's text format: 'id1 id2 dice jacc landmark jacobian' lines, then Summary."""
-    lines = ['{} {} {} {} {} {}'.format(r['id1'], r['id2'], r['dice'], r['jacc'], r['landmark_dist'],
-                                        r['jacobian_det']) for r in records]
-    s = summary
-    lines += ['Summary',
-              'Dice score: {} ({})'.format(s['dice']['mean'], s['dice']['std']),
-              'Jacc score: {} ({})'.format(s['jacc']['mean'], s['jacc']['std']),
-              'Landmark distance: {} ({})'.format(s['landmark_dist']['mean'], s['landmark_dist']['std']),
-              'Jacobian determinant: {} ({})'.format(s['jacobian_det']['mean'], s['jacobian_det']['std']),
-              'Folding fraction: {} ({})'.format(s['folding']['mean'], s['folding']['std']),
-              'Seconds per pair: {}'.format(s['seconds_per_pair'])]
-    return '\n'.join(lines) + '\n'
 
 
 def write_flows(args, prefix, dataset, subsets):

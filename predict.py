@@ -79,7 +79,6 @@ EXTENSION_FORMATS = (('.nii.gz', 'nii.gz'), ('.nii', 'nii'), ('.mha', 'mha'), ('
                      ('.nrrd', 'nrrd'), ('.nhdr', 'nrrd'))
 REPORT = 'predict.json'
 STAGES = ('read', 'load_model', 'preprocess', 'network', 'resample', 'write')
-CHUNK_VOXELS = 1 << 20
 PREVIEWS = ('fixed', 'moving', 'warped', 'checkerboard', 'flow')
 VIEWS = ('axial', 'coronal', 'sagittal')
 CHECKER_TILES = 8
@@ -94,15 +93,20 @@ def build_parser():
     p.add_argument('-o', '--output', help='output directory (must not exist unless --force)')
     p.add_argument('--moving_seg', help='label map of the moving image: warped (nearest neighbour)')
     p.add_argument('--fixed_seg', help='label map of the fixed image: Dice per label against the warped one')
-    p.add_argument('--modality', choices=('mr', 'ct'), default='mr',
-                   help='intensity normalisation as the converter: mr percentiles, ct HU window (default mr)')
-    p.add_argument('--percentiles', type=float, nargs=2, default=(0.5, 99.5), metavar=('LOW', 'HIGH'),
-                   help='mr: intensity percentiles mapped to 0 and 255 (default 0.5 99.5)')
-    p.add_argument('--window', type=float, nargs=2, default=(50.0, 400.0), metavar=('LEVEL', 'WIDTH'),
-                   help='ct: HU window mapped to 0..255 (default 50 400)')
+    p.add_argument('--modality', choices=('mr', 'ct'), default=None,
+                   help='intensity normalisation as the converter: mr percentiles, ct HU window '
+                        '(default: the model\'s training data, else mr)')
+    p.add_argument('--percentiles', type=float, nargs=2, default=None, metavar=('LOW', 'HIGH'),
+                   help='mr: intensity percentiles mapped to 0 and 255 (default: the model\'s, else 0.5 99.5)')
+    p.add_argument('--window', type=float, nargs=2, default=None, metavar=('LEVEL', 'WIDTH'),
+                   help='ct: HU window mapped to 0..255 (default: the model\'s, else 50 400)')
     p.add_argument('--threshold', type=float, default=None,
-                   help='foreground = intensity > THRESHOLD for the crop (default Otsu / -500 HU)')
-    p.add_argument('--margin', type=float, default=4.0, help='mm added around the foreground box (default 4)')
+                   help='foreground = intensity > THRESHOLD for the crop (default: the model\'s, else Otsu / -500 HU)')
+    p.add_argument('--margin', type=float, default=None,
+                   help='mm added around the foreground box (default: the model\'s, else 4)')
+    p.add_argument('--field_of_view', type=float, default=None, metavar='MM',
+                   help='a cube of MM mm centred on each image\'s foreground centroid instead of the foreground '
+                        'box (default: the model\'s training data, e.g. 192 for LPBA40 models)')
     p.add_argument('--image_size', type=int, default=None,
                    help="N of the N^3 network grid (default: the checkpoint's or export's image_size)")
     p.add_argument('-r', '--rep', type=int, default=None, help='shared-weight repeats per cascade (checkpoints)')
@@ -214,7 +218,8 @@ class CheckpointModel:
         self.image_size = image_size
         self.info = {'kind': 'checkpoint', 'source': os.path.abspath(prefix), 'base_network': run_args.get('base_network'),
                      'n_cascades': run_args.get('n_cascades'), 'rep': rep or run_args.get('rep', 1),
-                     'parameters': self.framework.parameter_count, 'warp': spatial_transformer.warp_impl()}
+                     'parameters': self.framework.parameter_count, 'warp': spatial_transformer.warp_impl(),
+                     'preprocessing': run_args.get('preprocessing')}
 
     def register(self, fixed, moving):
         """fixed, moving: [N, N, N] in 0..255 -> flow [N, N, N, 3] float32, voxels of the fixed grid."""
@@ -236,7 +241,8 @@ class ExportedModel:
         self.image_size = self.model.image_size
         self.info = {'kind': 'export', 'source': os.path.abspath(directory),
                      'base_network': meta.get('base_network'), 'n_cascades': meta.get('n_cascades'),
-                     'rep': meta.get('rep'), 'parameters': meta.get('parameters'), 'warp': meta['warp']}
+                     'rep': meta.get('rep'), 'parameters': meta.get('parameters'), 'warp': meta['warp'],
+                     'preprocessing': meta.get('preprocessing')}
 
     def register(self, fixed, moving):
         return self.model.register(fixed, moving)
@@ -252,7 +258,8 @@ def cubic_size(size, what):
 
 
 def resolve_model(args):
-    """Check the model source without loading TensorFlow: (image size N, function opening the model)."""
+    """Check the model source without loading TensorFlow: (image size N, function opening the
+    model, the preprocessing record of its training data or None for models older than it)."""
     from network.export import ExportError, is_export, read_meta
     if is_export(args.checkpoint):
         try:
@@ -265,11 +272,29 @@ def resolve_model(args):
                 args.image_size, args.checkpoint, size))
         if args.rep is not None:
             raise cli.UserError('-r/--rep applies to checkpoints; an export is frozen with its repeats')
-        return size, lambda: ExportedModel(args.checkpoint, args.threads)
+        return size, lambda: ExportedModel(args.checkpoint, args.threads), meta.get('preprocessing')
     run_dir, prefix, _ = cli.resolve_checkpoint(args.checkpoint)
     run_args = cli.load_run_args(run_dir)
     size = args.image_size or cubic_size(run_args.get('image_size'), 'the checkpoint\'s')
-    return size, lambda: CheckpointModel(prefix, size, args.rep, args.threads, args.tf_warp)
+    return (size, lambda: CheckpointModel(prefix, size, args.rep, args.threads, args.tf_warp),
+            run_args.get('preprocessing'))
+
+
+PREPROCESSING_FLAGS = ('modality', 'percentiles', 'window', 'threshold', 'margin', 'field_of_view')
+
+
+def preprocessing_options(args, record, image_size):
+    """The `data_util.prepare.preprocess` options of a pair: each flag given wins, then the
+    model's record (what its training data went through), then the converter's defaults."""
+    from data_util.prepare import preprocessing_record
+    options = preprocessing_record(image_size=image_size)
+    if record:
+        options.update({k: record[k] for k in PREPROCESSING_FLAGS if k in record})
+    options.update({k: getattr(args, k) for k in PREPROCESSING_FLAGS if getattr(args, k) is not None})
+    options['percentiles'], options['window'] = tuple(options['percentiles']), tuple(options['window'])
+    if options['field_of_view'] is not None and not options['field_of_view'] > 0:
+        raise cli.UserError('--field_of_view must be a positive number of mm, got {}'.format(options['field_of_view']))
+    return {k: options[k] for k in ('image_size',) + PREPROCESSING_FLAGS}
 
 
 # ---------------------------------------------------------------- geometry
@@ -299,126 +324,17 @@ def check_label_values(label, path):
             path, values.min(), values.max()))
 
 
-def preprocess_pair(fixed, moving, image_size, modality='mr', percentiles=(0.5, 99.5), window=(50.0, 400.0),
-                    threshold=None, margin=4.0):
+def preprocess_pair(fixed, moving, **options):
     """Preprocess both images independently as the converter does (no label maps).
 
+    options: `data_util.prepare.preprocess` options (see `preprocessing_options`).
     Returns (fixed_volume, moving_volume, fixed_geometry, moving_geometry): uint8 [N, N, N]
-    volumes indexed [X, Y, Z] and their `data_util.prepare.Geometry`.
+    volumes indexed [X, Y, Z] and their `data_util.geometry.Geometry`.
     """
     from data_util.prepare import preprocess
-    options = dict(image_size=image_size, modality=modality, percentiles=tuple(percentiles),
-                   window=tuple(window), threshold=threshold, margin=margin)
     fixed_volume, _, fixed_geometry = preprocess(fixed, None, **options)
     moving_volume, _, moving_geometry = preprocess(moving, None, **options)
     return fixed_volume, moving_volume, fixed_geometry, moving_geometry
-
-
-def _index_to_physical(image):
-    """(A, o) with physical = o + A @ index for a sitk.Image (index in ITK order i, j, k)."""
-    direction = np.reshape(image.GetDirection(), (3, 3))
-    return direction * np.asarray(image.GetSpacing())[None, :], np.asarray(image.GetOrigin())
-
-
-def _grid_axes(index_to_grid):
-    """For each reference axis r, the preprocessed-grid axis g[r] it runs along.
-
-    index_to_grid: 3x3 matrix with grid position = index_to_grid @ reference index + offset.
-    The converter's grid axes are the file's axes permuted and flipped (DICOMOrient), so every
-    column has one non-zero entry; ValueError otherwise.
-    """
-    magnitude = np.abs(index_to_grid)
-    axes = np.argmax(magnitude, axis=0)
-    off_axis = magnitude.copy()
-    off_axis[axes, np.arange(3)] = 0
-    if sorted(axes) != [0, 1, 2] or np.any(off_axis > 1e-6 * magnitude.max(axis=0)):
-        raise ValueError('the preprocessed grid\'s axes are not a permutation of the fixed file\'s axes')
-    return [int(a) for a in axes]
-
-
-def _interpolate_axis(array, axis, positions):
-    """Linear interpolation of ``array`` along ``axis`` at ``positions`` (voxels), clamped to
-    [0, n - 1] (border values beyond the ends)."""
-    n = array.shape[axis]
-    positions = np.clip(positions, 0.0, n - 1.0)
-    lower = np.minimum(np.floor(positions).astype(np.int64), n - 2)
-    weight = (positions - lower).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
-    low = np.take(array, lower, axis)
-    result = np.take(array, lower + 1, axis)
-    result -= low
-    result *= weight
-    result += low
-    return result
-
-
-def displacement_field(flow, fixed_geometry, moving_geometry, reference):
-    """The physical displacement field of a network flow on the reference (fixed original) grid.
-
-    flow: [N, N, N, 3] voxels on the fixed preprocessed grid (channel k along grid axis k),
-    moving_grid_position = p + flow(p). reference: sitk.Image with the fixed file's geometry.
-    Returns float64 [nz, ny, nx, 3] (the sitk.GetArrayFromImage layout of reference) holding
-    u(x) = G_moving(p(x) + flow(p(x))) - x in mm, components along physical x, y, z (LPS);
-    p(x) is x's continuous position on the fixed grid, G_moving the moving grid's
-    voxel-to-physical map, and flow(p) is trilinear with positions clamped into the grid.
-
-    The grid's axes are the file's axes permuted and flipped, so p(x) is separable and the
-    trilinear sampling is done as three 1-D interpolations, slab by slab (memory ~ one slab).
-    """
-    flow = np.asarray(flow, np.float64)
-    ref_matrix, ref_origin = _index_to_physical(reference)
-    grid_direction = np.reshape(fixed_geometry.grid_direction, (3, 3))
-    to_grid = np.linalg.inv(grid_direction * np.asarray(fixed_geometry.grid_spacing)[None, :])
-    index_to_grid = to_grid @ ref_matrix
-    grid_offset = to_grid @ (ref_origin - np.asarray(fixed_geometry.grid_origin))
-    moving_direction = np.reshape(moving_geometry.grid_direction, (3, 3))
-    grid_to_moving = moving_direction * np.asarray(moving_geometry.grid_spacing)[None, :]
-    # u = G_moving(p) - x (affine in the index) + grid_to_moving @ flow(p)
-    linear = grid_to_moving @ index_to_grid - ref_matrix
-    constant = grid_to_moving @ grid_offset + np.asarray(moving_geometry.grid_origin) - ref_origin
-
-    axes = _grid_axes(index_to_grid)
-    nx, ny, nz = reference.GetSize()
-    # positions[r]: grid position along grid axis axes[r] of every index along reference axis r
-    positions = [index_to_grid[axes[r], r] * np.arange(n) + grid_offset[axes[r]] for r, n in enumerate((nx, ny, nz))]
-    along_kji = _interpolate_axis(flow.transpose(axes[2], axes[1], axes[0], 3), 0, positions[2])
-    affine_i = np.arange(nx)[:, None] * linear[:, 0]
-    affine_j = np.arange(ny)[:, None] * linear[:, 1] + constant
-    field = np.empty((nz, ny, nx, 3), np.float64)
-    step = max(1, CHUNK_VOXELS // (nx * ny))
-    for k0 in range(0, nz, step):
-        k1 = min(k0 + step, nz)
-        sampled = _interpolate_axis(_interpolate_axis(along_kji[k0:k1], 1, positions[1]), 2, positions[0])
-        chunk = field[k0:k1]
-        np.matmul(sampled, grid_to_moving.T, out=chunk)
-        chunk += affine_i[None, None]
-        chunk += affine_j[None, :, None]
-        chunk += (np.arange(k0, k1)[:, None] * linear[:, 2])[:, None, None]
-    return field
-
-
-def field_image(field, reference):
-    """float64 [nz, ny, nx, 3] -> sitk vector image (VectorFloat64) with the reference's geometry."""
-    import SimpleITK as sitk
-    image = sitk.GetImageFromArray(field, isVector=True)
-    image.CopyInformation(reference)
-    return image
-
-
-def dice_per_label(fixed_labels, warped_labels):
-    """Dice 2|A n B| / (|A| + |B|) per non-zero label value present in either map.
-
-    fixed_labels, warped_labels: integer arrays of one shape (values 0..65535).
-    Returns ({str(label): dice}, mean over those labels or None when there are none).
-    """
-    fixed_labels = np.asarray(fixed_labels).ravel().astype(np.int64)
-    warped_labels = np.asarray(warped_labels).ravel().astype(np.int64)
-    length = int(max(fixed_labels.max(), warped_labels.max())) + 1
-    sizes_fixed = np.bincount(fixed_labels, minlength=length)
-    sizes_warped = np.bincount(warped_labels, minlength=length)
-    overlap = np.bincount(fixed_labels[fixed_labels == warped_labels], minlength=length)
-    labels = [v for v in range(1, length) if sizes_fixed[v] + sizes_warped[v] > 0]
-    dice = {str(v): float(2.0 * overlap[v] / (sizes_fixed[v] + sizes_warped[v])) for v in labels}
-    return dice, (float(np.mean(list(dice.values()))) if dice else None)
 
 
 # ---------------------------------------------------------------- previews
@@ -521,7 +437,7 @@ def write_previews(directory, rows, extents):
         plt.close(figure)
 
 
-def preview_rows(fixed, moving_on_fixed, warped, field, moving, args):
+def preview_rows(fixed, moving_on_fixed, warped, field, moving, options):
     """The five preview rows (see write_previews) from images on the fixed grid."""
     import SimpleITK as sitk
 
@@ -530,8 +446,8 @@ def preview_rows(fixed, moving_on_fixed, warped, field, moving, args):
 
     perm, flip = display_axes(fixed.GetDirection())
     extents = slice_extents(fixed.GetSpacing(), fixed.GetSize(), perm)
-    fixed_window = intensity_window(xyz(fixed), args.modality, args.percentiles, args.window)
-    moving_window = intensity_window(xyz(moving), args.modality, args.percentiles, args.window)
+    fixed_window, moving_window = [intensity_window(xyz(image), options['modality'], options['percentiles'],
+                                                    options['window']) for image in (fixed, moving)]
     grey = {'cmap': 'gray'}
     fixed_slices = mid_slices(xyz(fixed), perm, flip)
     warped_slices = mid_slices(xyz(warped), perm, flip)
@@ -576,6 +492,7 @@ def predict(args, model=None):
     flow [N, N, N, 3] (voxels; see module doc); None opens args.checkpoint. Returns the report dict.
     """
     import SimpleITK as sitk
+    from data_util.geometry import dice_per_label, displacement_field, field_image, warp_labels
     from data_util.prepare import PrepareError
     if not (args.fixed and args.moving and args.output):
         raise cli.UserError('--fixed, --moving and -o/--output are required (or --export DIR)')
@@ -587,9 +504,10 @@ def predict(args, model=None):
     extension = FORMATS[fmt]
     check_output_dir(args.output, args.force, REPORT)
     if model is None:
-        image_size, open_model = resolve_model(args)
+        image_size, open_model, record = resolve_model(args)
     else:
-        image_size, open_model = model.image_size, lambda: model
+        image_size, open_model, record = model.image_size, lambda: model, model.info.get('preprocessing')
+    options = preprocessing_options(args, record, image_size)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     clock = Stopwatch()
     try:
@@ -599,8 +517,7 @@ def predict(args, model=None):
             model = open_model()
         with clock.stage('preprocess'):
             fixed_volume, moving_volume, fixed_geometry, moving_geometry = preprocess_pair(
-                images['fixed'], images['moving'], image_size, args.modality, args.percentiles,
-                args.window, args.threshold, args.margin)
+                images['fixed'], images['moving'], **options)
     except PrepareError as e:
         raise cli.UserError(str(e))
     with clock.stage('network'):
@@ -618,8 +535,8 @@ def predict(args, model=None):
               'fixed_seg': args.fixed_seg and os.path.abspath(args.fixed_seg),
               'moving_seg': args.moving_seg and os.path.abspath(args.moving_seg),
               'model': model.info, 'image_size': image_size,
-              'preprocessing': {'modality': args.modality, 'percentiles': list(args.percentiles),
-                                'window': list(args.window), 'threshold': args.threshold, 'margin': args.margin},
+              'preprocessing': dict(options, percentiles=list(options['percentiles']),
+                                    window=list(options['window'])),
               'format': fmt, 'outputs': outputs, 'threads': args.threads, 'default_value': args.default_value,
               'fixed_geometry': geometry_record(fixed), 'moving_geometry': geometry_record(moving),
               'preprocessed_grids': {'fixed': _geometry_dict(fixed_geometry),
@@ -644,7 +561,7 @@ def predict(args, model=None):
             del magnitude
             if 'moving_seg' in images:
                 seg = images['moving_seg']
-                warped_seg = sitk.Resample(seg, fixed, transform, sitk.sitkNearestNeighbor, 0, seg.GetPixelID())
+                warped_seg = warp_labels(seg, fixed, transform)
                 if 'fixed_seg' in images:
                     fixed_labels = sitk.GetArrayViewFromImage(images['fixed_seg'])
                     before = sitk.Resample(seg, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
@@ -657,7 +574,7 @@ def predict(args, model=None):
             write_image(warped, os.path.join(staging, outputs['warped']), fmt)
             if 'moving_seg' in images:
                 write_image(warped_seg, os.path.join(staging, outputs['warped_seg']), fmt)
-            rows, extents = preview_rows(fixed, moving_on_fixed, warped, field, moving, args)
+            rows, extents = preview_rows(fixed, moving_on_fixed, warped, field, moving, options)
             write_previews(staging, rows, extents)
             report.update(clock.report())
             with open(os.path.join(staging, REPORT), 'w') as f:
@@ -689,6 +606,7 @@ def export(args):
             'n_cascades': run_args.get('n_cascades'), 'rep': args.rep or run_args.get('rep', 1),
             'net_args': run_args.get('net_args', ''), 'parameters': framework.parameter_count,
             'warp': spatial_transformer.warp_impl(), 'checkpoint': os.path.abspath(prefix), 'step': step,
+            'preprocessing': run_args.get('preprocessing'),
             'flow': 'float32 [B, N, N, N, 3], voxels of the fixed grid, channel k along array axis k; '
                     'warped(p) = moving(p + flow(p))',
             'inputs_range': 'float32 [B, N, N, N, 1] in 0..255 (preprocessed uint8 volumes)'}

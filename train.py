@@ -207,6 +207,7 @@ def main(argv=None):
     args.image_size = image_size
     data_args = cli.parse_kwargs(args.data_args, '--data_args')
     dataset = Dataset(args.dataset, batch_size=args.batch, **data_args)
+    args.preprocessing = dataset.preprocessing
     train_scheme, val_scheme = 1, 2
     if args.finetune:
         train_scheme = 'finetune-train-' + args.finetune

@@ -62,17 +62,6 @@ class MetricGraph:
         return self.session.run(self.outputs, fd)
 
 
-def record(batch, res, seconds):
-    """A per-pair record with eval.py's keys."""
-    from eval import nanmean
-    return {'id1': str(batch['id1'][0]), 'id2': str(batch['id2'][0]),
-            'dice': nanmean(res['dices'][0]), 'jacc': nanmean(res['jaccs'][0]),
-            'landmark_dist': nanmean(res['landmark_dists'][0]),
-            'jacobian_det': float(res['jacobian_det'][0]), 'folding': float(res['folding'][0]),
-            'dices': [float(v) for v in res['dices'][0]], 'jaccs': [float(v) for v in res['jaccs'][0]],
-            'seconds': float(seconds)}
-
-
 def load_partial(path, method, dataset_path, subset):
     """Records of a previous stopped run of the same evaluation, or []."""
     if not os.path.exists(path):
@@ -90,13 +79,15 @@ def main(argv=None):
     if reason:
         raise cli.UserError('{}: {}'.format(args.method, reason))
     from data_util.dataset import Dataset
-    from eval import report_text, summarize
+    from evaluation import overlap_values, pair_record, report_text, summarize
     subset = int(args.val_subset) if args.val_subset.isdigit() else args.val_subset
     dataset = Dataset(args.dataset, batch_size=1, paired=args.paired)
     dataset.check([subset])
     register = baselines.registration_function(args.method)
     metric = MetricGraph(dataset.image_size, list(dataset.segmentation_class_value.values())
                          if dataset.segmentation_class_value else None)
+    class_names = list(dataset.segmentation_class_value) if dataset.segmentation_class_value else None
+    values = overlap_values(dataset.segmentation_class_value, class_names)
     partial_path = args.output + '.partial.json'
     records = load_partial(partial_path, args.method, args.dataset, subset)
     done = {(r['id1'], r['id2']) for r in records}
@@ -108,14 +99,13 @@ def main(argv=None):
         if (str(batch['id1'][0]), str(batch['id2'][0])) in done:
             continue
         flow, seconds = register(batch['voxel1'][0, ..., 0], batch['voxel2'][0, ..., 0])
-        records.append(record(batch, metric(batch, flow), seconds))
+        records.append(pair_record(dataset, batch, 0, metric(batch, flow), flow, seconds, values))
         cli.write_json(partial_path, {'method': args.method, 'dataset': args.dataset, 'subset': str(subset),
                                       'pairs': records})
         progress.update(1)
         print('{} {}: Dice {:.4f}, {:.2f} s'.format(records[-1]['id1'], records[-1]['id2'], records[-1]['dice'],
                                                     seconds), flush=True)
     progress.close()
-    class_names = list(dataset.segmentation_class_value) if dataset.segmentation_class_value else None
     summary, per_class = summarize(records, class_names)
     cli.write_atomic(args.output + '.txt', report_text(records, summary))
     cli.write_json(args.output + '.json', {

@@ -8,7 +8,8 @@ The dataset spec is the JSON schema of the original Recursive Cascaded Networks 
      "atlas": "file/id",                          (optional)
      "segmentation_class_value": {name: value},   (optional)
      "subsets": {subset: ["file/id", ...]},
-     "schemes": {"1": {subset: fraction}, "2": {...}, name: {...}}}
+     "schemes": {"1": {subset: fraction}, "2": {...}, name: {...}},
+     "preprocessing": {...}}                      (optional, written by data_util.prepare)
 
 Scheme "1" is the training scheme and "2" the validation scheme; other named schemes are
 allowed (the original liver spec has "sliver", "lits" and "lspig").
@@ -31,7 +32,10 @@ optional `segmentation` (same shape; 0/255 masks or integer label values) and op
 when it is first read: volume shape equal to image_size, numeric and finite values within
 0..255 (0.5 of tolerance), segmentation of the volume's shape, point of shape k x 3 with every
 row either all -1 or inside the volume (-0.5..size - 0.5 per axis, the outer voxels' edges, as
-the converter writes them; rows with a negative coordinate then become all -1).
+the converter writes them; rows with a negative coordinate then become all -1). A group
+written by data_util.prepare also holds its geometry (attributes, see data_util.prepare.Geometry)
+and, with labels, `original_segmentation` (the label map on the original file's grid):
+`Dataset.original` serves both, so that evaluation measures overlap on the scans' own grids.
 `Dataset.check` validates whole subsets up front; `Dataset.check_segmentations` refuses pairs
 whose fixed and moving segmentations are both empty (Dice undefined), for evaluation.
 
@@ -46,11 +50,12 @@ import h5py
 import numpy as np
 
 SPEC_KEYS = ('files', 'image_size', 'image_type', 'atlas', 'segmentation_class_value',
-             'subsets', 'schemes', 'task', 'description')
+             'subsets', 'schemes', 'task', 'description', 'preprocessing')
 IMAGE_TYPES = ('liver', 'brain')
 DEFAULT_IMAGE_SIZE = [128, 128, 128]
 DEFAULT_NUM_POINTS = 6
 DEFAULT_CACHE_SIZE = 64
+TRAIN_PAIRS = ('protocol', 'all')
 INTENSITY_TOLERANCE = 0.5
 
 
@@ -294,6 +299,9 @@ class Dataset:
         batch_size: default batch size of `generator`.
         paired: adjacent pairs (s0,s1),(s1,s0),(s2,s3),... instead of all ordered pairs
             (ignored when the spec has an atlas).
+        train_pairs: 'protocol' (default): the training generator (loop=True) serves the same
+            pairs as evaluation; 'all': every ordered pair among the subset's scans and the
+            atlas, so a model learns to register to any fixed scan, not only to the atlas.
         cache_size: number of decoded scans kept in memory (least recently used dropped).
         Any other keyword argument raises DataError naming it.
 
@@ -306,10 +314,13 @@ class Dataset:
     """
 
     def __init__(self, spec_path, batch_size=4, paired=False, cache_size=DEFAULT_CACHE_SIZE,
-                 **data_args):
+                 train_pairs='protocol', **data_args):
         if data_args:
-            raise DataError('unknown data argument(s) {} (known: paired, cache_size)'.format(
+            raise DataError('unknown data argument(s) {} (known: paired, cache_size, train_pairs)'.format(
                 ', '.join(repr(k) for k in sorted(data_args))))
+        if train_pairs not in TRAIN_PAIRS:
+            raise DataError('data argument train_pairs must be one of {}, got {!r}'.format(
+                ', '.join(repr(v) for v in TRAIN_PAIRS), train_pairs))
         if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 1:
             raise DataError('data argument cache_size must be a positive int, got {!r}'.format(
                 cache_size))
@@ -319,6 +330,8 @@ class Dataset:
         self.spec_path = spec_path
         self.batch_size = batch_size
         self.paired = bool(paired)
+        self.train_pairs = train_pairs
+        self.preprocessing = spec.get('preprocessing')
         self.cache_size = cache_size
         self.image_size = [int(s) for s in spec.get('image_size', DEFAULT_IMAGE_SIZE)]
         self.image_type = spec['image_type']
@@ -368,9 +381,12 @@ class Dataset:
             entries.extend(self.subsets[name])
         return list(dict.fromkeys(entries))
 
-    def _subset_pairs(self, name):
-        """The pairs of one subset as a lazy _PairSequence."""
+    def _subset_pairs(self, name, training=False):
+        """The pairs of one subset as a lazy _PairSequence (training: of the training generator)."""
         entries = self.subsets[name]
+        if training and self.train_pairs == 'all':
+            scans = entries + ([self.atlas] if self.atlas is not None else [])
+            return _PairSequence(list(dict.fromkeys(scans)), 'all')
         if self.atlas is not None:
             return _PairSequence(entries, 'atlas', self.atlas)
         return _PairSequence(entries, 'adjacent' if self.paired else 'all')
@@ -479,6 +495,26 @@ class Dataset:
                 self._cache.popitem(last=False)
             return data
 
+    def original(self, entry):
+        """Where a scan came from, for measuring on its own grid: (Geometry, label map [X, Y, Z]
+        on the original file's grid), or None when the group lacks either (HDF5 files not
+        written by data_util.prepare, or scans without labels). Not cached (~6 MB a brain)."""
+        from data_util.geometry import Geometry, GeometryError
+        name, key = split_entry(entry, self._files)
+        with self._lock:
+            group = self._files[name].open()[key]
+            if 'original_segmentation' not in group:
+                return None
+            try:
+                geometry = Geometry.from_attrs(group.attrs)
+            except GeometryError:
+                return None
+            labels = group['original_segmentation'][()]
+        if labels.shape != tuple(geometry.original_size):
+            raise DataError('{}: scan {!r}: original_segmentation shape {} differs from its original_size {}'.format(
+                self._files[name].location, key, list(labels.shape), list(geometry.original_size)))
+        return geometry, labels
+
     def check(self, subsets):
         """Reads and validates every scan of the given scheme keys / subset names (and the
         atlas, if any); raises DataError at the first bad one. Returns the number of scans.
@@ -555,7 +591,8 @@ class Dataset:
         numpy str arrays [B] of spec entries ("file/id").
 
         loop=False: every pair once, in `pairs` order (shuffled if shuffle=True); the last
-        batch may be smaller. loop=True: endless; each batch element picks one of the scheme's
+        batch may be smaller. loop=True (training; its pairs follow `train_pairs`): endless;
+        each batch element picks one of the scheme's
         subsets with probability proportional to its fraction and takes that subset's next
         pair; a subset's pairs are reshuffled at every pass (shuffle defaults to loop).
         `seed` makes the order reproducible.
@@ -573,7 +610,7 @@ class Dataset:
                 pairs = [pairs[i] for i in rng.permutation(len(pairs))]
             return self._finite_batches(pairs, batch_size)
         fractions = self._subset_fractions(subset)
-        pair_lists = [self._subset_pairs(name) for name, _ in fractions]
+        pair_lists = [self._subset_pairs(name, training=True) for name, _ in fractions]
         for (name, _), pairs in zip(fractions, pair_lists):
             if not pairs:
                 raise DataError('subset {!r} of {!r} has no pairs'.format(name, subset))

@@ -14,14 +14,18 @@ Every scan goes through `preprocess`, all in SimpleITK and in physical space (mm
    ``sitk.DICOMOrient(image, 'LPS')``, i.e. the identity for every scan whose axes lie along
    the world axes (array axis 0/1/2 then runs to patient Left/Posterior/Superior); an oblique
    scan keeps its own tilted axes, permuted and flipped to come closest to L, P, S.
-3. crop box, an axis-aligned box in the frame u = D^T x (x physical, mm): the bounding box of
-   the foreground (MR: Otsu threshold; CT: > -500 HU; or intensity > --threshold), keeping
-   every connected component of at least 1 % of the largest one, united with the bounding box
-   of the label map's non-zero voxels (so no labelled structure is cut off), grown by
-   --margin mm on every side; or a given --roi box, used as is (two opposite corners in LPS
-   mm; the box is axis-aligned in the frame u, i.e. in LPS unless the scan is oblique).
-   Since the label map widens the box, a scan preprocessed with and without its label map
-   may get slightly different grids; each result's `Geometry` is exact either way.
+3. crop box, an axis-aligned box in the frame u = D^T x (x physical, mm), from the image
+   alone (no label map ever decides it, so a scan is preprocessed the same whether or not its
+   labels are given, exactly as predict.py must do for a user's scan). The foreground is
+   intensity > threshold (MR: Otsu; CT: > -500 HU; or --threshold), keeping every connected
+   component of at least 1 % of the largest one. Three choices:
+   - --field_of_view L (a fixed physical field of view): the cube of side L mm centred on the
+     foreground's centroid. Every scan then has the same voxel size L / image_size, and two
+     scans preprocessed on their own come out aligned by their centres of mass (ANTs'
+     default initialisation); this is what a model trained on such data expects.
+   - default: the bounding box of the foreground grown by --margin mm on every side;
+   - --roi: a given box, used as is (two opposite corners in LPS mm; the box is axis-aligned in
+     the frame u, i.e. in LPS unless the scan is oblique).
 4. cube: the box is padded symmetrically to a cube of side L = its longest edge; with
    --spacing S instead L = image_size * S (fixed voxel size, cube centred on the box).
 5. grid: image_size^3 voxels of spacing s = L / image_size (isotropic), direction D, voxel
@@ -49,7 +53,9 @@ channel k is a displacement along array axis k. Voxel coordinates are continuous
 (0 = the centre of the first voxel).
 
 HDF5 layout (SPEC section 6): one group per scan id with `volume` uint8 [N, N, N],
-optional `segmentation` (uint8/uint16 [N, N, N]) and optional `point` float32 [k, 3]; the
+optional `segmentation` (uint8/uint16 [N, N, N]), optional `original_segmentation` (the label
+map as read, on the original file's grid, [X, Y, Z] in ITK index order: evaluation measures
+Dice there, see data_util/geometry.py) and optional `point` float32 [k, 3]; the
 group's attributes record the geometry (see `Geometry`): original_size / _spacing / _origin /
 _direction of the file as read, grid_size / _spacing / _origin / _direction of the
 preprocessed grid in the same physical space (directions as 9 numbers, row-major, ITK's
@@ -61,7 +67,13 @@ LPBA40 mode (--lpba40 DIR; DIR holds fixed.nii.gz = S01, test/S02..S10, train/S1
 label/Sxx.delineation.structure.label.nii.gz): ids S01..S40, MR, image_type "brain", atlas
 S01; subsets train = S11..S35, val = S36..S40 (held out from training, for model selection),
 test = S02..S10; schemes "1" = train, "2" = val, "test" = test; the 56 label values (21..182)
-in segmentation_class_value. This is datasets/lpba.json.
+in segmentation_class_value; a fixed field of view of 192 mm (LPBA40_FIELD_OF_VIEW: every
+brain lies within 92 mm of its centroid, 1.5 mm voxels at 128^3) unless --field_of_view,
+--spacing or --roi is given. This is datasets/lpba.json.
+
+The spec records the preprocessing (key "preprocessing": image_size, modality, percentiles,
+window, threshold, margin, spacing, field_of_view, roi); train.py copies it into the run's
+args.json, and predict.py preprocesses a user's pair with it.
 
 Volumes and segmentations are stored gzip-compressed (level 1; h5py reads them transparently).
 The JSON spec follows the original schema (SPEC section 6); its file path is written
@@ -85,6 +97,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 import cli
+from data_util.geometry import Geometry, GeometryError, grid_image, to_array
 
 DEFAULT_IMAGE_SIZE = 128
 DEFAULT_MARGIN = 4.0
@@ -100,6 +113,7 @@ IMAGE_EXTENSIONS = ('.nii.gz', '.nii', '.mha', '.mhd', '.nrrd', '.nhdr', '.dcm')
 ARRAY_CONVENTION = 'arrays [X,Y,Z] = sitk.GetArrayFromImage(img).transpose(2,1,0); physical mm, LPS'
 
 LPBA40_ATLAS = 'S01'
+LPBA40_FIELD_OF_VIEW = 192.0
 LPBA40_SUBSETS = {
     'train': ['S{:02d}'.format(i) for i in range(11, 36)],
     'val': ['S{:02d}'.format(i) for i in range(36, 41)],
@@ -114,106 +128,12 @@ class PrepareError(Exception):
         super().__init__(' '.join(str(message).split()))
 
 
-@dataclasses.dataclass
-class Geometry:
-    """Where a preprocessed scan lives in its original file's physical space (mm, LPS).
-
-    original_*: the file as read (size in voxels and spacing in mm, both in ITK axis order;
-    origin in mm; direction 9 numbers row-major, as ``sitk.Image.GetDirection``).
-    grid_*: the preprocessed grid (size N, N, N; isotropic spacing; origin = the centre of
-    voxel [0, 0, 0]; direction), so the voxel at array index p = (i, j, k) has its centre at
-    ``grid_origin + D @ (grid_spacing * p)`` with D the 3x3 grid direction.
-    intensity_window: the raw intensities mapped to 0 and 255.
-    """
-    original_size: tuple
-    original_spacing: tuple
-    original_origin: tuple
-    original_direction: tuple
-    grid_size: tuple
-    grid_spacing: tuple
-    grid_origin: tuple
-    grid_direction: tuple
-    intensity_window: tuple
-
-    INT_FIELDS = ('original_size', 'grid_size')
-
-    def original_reference(self):
-        """An empty uint8 sitk.Image with the original file's geometry."""
-        return _reference_image(self.original_size, self.original_spacing,
-                                self.original_origin, self.original_direction)
-
-    def grid_reference(self):
-        """An empty uint8 sitk.Image with the preprocessed grid's geometry."""
-        return _reference_image(self.grid_size, self.grid_spacing, self.grid_origin,
-                                self.grid_direction)
-
-    def voxel_to_physical(self, voxels):
-        """Continuous grid voxel coordinates [k, 3] (array order X, Y, Z) -> LPS mm [k, 3]."""
-        direction = np.reshape(self.grid_direction, (3, 3))
-        scaled = np.asarray(voxels, np.float64) * np.asarray(self.grid_spacing)
-        return np.asarray(self.grid_origin) + scaled @ direction.T
-
-    def physical_to_voxel(self, points):
-        """LPS mm [k, 3] -> continuous grid voxel coordinates [k, 3] (array order X, Y, Z)."""
-        direction = np.reshape(self.grid_direction, (3, 3))
-        offset = np.asarray(points, np.float64) - np.asarray(self.grid_origin)
-        return (offset @ np.linalg.inv(direction).T) / np.asarray(self.grid_spacing)
-
-    def to_attrs(self, attrs):
-        """Store every field in an h5py attribute set (groups' ``.attrs``)."""
-        for field in dataclasses.fields(self):
-            dtype = np.int64 if field.name in self.INT_FIELDS else np.float64
-            attrs[field.name] = np.asarray(getattr(self, field.name), dtype)
-
-    @classmethod
-    def from_attrs(cls, attrs):
-        """Read back what `to_attrs` stored; PrepareError if a field is missing."""
-        values = {}
-        for field in dataclasses.fields(cls):
-            if field.name not in attrs:
-                raise PrepareError('no preprocessing geometry stored (attribute {!r} missing)'
-                                   .format(field.name))
-            cast = int if field.name in cls.INT_FIELDS else float
-            values[field.name] = tuple(cast(v) for v in np.asarray(attrs[field.name]))
-        return cls(**values)
-
-
-def _reference_image(size, spacing, origin, direction):
-    image = sitk.Image([int(n) for n in size], sitk.sitkUInt8)
-    image.SetSpacing([float(v) for v in spacing])
-    image.SetOrigin([float(v) for v in origin])
-    image.SetDirection([float(v) for v in direction])
-    return image
-
-
-def to_array(image):
-    """A sitk.Image -> numpy array [X, Y, Z] (or [X, Y, Z, C] for vector pixels)."""
-    array = sitk.GetArrayFromImage(image)
-    axes = (2, 1, 0) if array.ndim == 3 else (2, 1, 0, 3)
-    return np.ascontiguousarray(array.transpose(axes))
-
-
-def grid_image(array, geometry):
-    """An array [X, Y, Z] or [X, Y, Z, C] on the preprocessed grid -> sitk.Image with the
-    grid's physical geometry (C > 1 gives a vector image)."""
-    array = np.asarray(array)
-    if array.shape[:3] != tuple(geometry.grid_size):
-        raise PrepareError('array of shape {} is not on the {} grid'.format(
-            array.shape, 'x'.join(str(n) for n in geometry.grid_size)))
-    if array.ndim == 3:
-        image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-    else:
-        image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0, 3)),
-                                       isVector=True)
-    image.SetSpacing(geometry.grid_spacing)
-    image.SetOrigin(geometry.grid_origin)
-    image.SetDirection(geometry.grid_direction)
-    return image
-
-
 def load_geometry(group):
-    """The `Geometry` stored in an HDF5 scan group."""
-    return Geometry.from_attrs(group.attrs)
+    """The `Geometry` stored in an HDF5 scan group; PrepareError if it has none."""
+    try:
+        return Geometry.from_attrs(group.attrs)
+    except GeometryError as e:
+        raise PrepareError(str(e))
 
 
 def preprocessed_grid_image(group, array=None):
@@ -235,23 +155,6 @@ def grid_to_original(image, geometry, nearest=False, default_value=0.0):
     interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
     return sitk.Resample(image, geometry.original_reference(), sitk.Transform(), interpolator,
                          float(default_value), image.GetPixelID())
-
-
-def flow_to_physical(flow, fixed_geometry, moving_geometry):
-    """A flow on the fixed scan's grid -> displacements in mm (LPS) at the fixed grid points.
-
-    flow: [X, Y, Z, 3] voxels, channel k along array axis k, with
-    warped(p) = moving(p + flow(p)) (p a fixed-grid index, p + flow(p) a moving-grid index).
-    Returns u [X, Y, Z, 3] float64 with u(x) = x_moving - x_fixed in mm, components along the
-    physical x, y, z (LPS) axes, so x -> x + u(x) maps fixed physical points to moving ones:
-    ``sitk.DisplacementFieldTransform`` of ``grid_to_original(grid_image(u, fixed_geometry),
-    fixed_geometry)`` (cast to a float64 vector image) resamples the moving file onto the
-    fixed file's grid."""
-    flow = np.asarray(flow, np.float64)
-    index = np.stack(np.meshgrid(*[np.arange(n) for n in flow.shape[:3]], indexing='ij'), -1)
-    fixed = fixed_geometry.voxel_to_physical(index.reshape(-1, 3))
-    moving = moving_geometry.voxel_to_physical((index + flow).reshape(-1, 3))
-    return (moving - fixed).reshape(flow.shape)
 
 
 def read_image(path):
@@ -374,23 +277,41 @@ def _index_box_to_frame(image, lower, upper, direction):
     return frame.min(axis=0), frame.max(axis=0)
 
 
+def _components(mask, min_fraction):
+    """Shape statistics of the connected components of a uint8 mask and the labels of those
+    of at least min_fraction of the largest one ([] if the mask is empty)."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.ConnectedComponent(mask))
+    labels = stats.GetLabels()
+    if not labels:
+        return stats, []
+    largest = max(stats.GetNumberOfPixels(k) for k in labels)
+    return stats, [k for k in labels if stats.GetNumberOfPixels(k) >= min_fraction * largest]
+
+
 def _mask_box(image, mask, direction, min_fraction=0.0):
     """Frame bounds of the non-zero voxels of a uint8 mask on `image`'s grid (components of
     at least min_fraction of the largest one), or None if the mask is empty."""
-    components = sitk.ConnectedComponent(mask)
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(components)
-    labels = stats.GetLabels()
+    stats, labels = _components(mask, min_fraction)
     if not labels:
         return None
-    largest = max(stats.GetNumberOfPixels(k) for k in labels)
     lower, upper = np.full(3, np.inf), np.full(3, -np.inf)
     for k in labels:
-        if stats.GetNumberOfPixels(k) >= min_fraction * largest:
-            box = stats.GetBoundingBox(k)
-            lower = np.minimum(lower, box[:3])
-            upper = np.maximum(upper, np.add(box[:3], box[3:]) - 1)
+        box = stats.GetBoundingBox(k)
+        lower = np.minimum(lower, box[:3])
+        upper = np.maximum(upper, np.add(box[:3], box[3:]) - 1)
     return _index_box_to_frame(image, lower, upper, direction)
+
+
+def _mask_centroid(mask, direction, min_fraction=0.0):
+    """Centroid (frame u = direction^T x, mm) of the non-zero voxels of a uint8 mask
+    (components of at least min_fraction of the largest one), or None if the mask is empty."""
+    stats, labels = _components(mask, min_fraction)
+    if not labels:
+        return None
+    counts = np.asarray([stats.GetNumberOfPixels(k) for k in labels], np.float64)
+    centroids = np.asarray([stats.GetCentroid(k) for k in labels], np.float64)
+    return (counts @ centroids / counts.sum()) @ direction
 
 
 def _foreground_mask(image, modality, threshold):
@@ -434,7 +355,8 @@ def _antialias(image, spacing):
 
 def preprocess(image, label=None, image_size=DEFAULT_IMAGE_SIZE, modality='mr',
                percentiles=DEFAULT_PERCENTILES, window=DEFAULT_CT_WINDOW, threshold=None,
-               margin=DEFAULT_MARGIN, spacing=None, roi=None, label_name='label map'):
+               margin=DEFAULT_MARGIN, spacing=None, roi=None, field_of_view=None,
+               label_name='label map'):
     """Preprocess one scan (see the module docstring for every step).
 
     image: sitk.Image (3-D scalar) or a path for `read_image`; label: optional sitk.Image or
@@ -443,7 +365,9 @@ def preprocess(image, label=None, image_size=DEFAULT_IMAGE_SIZE, modality='mr',
     foreground intensity threshold (default Otsu for MR, -500 HU for CT). margin: mm added
     around the foreground box. spacing: fixed output voxel size in mm (default: fit the box).
     roi: ((x0, y0, z0), (x1, y1, z1)) LPS mm corners of the crop box, replacing the foreground
-    box and the margin.
+    box and the margin. field_of_view: side in mm of a cube centred on the foreground's
+    centroid, replacing the foreground box, the margin and spacing. The label map never
+    changes the grid.
 
     Returns (volume, segmentation, geometry): volume uint8 [N, N, N] in 0..255, indexed
     [X, Y, Z] (ITK index order); segmentation uint8/uint16 [N, N, N] label values (None
@@ -459,6 +383,9 @@ def preprocess(image, label=None, image_size=DEFAULT_IMAGE_SIZE, modality='mr',
     image_size = int(image_size)
     if image_size < 2:
         raise PrepareError('image size must be at least 2, got {}'.format(image_size))
+    if field_of_view is not None and not (np.isfinite(field_of_view) and field_of_view > 0):
+        raise PrepareError('the field of view must be a positive number of mm, got {}'.format(
+            field_of_view))
     raw = sitk.Cast(image, sitk.sitkFloat32)
     direction = _grid_direction(raw)
 
@@ -468,17 +395,20 @@ def preprocess(image, label=None, image_size=DEFAULT_IMAGE_SIZE, modality='mr',
         label_image = sitk.GetImageFromArray(_label_array(label, label_name))
         label_image.CopyInformation(raw)
 
+    if field_of_view is not None and (roi is not None or spacing is not None):
+        raise PrepareError('a field of view sets the grid alone: give no roi or spacing with it')
     if roi is not None:
         frame = np.asarray(roi, np.float64).reshape(2, 3) @ direction
         lo, hi = frame.min(axis=0), frame.max(axis=0)
+    elif field_of_view is not None:
+        centre = _mask_centroid(_foreground_mask(raw, modality, threshold), direction,
+                                MIN_COMPONENT_FRACTION)
+        if centre is None:
+            raise PrepareError('no foreground found (give --threshold)')
+        lo, hi = centre - field_of_view / 2.0, centre + field_of_view / 2.0
     else:
         box = _mask_box(raw, _foreground_mask(raw, modality, threshold), direction,
                         MIN_COMPONENT_FRACTION)
-        if label_image is not None:
-            label_box = _mask_box(raw, sitk.Cast(label_image != 0, sitk.sitkUInt8), direction)
-            if label_box is not None:
-                box = label_box if box is None else (np.minimum(box[0], label_box[0]),
-                                                     np.maximum(box[1], label_box[1]))
         if box is None:
             raise PrepareError('no foreground found (give --threshold or --roi)')
         lo, hi = box[0] - margin, box[1] + margin
@@ -530,13 +460,15 @@ class ScanEntry:
     landmarks: str = None
 
 
-def write_scan(h5, entry, volume, segmentation, points, geometry, modality):
+def write_scan(h5, entry, volume, segmentation, points, geometry, modality,
+               original_segmentation=None):
     """Write one preprocessed scan as group entry.id of an open h5py.File."""
     group = h5.create_group(entry.id)
     group.create_dataset('volume', data=volume, compression='gzip', compression_opts=1)
-    if segmentation is not None:
-        group.create_dataset('segmentation', data=segmentation, compression='gzip',
-                             compression_opts=1)
+    for key, array in (('segmentation', segmentation),
+                       ('original_segmentation', original_segmentation)):
+        if array is not None:
+            group.create_dataset(key, data=array, compression='gzip', compression_opts=1)
     if points is not None:
         group.create_dataset('point', data=points)
     geometry.to_attrs(group.attrs)
@@ -560,10 +492,14 @@ def convert_scan(entry, h5, options):
         if lost:
             _warn('{}: {} landmark(s) outside the preprocessed grid, stored as -1'.format(
                 entry.landmarks, lost))
-    write_scan(h5, entry, volume, segmentation, points, geometry, options.get('modality', 'mr'))
-    if segmentation is None:
+    original = None
+    if label is not None:
+        original = _label_array(label, entry.label).transpose(2, 1, 0)
+    write_scan(h5, entry, volume, segmentation, points, geometry, options.get('modality', 'mr'),
+               original)
+    if original is None:
         return set()
-    return set(int(v) for v in np.unique(segmentation)) - {0}
+    return set(int(v) for v in np.unique(original)) - {0}
 
 
 def _warn(message):
@@ -687,13 +623,26 @@ def default_schemes(subset_names):
     return schemes
 
 
+def preprocessing_record(image_size=DEFAULT_IMAGE_SIZE, modality='mr',
+                         percentiles=DEFAULT_PERCENTILES, window=DEFAULT_CT_WINDOW, threshold=None,
+                         margin=DEFAULT_MARGIN, spacing=None, roi=None, field_of_view=None):
+    """The `preprocess` options as the JSON-able record a spec (key "preprocessing"), a run's
+    args.json and an export carry, so that a user's scans get what the model was trained on."""
+    return {'image_size': int(image_size), 'modality': modality,
+            'percentiles': [float(v) for v in percentiles], 'window': [float(v) for v in window],
+            'threshold': threshold, 'margin': float(margin), 'spacing': spacing,
+            'field_of_view': field_of_view,
+            'roi': None if roi is None else np.asarray(roi, np.float64).reshape(6).tolist()}
+
+
 def build_spec(name, h5_path, spec_path, ids, image_size, image_type, atlas=None,
-               subsets=None, schemes=None, label_values=(), strict=True):
+               subsets=None, schemes=None, label_values=(), strict=True, preprocessing=None):
     """The JSON dataset spec (original schema) of a converted file.
 
     subsets: {name: [id patterns]} (default: one subset 'all'); schemes: {key: {subset:
     fraction}} (default `default_schemes`). With strict=False empty subsets are dropped
-    (used by presets when only some scans were converted)."""
+    (used by presets when only some scans were converted). preprocessing: the
+    `preprocessing_record` of the conversion (key "preprocessing")."""
     prefix = name + '/'
     if subsets is None:
         subsets = {'all': ['*']}
@@ -725,6 +674,8 @@ def build_spec(name, h5_path, spec_path, ids, image_size, image_type, atlas=None
         spec['segmentation_class_value'] = {str(v): int(v) for v in sorted(label_values)}
     spec['subsets'] = resolved
     spec['schemes'] = kept
+    if preprocessing is not None:
+        spec['preprocessing'] = preprocessing
     return spec
 
 
@@ -744,8 +695,8 @@ def convert(entries, output, spec_path=None, name=None, image_type='brain', atla
     """Convert ScanEntries into the HDF5 `output` (and the JSON spec at spec_path if given).
 
     options go to `preprocess` (image_size, modality, percentiles, window, threshold, margin,
-    spacing, roi). Refuses existing outputs; writes temporary files renamed into place at the
-    end, so a failure leaves no output behind. Returns the spec dict."""
+    spacing, roi, field_of_view). Refuses existing outputs; writes temporary files renamed
+    into place at the end, so a failure leaves no output behind. Returns the spec dict."""
     outputs = [p for p in (output, spec_path) if p]
     for path in outputs:
         if os.path.exists(path):
@@ -761,8 +712,9 @@ def convert(entries, output, spec_path=None, name=None, image_type='brain', atla
         name = os.path.basename(output).split('.')[0]
     ids = [e.id for e in entries]
     image_size = options.get('image_size', DEFAULT_IMAGE_SIZE)
+    preprocessing = preprocessing_record(**options)
     spec = build_spec(name, output, spec_path or output, ids, image_size, image_type, atlas,
-                      subsets, schemes, (), strict_subsets)
+                      subsets, schemes, (), strict_subsets, preprocessing)
 
     temporaries = []
     try:
@@ -775,7 +727,7 @@ def convert(entries, output, spec_path=None, name=None, image_type='brain', atla
                     label_values |= convert_scan(entry, h5, options)
                     bar.update()
         spec = build_spec(name, output, spec_path or output, ids, image_size, image_type,
-                          atlas, subsets, schemes, label_values, strict_subsets)
+                          atlas, subsets, schemes, label_values, strict_subsets, preprocessing)
         if spec_path:
             spec_temporary = _temporary_path(spec_path)
             temporaries.append(spec_temporary)
@@ -862,6 +814,10 @@ def parse_args(argv=None):
                         help='fixed output voxel size in mm (default: fit the crop box)')
     parser.add_argument('--roi', type=float, nargs=6, metavar=('X0', 'Y0', 'Z0', 'X1', 'Y1', 'Z1'),
                         help='crop box corners in LPS mm instead of the foreground box')
+    parser.add_argument('--field_of_view', type=float, metavar='MM',
+                        help='a cube of MM mm centred on the foreground centroid instead of the '
+                             'foreground box (--lpba40: {:g} unless --spacing or --roi)'.format(
+                                 LPBA40_FIELD_OF_VIEW))
     parser.add_argument('--quiet', action='store_true',
                         help='no progress output')
     return parser.parse_args(argv)
@@ -873,8 +829,10 @@ def run(args):
         raise PrepareError('--labels, --landmarks and --id_regex go with --images')
     if args.image_size < 2:
         raise PrepareError('--image_size must be at least 2')
-    if args.spacing is not None and args.spacing <= 0:
-        raise PrepareError('--spacing must be positive')
+    if args.spacing is not None and not args.spacing > 0:
+        raise PrepareError('--spacing must be a positive number of mm')
+    if args.field_of_view is not None and (args.spacing is not None or args.roi is not None):
+        raise PrepareError('--field_of_view sets the grid alone: give no --spacing or --roi with it')
     if args.lpba40:
         if not os.path.isdir(args.lpba40):
             raise PrepareError('{}: no such directory'.format(args.lpba40))
@@ -897,12 +855,15 @@ def run(args):
         name = name or 'lpba'
         strict = subsets is not None
         subsets = subsets or LPBA40_SUBSETS
+        if args.field_of_view is None and args.spacing is None and args.roi is None:
+            args.field_of_view = LPBA40_FIELD_OF_VIEW
     roi = None if args.roi is None else (args.roi[:3], args.roi[3:])
     return convert(entries, args.output, args.spec, name, image_type, atlas, subsets, schemes,
                    strict_subsets=strict, progress=not args.quiet,
                    image_size=args.image_size, modality=args.modality,
                    percentiles=tuple(args.percentiles), window=tuple(args.window),
-                   threshold=args.threshold, margin=args.margin, spacing=args.spacing, roi=roi)
+                   threshold=args.threshold, margin=args.margin, spacing=args.spacing, roi=roi,
+                   field_of_view=args.field_of_view)
 
 
 def main(argv=None):

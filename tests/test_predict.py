@@ -99,9 +99,10 @@ class KnownFlow:
     info = {'kind': 'known affine (test)'}
 
     def __init__(self, paths, modality):
-        from data_util.prepare import read_image
+        from data_util.prepare import preprocessing_record, read_image
         _, _, self.fixed_geometry, self.moving_geometry = predict.preprocess_pair(
-            read_image(paths['fixed']), read_image(paths['moving']), self.image_size, modality)
+            read_image(paths['fixed']), read_image(paths['moving']),
+            **preprocessing_record(image_size=self.image_size, modality=modality))
 
     def register(self, fixed, moving):
         n = self.image_size
@@ -251,7 +252,7 @@ def test_export_runs_without_network_code(tiny_run, tmp_path):
         print('loaded:', sorted(m for m in sys.modules if m in (
             'network.cascade', 'network.framework', 'network.subnets', 'network.aldk', 'network.losses', 'train')))
         from data_util.prepare import read_image
-        fixed, moving, _, _ = predict.preprocess_pair(read_image({fixed!r}), read_image({moving!r}), 64)
+        fixed, moving, _, _ = predict.preprocess_pair(read_image({fixed!r}), read_image({moving!r}), image_size=64)
         frozen = predict.ExportedModel('exported').register(fixed, moving)
         restored = predict.CheckpointModel({run!r}, 64).register(fixed, moving)
         print('max flow difference:', abs(frozen - restored).max(), 'max flow:', abs(restored).max())

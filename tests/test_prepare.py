@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import LPBA40, ROOT
-from data_util import prepare
+from data_util import geometry, prepare
 
 SIZE = 32
 SPACING = (0.9, 1.3, 2.2)
@@ -173,17 +173,19 @@ def test_grid_result_maps_back_to_original(converted):
             assert dice > 0.7
 
 
-def test_flow_to_physical_between_grids(converted):
+def test_displacement_field_between_grids(converted):
+    """A flow on scan a's grid -> mm on a's original grid (data_util.geometry.displacement_field)."""
     with h5py.File(converted['output'], 'r') as h5:
         fixed, moving = prepare.load_geometry(h5['a']), prepare.load_geometry(h5['b'])
+    reference = fixed.original_reference()
     index = np.stack(np.meshgrid(*[np.arange(SIZE)] * 3, indexing='ij'), -1).astype(np.float64)
     # the flow that sends every fixed voxel to the same physical point of the moving grid
     same_point = moving.physical_to_voxel(fixed.voxel_to_physical(index.reshape(-1, 3)))
     flow = same_point.reshape(index.shape) - index
-    np.testing.assert_allclose(prepare.flow_to_physical(flow, fixed, moving), 0, atol=1e-9)
-    shift = prepare.flow_to_physical(np.ones((SIZE,) * 3 + (3,)), fixed, fixed)
+    np.testing.assert_allclose(geometry.displacement_field(flow, fixed, moving, reference), 0, atol=1e-6)
+    shift = geometry.displacement_field(np.ones((SIZE,) * 3 + (3,)), fixed, fixed, reference)
     expected = np.reshape(fixed.grid_direction, (3, 3)) @ np.asarray(fixed.grid_spacing)
-    np.testing.assert_allclose(shift[3, 4, 5], expected)
+    np.testing.assert_allclose(shift[3, 4, 5], expected, atol=1e-9)
 
 
 def test_preprocess_on_single_file_matches_converter(converted):
@@ -211,7 +213,9 @@ def test_ct_window_roi_and_spacing(converted):
     np.testing.assert_allclose(fixed.grid_spacing, 3.0)
 
 
-def test_crop_covers_labels_outside_the_foreground():
+def test_label_map_never_changes_the_grid():
+    """The crop comes from the image alone (as predict.py must do): a label outside the
+    foreground changes neither the grid nor the volume; it is kept on the original grid."""
     intensity = np.zeros((40, 30, 30), np.float32)
     intensity[10:30, 10:20, 10:20] = 100.0
     label = np.zeros(intensity.shape, np.uint8)
@@ -219,10 +223,37 @@ def test_crop_covers_labels_outside_the_foreground():
     image = sitk.GetImageFromArray(intensity.transpose(2, 1, 0))
     label_image = sitk.GetImageFromArray(label.transpose(2, 1, 0))
     volume, segmentation, geometry = prepare.preprocess(image, label_image, image_size=16)
-    assert np.any(segmentation == 7)
-    # x from the label's first voxel to the body's last one, plus 4 mm margins
-    np.testing.assert_allclose(geometry.grid_spacing, (29 + 8) / 16.0)
-    assert volume.max() == 255
+    alone, _, geometry_alone = prepare.preprocess(image, None, image_size=16)
+    assert geometry == geometry_alone
+    np.testing.assert_array_equal(volume, alone)
+    # x over the body alone, plus 4 mm margins
+    np.testing.assert_allclose(geometry.grid_spacing, (20 + 8) / 16.0)
+    assert not np.any(segmentation == 7)
+
+
+def test_field_of_view_centres_on_the_centroid():
+    """--field_of_view: a cube of the given side around the foreground's centroid, so the same
+    anatomy moved in space gives the same volume on a grid moved with it."""
+    intensity = np.zeros((40, 36, 30), np.float32)
+    intensity[8:30, 10:20, 6:20] = 100.0
+    intensity[8:12, 10:14, 6:9] = 180.0
+    image = sitk.GetImageFromArray(intensity.transpose(2, 1, 0))
+    image.SetSpacing((1.2, 1.0, 1.5))
+    shifted = sitk.Image(image)
+    shift = np.array([7.3, -4.0, 11.5])
+    shifted.SetOrigin(tuple(np.asarray(image.GetOrigin()) + shift))
+    volume, _, geometry = prepare.preprocess(image, image_size=16, field_of_view=48.0)
+    moved, _, moved_geometry = prepare.preprocess(shifted, image_size=16, field_of_view=48.0)
+    np.testing.assert_allclose(geometry.grid_spacing, 3.0)
+    centroid = (np.array([8 + 29, 10 + 19, 6 + 19]) / 2.0) * image.GetSpacing()
+    centre = np.asarray(geometry.grid_origin) + 1.5 * 15
+    np.testing.assert_allclose(centre, centroid, atol=1e-6)
+    np.testing.assert_allclose(np.subtract(moved_geometry.grid_origin, geometry.grid_origin), shift, atol=1e-6)
+    np.testing.assert_array_equal(volume, moved)
+    with pytest.raises(prepare.PrepareError, match='field of view'):
+        prepare.preprocess(image, image_size=16, field_of_view=48.0, spacing=2.0)
+    with pytest.raises(prepare.PrepareError, match='field of view'):
+        prepare.preprocess(image, image_size=16, field_of_view=float('nan'))
 
 
 def _run_cli(args, cwd):
@@ -291,7 +322,9 @@ def test_lpba_spec_matches_builder():
     ids = ['S{:02d}'.format(i) for i in range(1, 41)]
     expected = prepare.build_spec('lpba', os.path.join(ROOT, 'datasets', 'lpba.h5'), path, ids,
                                   128, 'brain', prepare.LPBA40_ATLAS, prepare.LPBA40_SUBSETS,
-                                  label_values=LPBA_LABELS, strict=False)
+                                  label_values=LPBA_LABELS, strict=False,
+                                  preprocessing=prepare.preprocessing_record(
+                                      field_of_view=prepare.LPBA40_FIELD_OF_VIEW))
     with open(path) as f:
         assert json.load(f) == expected
     assert len(expected['segmentation_class_value']) == 56
@@ -329,13 +362,14 @@ def test_lpba40_subset(tmp_path, capsys):
             assert geometry.original_size == (160, 192, 160)
             assert geometry.original_spacing == (1.0, 1.0, 1.0)
             assert geometry.grid_direction == tuple(np.eye(3).flatten())
-            assert 2.4 < geometry.grid_spacing[0] < 3.2
             # labels mapped back onto the 1 mm grid agree with the source on most voxels
             back = prepare.grid_to_original(
                 prepare.preprocessed_grid_image(group, segmentation), geometry, nearest=True)
             source_image = sitk.ReadImage(group.attrs['source_label'])
             source = prepare.to_array(source_image)
             assert np.mean(prepare.to_array(back) == source) > 0.95
+            np.testing.assert_array_equal(group['original_segmentation'][...], source)
+            assert geometry.grid_spacing == (3.0,) * 3    # the 192 mm field of view at 64^3
             # LPBA40 labels reach below the skull-stripped image (brainstem, cerebellum): the
             # crop covers them too
             labelled = np.argwhere(source > 0)

@@ -1,0 +1,115 @@
+"""How a trained model copes with what users send: moving scans shifted, rotated, cut short.
+
+    python -m bench.robustness -c weights/RUN [--lpba40 ../shared/data/LPBA40] [--pairs 9]
+
+Each LPBA40 test scan S02.. is registered to the atlas S01 through predict.py's own pipeline
+(its preprocessing, network and displacement field; the model loaded once), first as it is and
+then perturbed the way scans from elsewhere differ: the moving scan's content (image and label
+map alike, resampled on its own grid) shifted by 10 mm, rotated by 10 degrees about the
+left-right or the inferior-superior axis, or its field of view cut 25 mm short at the bottom.
+The table gives the mean label Dice on S01's 1 mm grid (56 labels) per perturbation, before
+registration (identity) and after, and the loss against the unperturbed scans.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import cli  # noqa: E402
+
+SHIFT_MM = 10.0
+ANGLE_DEG = 10.0
+CUT_MM = 25.0
+
+
+def _about_centre(image, transform):
+    """The transform re-centred on the image's physical centre."""
+    import SimpleITK as sitk
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()])
+    if isinstance(transform, sitk.Euler3DTransform):
+        transform.SetCenter(centre)
+    return transform
+
+
+def perturbations():
+    """{name: function(image, labels) -> (image, labels)} of the moving scan."""
+    import SimpleITK as sitk
+
+    def resampled(transform):
+        def apply(image, labels):
+            t = _about_centre(image, transform)
+            return (sitk.Resample(image, image, t, sitk.sitkLinear, 0.0),
+                    sitk.Resample(labels, labels, t, sitk.sitkNearestNeighbor, 0))
+        return apply
+
+    def rotation(axis):
+        angles = [0.0, 0.0, 0.0]
+        angles[axis] = np.deg2rad(ANGLE_DEG)
+        return sitk.Euler3DTransform([0.0] * 3, *angles)
+
+    def cut(image, labels):
+        """Drop the inferior CUT_MM of both (array axis 2 runs inferior -> superior when the
+        direction's z component of that axis is positive, as in LPS files)."""
+        rows = int(round(CUT_MM / image.GetSpacing()[2]))
+        size = list(image.GetSize())
+        size[2] -= rows
+        start = [0, 0, rows if image.GetDirection()[8] > 0 else 0]
+        return sitk.RegionOfInterest(image, size, start), sitk.RegionOfInterest(labels, size, start)
+
+    return {'as given': lambda image, labels: (image, labels),
+            'shifted {:g} mm'.format(SHIFT_MM): resampled(sitk.TranslationTransform(3, [SHIFT_MM, -SHIFT_MM / 2, SHIFT_MM / 2])),
+            'rotated {:g} deg (L-R axis)'.format(ANGLE_DEG): resampled(rotation(0)),
+            'rotated {:g} deg (I-S axis)'.format(ANGLE_DEG): resampled(rotation(2)),
+            'field of view {:g} mm short'.format(CUT_MM): cut}
+
+
+def main(argv=None):
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-c', '--checkpoint', required=True, help='train.py run directory (or DIR:STEP) or export')
+    p.add_argument('--lpba40', default=os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'LPBA40'))
+    p.add_argument('--pairs', type=cli.positive_int, default=9, help='test scans S02.. to use (default all 9)')
+    args = p.parse_args(argv)
+    import SimpleITK as sitk
+    import predict
+    root = args.lpba40
+    label = lambda i: os.path.join(root, 'label', 'S{:02d}.delineation.structure.label.nii.gz'.format(i))
+    fixed = os.path.join(root, 'fixed.nii.gz')
+    if not os.path.isfile(fixed):
+        raise cli.UserError('{}: no LPBA40 atlas there (--lpba40)'.format(fixed))
+    parsed = predict.build_parser().parse_args(['-c', args.checkpoint])
+    size, open_model, _ = predict.resolve_model(parsed)
+    model = open_model()
+    rows = {}
+    with tempfile.TemporaryDirectory() as work:
+        for i in range(2, 2 + args.pairs):
+            image = sitk.ReadImage(os.path.join(root, 'test', 'S{:02d}.delineation.skullstripped.nii.gz'.format(i)))
+            labels = sitk.ReadImage(label(i))
+            for name, perturb in perturbations().items():
+                moved, moved_labels = perturb(image, labels)
+                paths = [os.path.join(work, n) for n in ('moving.nii.gz', 'moving_seg.nii.gz')]
+                sitk.WriteImage(moved, paths[0])
+                sitk.WriteImage(moved_labels, paths[1])
+                out = os.path.join(work, 'out')
+                report = predict.predict(predict.build_parser().parse_args(
+                    ['-c', args.checkpoint, '--fixed', fixed, '--moving', paths[0], '--fixed_seg', label(1),
+                     '--moving_seg', paths[1], '-o', out, '--force']), model=model)
+                rows.setdefault(name, []).append((report['dice']['mean_before'], report['dice']['mean']))
+                print('S{:02d} {}: Dice {:.4f} (before {:.4f})'.format(i, name, report['dice']['mean'],
+                                                                       report['dice']['mean_before']), flush=True)
+    base = np.mean([after for _, after in rows['as given']])
+    print('\nModel {} ({}^3), {} LPBA40 test scans to S01, Dice on S01\'s 1 mm grid:\n'.format(
+        args.checkpoint, size, args.pairs))
+    print('| moving scan | Dice before | Dice after | change vs as given |')
+    print('|---|---:|---:|---:|')
+    for name, values in rows.items():
+        before, after = np.mean(values, axis=0)
+        print('| {} | {:.3f} | {:.3f} | {:+.3f} |'.format(name, before, after, after - base))
+
+
+if __name__ == '__main__':
+    cli.run(main)

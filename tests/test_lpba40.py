@@ -1,0 +1,58 @@
+"""One truth for accuracy on real brains: eval.py and predict.py measure the same Dice.
+
+A small LPBA40 set is converted as `--lpba40` does (fixed 192 mm field of view, no label map
+deciding any crop), an LDR model is trained briefly on it, and every test pair is then
+registered twice: by eval.py from the HDF5 file, and by predict.py from the original NIfTI
+files, as a user would. Both must report the Dice of the label maps on the fixed scan's own
+1 mm grid, within 0.005 of each other.
+"""
+import json
+import os
+
+import pytest
+
+from conftest import LPBA40, run_script
+from data_util import prepare
+
+SIZE = 48
+TEST_IDS = ('S02', 'S03')
+
+
+def _paths(scan_id):
+    image = os.path.join(LPBA40, 'fixed.nii.gz') if scan_id == 'S01' else os.path.join(
+        LPBA40, 'test', scan_id + '.delineation.skullstripped.nii.gz')
+    return image, os.path.join(LPBA40, 'label', scan_id + '.delineation.structure.label.nii.gz')
+
+
+@pytest.mark.slow
+def test_eval_and_predict_agree_on_the_original_grid(tmp_path):
+    if not os.path.isdir(LPBA40):
+        pytest.skip('LPBA40 data absent at {} (tests/conftest.py LPBA40)'.format(LPBA40))
+    assert prepare.main(['--lpba40', LPBA40, '--ids', 'S01,S02,S03,S11,S12,S13,S36', '--image_size', str(SIZE),
+                         '--output', str(tmp_path / 'lpba.h5'), '--spec', str(tmp_path / 'lpba.json'), '--quiet']) == 0
+    proc = run_script('train.py', '-b', 'LDR', '-n', '1', '-d', 'lpba.json', '--batch', '1', '--round', '150',
+                      '--epochs', '1', '--lr', '1e-3', '--seed', '1', '--val_steps', '0', '--output', 'brain',
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = json.loads((tmp_path / 'weights' / 'brain' / 'args.json').read_text())
+    assert args['preprocessing']['field_of_view'] == 192.0
+
+    proc = run_script('eval.py', '-c', 'weights/brain', '-v', 'test', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evaluated = json.loads((tmp_path / 'evaluate' / 'brain-150-test.json').read_text())
+    by_moving = {record['id2'].split('/')[1]: record for record in evaluated['pairs']}
+    assert sorted(by_moving) == list(TEST_IDS)
+
+    fixed, fixed_seg = _paths('S01')
+    for scan_id in TEST_IDS:
+        moving, moving_seg = _paths(scan_id)
+        proc = run_script('predict.py', '-c', 'weights/brain', '--fixed', fixed, '--moving', moving,
+                          '--fixed_seg', fixed_seg, '--moving_seg', moving_seg, '-o', scan_id, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        report = json.loads((tmp_path / scan_id / 'predict.json').read_text())
+        record = by_moving[scan_id]
+        assert record['overlap_on'] == 'original'
+        assert report['preprocessing']['field_of_view'] == 192.0
+        # the model moved the labels: the agreement below is not that of two identities
+        assert abs(report['dice']['mean'] - report['dice']['mean_before']) > 0.01, report['dice']
+        assert abs(record['dice'] - report['dice']['mean']) < 0.005, (scan_id, record['dice'], report['dice'])
