@@ -81,6 +81,25 @@ def learning_rate(args, step):
     return args.lr * factors[min(step // args.round, len(factors) - 1)]
 
 
+NOT_RESUMED = ('checkpoint', 'gpu', 'debug', 'output', 'name', 'clear_steps', 'finetune', 'resume_dir',
+               'preprocessing')
+
+
+def given_flags(parser, argv):
+    """The destinations of the options present on the command line (argv), abbreviations included."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def restore_settings(args, run_args, given):
+    """Resuming a run: every setting it was started with that this command line does not give
+    again (batch, round, epochs, lr, seed, save_steps, distillation flags, ...) comes back."""
+    for key, value in run_args.items():
+        if key not in given and key not in NOT_RESUMED and hasattr(args, key):
+            setattr(args, key, value)
+
+
 def merge_run_args(args, run_args):
     """Take the architecture of the checkpoint's run; refuse explicit flags that contradict it."""
     for key in ARCH_KEYS:
@@ -183,6 +202,7 @@ def image_size_of(args, spec):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if not args.gpu.startswith('cpu') and args.gpu != '-1':
         os.environ.setdefault('CUDA_VISIBLE_DEVICES', args.gpu)
@@ -191,8 +211,11 @@ def main(argv=None):
     resuming = False
     if args.checkpoint:
         args.resume_dir, checkpoint, ckpt_step = cli.resolve_checkpoint(args.checkpoint)
-        merge_run_args(args, cli.load_run_args(args.resume_dir))
+        run_args = cli.load_run_args(args.resume_dir)
+        merge_run_args(args, run_args)
         resuming = not (args.finetune or args.clear_steps)
+        if resuming and args.output is None:
+            restore_settings(args, run_args, given_flags(build_parser(), argv))
     for k, v in ARCH_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -1,5 +1,6 @@
 """Kill and resume, half-written checkpoints, the non-finite loss guard of train.py, and progress output in logs."""
 import io
+import json
 import os
 import signal
 import subprocess
@@ -90,3 +91,39 @@ def test_kill_9_then_resume_continues_from_the_newest_complete_checkpoint(synthe
     assert 'at step {}'.format(newest) in resumed.stdout
     assert 'step {}/{}'.format(newest + 1, newest + 2) in resumed.stdout
     assert (run_dir / 'model-{}.complete'.format(newest + 2)).exists()
+
+
+@pytest.mark.slow
+def test_bare_resume_keeps_every_setting_of_the_run(synthetic_spec, tmp_path):
+    """A run started with non-default flags, killed, and resumed with -c alone goes on with its
+    own batch, schedule, learning rate, seed and checkpoint interval (not train.py's defaults)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '-b', 'LDR', '-d', synthetic_spec, '--batch', '1',
+           '--round', '200', '--epochs', '0.05', '--lr', '5e-4', '--output', 'settings', '--val_steps', '0',
+           '--save_steps', '4', '--print_steps', '1', '--seed', '3', '--no_augment']
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / 'weights' / 'settings'
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / 'model-4.complete').exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = max(cli.list_checkpoints(str(run_dir)))
+    assert newest in (4, 8), newest
+    resumed = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), '-c', str(run_dir)], cwd=tmp_path,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in resumed.stdout:
+        lines.append(line)
+        if line.startswith('step '):
+            break
+    if resumed.poll() is None and 'step {}/10 '.format(newest + 1) not in lines[-1]:
+        resumed.kill()          # the defaults would train for 100,000 steps
+    resumed.wait(timeout=300)
+    assert 'step {}/10 '.format(newest + 1) in lines[-1], lines
+    assert 'lr 5.00e-04' in lines[-1], lines[-1]
+    assert resumed.returncode == 0
+    stored = json.loads((run_dir / 'args.json').read_text())
+    assert (stored['batch'], stored['round'], stored['epochs'], stored['save_steps'], stored['seed'],
+            stored['lr'], stored['no_augment']) == (1, 200, 0.05, 4, 3, 5e-4, True)
+    assert sorted(cli.list_checkpoints(str(run_dir)))[-1] == 10
