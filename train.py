@@ -45,6 +45,9 @@ def build_parser():
     p.add_argument('--logs', default='', help='TensorBoard sub-directory under logs/')
     p.add_argument('--name', default=None, help='suffix appended to the run name')
     p.add_argument('--no_augment', action='store_true', help='turn the random B-spline augmentation off')
+    p.add_argument('--augment_affine', type=float, nargs=3, default=None, metavar=('DEGREES', 'SCALE', 'SHIFT'),
+                   help='add a random affine map to the augmentation: rotations up to DEGREES about each axis, '
+                        'scales exp(+-SCALE) per axis, shifts up to SHIFT voxels (e.g. 10 0.05 6)')
     p.add_argument('--seed', type=int, default=None, help='random seed of data order and augmentation')
     p.add_argument('--fast_reconstruction', action='store_true', help='require the compiled warp op')
     p.add_argument('--tf_warp', action='store_true', help='force the pure-TensorFlow warp')
@@ -157,21 +160,29 @@ def load_teacher(spec, image_size):
     return Teacher(net_args, prefix, run.get('image_size') or image_size)
 
 
+def affine_range(args):
+    """--augment_affine as a network.augment.AffineRange, or None."""
+    from network.augment import AffineRange
+    return None if args.augment_affine is None else AffineRange(*args.augment_affine)
+
+
 def build_framework(args, net_args, image_size, dataset, devices):
     """The training Framework: plain, or DistillFramework for --aldk / --distill l2."""
     from network.framework import Framework
     if not (args.aldk or args.distill != 'none'):
-        return Framework(net_args, image_size, dataset.segmentation_class_value, devices, augment=not args.no_augment)
+        return Framework(net_args, image_size, dataset.segmentation_class_value, devices, augment=not args.no_augment,
+                         affine_augment=affine_range(args))
     from network.aldk import DistillFramework
     teacher = load_teacher(args.teacher, image_size) if args.teacher else None
-    if args.pretrained_flow_path and not args.no_augment:
+    if args.pretrained_flow_path and not (args.no_augment and args.augment_affine is None):
         print('Stored teacher flows belong to un-augmented pairs: augmentation off')
-        args.no_augment = True
+        args.no_augment, args.augment_affine = True, None
     framework = DistillFramework(net_args, image_size, dataset.segmentation_class_value, devices,
                                  augment=not args.no_augment, method='aldk' if args.aldk else 'l2', teacher=teacher,
                                  stored_flows=bool(args.pretrained_flow_path), beta=args.beta, gamma=args.gamma,
                                  lamb=args.lamb, critic_every=args.critic_every,
-                                 critic_lr_factor=args.critic_lr_factor, critic_units=args.critic_units)
+                                 critic_lr_factor=args.critic_lr_factor, critic_units=args.critic_units,
+                                 affine_augment=affine_range(args))
     source = ('teacher {} ({:,} parameters, frozen, not saved)'.format(args.teacher, teacher.parameter_count)
               if teacher else 'teacher flows of {}'.format(args.pretrained_flow_path))
     print('Distillation: {}, {}, beta {} gamma {} lamb {}{}'.format(
@@ -220,6 +231,12 @@ def main(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     check_distill_args(args)
+    if args.augment_affine is not None:
+        if args.no_augment:
+            raise cli.UserError('--no_augment turns augmentation off; it cannot go with --augment_affine')
+        if not all(math.isfinite(v) and v >= 0 for v in args.augment_affine):
+            raise cli.UserError('--augment_affine takes three finite values >= 0, got {}'.format(
+                ' '.join('{:g}'.format(v) for v in args.augment_affine)))
     if args.batch % len(devices):
         raise cli.UserError('--batch {} is not divisible by the {} devices of -g {}'.format(
             args.batch, len(devices), args.gpu))

@@ -244,12 +244,12 @@ class DistillFramework(Framework):
     def __init__(self, net_args, image_size, segmentation_class_value=None, devices=('/cpu:0',),
                  augment=True, method='aldk', teacher=None, stored_flows=False, beta=0.1, gamma=0.3,
                  lamb=0.1, critic_every=DEFAULT_CRITIC_EVERY, critic_lr_factor=DEFAULT_CRITIC_LR_FACTOR,
-                 critic_units=CRITIC_UNITS, critic_channels=CRITIC_CHANNELS, scope='rcn'):
+                 critic_units=CRITIC_UNITS, critic_channels=CRITIC_CHANNELS, scope='rcn', affine_augment=None):
         if method not in METHODS:
             raise ValueError('unknown distillation method {!r} (choose from {})'.format(method, ', '.join(METHODS)))
         if (teacher is None) == (not stored_flows):
             raise ValueError('give exactly one teacher source: a Teacher (online) or stored_flows=True (offline)')
-        if stored_flows and augment:
+        if stored_flows and (augment or affine_augment):
             raise ValueError('stored teacher flows belong to un-augmented pairs: turn augmentation off')
         if teacher is not None and list(teacher.image_size) != list(image_size):
             raise ValueError('teacher image size {} differs from the student\'s {}'.format(
@@ -268,7 +268,7 @@ class DistillFramework(Framework):
         self.teacher_flow_feed = (tf.placeholder(tf.float32, [None] + list(image_size) + [3], name='teacher_flow')
                                   if stored_flows else None)
         super().__init__(net_args, image_size, segmentation_class_value=segmentation_class_value, devices=devices,
-                         augment=augment, validation=False, scope=scope)
+                         augment=augment, validation=False, scope=scope, affine_augment=affine_augment)
 
     @property
     def training_state(self):

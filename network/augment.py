@@ -1,14 +1,27 @@
-"""Training-time augmentation: a random free-form deformation by cubic B-splines (SPEC section 4).
+"""Training-time augmentation of the moving image: a random free-form deformation by cubic
+B-splines (SPEC section 4), optionally plus a random affine map (beyond the paper).
 
-A 5x5x5 grid of control displacements, each drawn as 0.4 * sign(u) |u|^3, u ~ U(-1, 1), times
-(image size // 4) along its axis, is interpolated with the cubic B-spline kernel to a dense
-flow [B, X, Y, Z, 3] in voxels. Control points are spaced evenly over the volume, the first and
-last on its faces.
+B-splines: a 5x5x5 grid of control displacements, each drawn as 0.4 * sign(u) |u|^3,
+u ~ U(-1, 1), times (image size // 4) along its axis, is interpolated with the cubic B-spline
+kernel to a dense flow [B, X, Y, Z, 3] in voxels. Control points are spaced evenly over the
+volume, the first and last on its faces.
+
+Affine (`AffineRange`): rotations about the three axes, per-axis scales and a shift, each drawn
+uniformly per sample, as the flow (A - I)(p - c) + t about the volume centre c. It stands for
+what differs between a user's scans and the training pairs beyond anatomy: head tilt, size,
+position within the field of view. Its flow is added to the B-spline flow.
 """
+import collections
+
 import numpy as np
 
 from .spatial_transformer import sample_points, warp, warp_nearest
+from .subnets import affine_flow
 from .tfv1 import tf
+
+AffineRange = collections.namedtuple('AffineRange', 'degrees scale shift')
+AffineRange.__doc__ = """Ranges of the random affine map: rotation angles in U(-degrees, degrees)
+about each axis, scale factors exp(U(-scale, scale)) per axis, shifts in U(-shift, shift) voxels."""
 
 
 def cubic_bspline(t):
@@ -34,6 +47,30 @@ def random_ffd(batch, sizes, control=5, amplitude=0.4, power=3, seed=None):
     return tf.einsum('xi,yj,zk,bijkc->bxyzc', bx, by, bz, coeffs)
 
 
+def rotation_matrices(angles):
+    """[B, 3] angles (radians) about array axes 0, 1, 2 -> [B, 3, 3] rotations R0 R1 R2."""
+    cos, sin = tf.cos(angles), tf.sin(angles)
+    zero, one = tf.zeros_like(angles[:, 0]), tf.ones_like(angles[:, 0])
+
+    def rotation(axis):
+        a, b = [k for k in range(3) if k != axis]
+        rows = [[one if i == j else zero for j in range(3)] for i in range(3)]
+        rows[a][a], rows[a][b], rows[b][a], rows[b][b] = cos[:, axis], -sin[:, axis], sin[:, axis], cos[:, axis]
+        return tf.stack([tf.stack(row, -1) for row in rows], -2)
+
+    return tf.matmul(tf.matmul(rotation(0), rotation(1)), rotation(2))
+
+
+def random_affine_flow(batch, sizes, ranges, seed=None):
+    """Random affine flow [batch, X, Y, Z, 3] (voxels): (R S - I)(p - c) + t with R of
+    `rotation_matrices`, S = diag(scales), t the shift; ranges an `AffineRange`."""
+    angles = tf.random_uniform(tf.stack([batch, 3]), -1.0, 1.0, seed=seed) * np.deg2rad(ranges.degrees)
+    scales = tf.exp(tf.random_uniform(tf.stack([batch, 3]), -1.0, 1.0, seed=seed) * ranges.scale)
+    shift = tf.random_uniform(tf.stack([batch, 3]), -1.0, 1.0, seed=seed) * ranges.shift
+    matrix = rotation_matrices(angles) * scales[:, None, :] - tf.eye(3)[None]
+    return affine_flow(matrix, shift, sizes)
+
+
 def invert_points(points, flow, iterations=5):
     """Positions p with p + flow(p) = q for moving landmarks q [B,K,3], by fixed-point iteration.
 
@@ -46,10 +83,14 @@ def invert_points(points, flow, iterations=5):
     return tf.where(tf.tile(missing, [1, 1, 3]), points, p)
 
 
-def augment_moving(moving, seg, points, seed=None):
+def augment_moving(moving, seg, points, affine=None, seed=None):
     """Deform the moving image (trilinear), its segmentation (nearest) and its landmarks alike.
 
-    moving, seg: [B,X,Y,Z,1]; points [B,K,3]. Returns the three deformed tensors.
+    moving, seg: [B,X,Y,Z,1]; points [B,K,3]; affine: an `AffineRange` to add a random affine
+    map to the B-spline deformation, or None. Returns the three deformed tensors.
     """
-    flow = random_ffd(tf.shape(moving)[0], moving.shape.as_list()[1:4], seed=seed)
+    batch, sizes = tf.shape(moving)[0], moving.shape.as_list()[1:4]
+    flow = random_ffd(batch, sizes, seed=seed)
+    if affine is not None:
+        flow += random_affine_flow(batch, sizes, affine, seed=seed)
     return warp(moving, flow), warp_nearest(seg, flow), invert_points(points, flow)

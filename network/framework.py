@@ -35,16 +35,18 @@ class Framework:
     net_args: keyword arguments of ``RecursiveCascade``; image_size: [X, Y, Z];
     segmentation_class_value: {name: value} or None (binary 0/255 masks);
     devices: tower devices (the batch is split evenly across them); augment: random B-spline
-    deformation of the moving image during training.
+    deformation of the moving image during training; affine_augment: an
+    ``augment.AffineRange`` adding a random affine map to it, or None.
     """
 
     def __init__(self, net_args, image_size, segmentation_class_value=None, devices=('/cpu:0',),
-                 augment=True, validation=False, scope='rcn'):
+                 augment=True, validation=False, scope='rcn', affine_augment=None):
         self.image_size = list(image_size)
         self.devices = list(devices)
         self.class_names = list(segmentation_class_value) if segmentation_class_value else None
         self.class_values = list(segmentation_class_value.values()) if segmentation_class_value else None
         self.augment = augment
+        self.affine_augment = affine_augment
         self.net = RecursiveCascade(scope, **net_args)
         if any(s % self.net.stride for s in self.image_size):
             raise ValueError('image size {} is not divisible by {}, the stride of this network'.format(
@@ -99,7 +101,7 @@ class Framework:
             m = moving[i]
             if self.augment:
                 with tf.device(self.devices[i]):
-                    m, _, _ = augment_moving(m, seg[i], pts[i])
+                    m, _, _ = augment_moving(m, seg[i], pts[i], self.affine_augment)
             towers.append((fixed[i], m))
         return towers
 

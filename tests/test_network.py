@@ -5,7 +5,7 @@ import pytest
 import cli
 from network import layers, losses, subnets
 from network.aldk import Critic
-from network.augment import bspline_basis, invert_points, random_ffd
+from network.augment import AffineRange, bspline_basis, invert_points, random_affine_flow, random_ffd, rotation_matrices
 from network.cascade import RecursiveCascade, make_net_args
 from network.module import count_parameters
 from network.tfv1 import tf
@@ -207,3 +207,40 @@ def test_bspline_augmentation_field_and_landmark_inverse():
     assert 0.2 < np.abs(flow).max() < 0.4 * 8 * 1.01
     np.testing.assert_allclose(back[:, :2], pts[:, :2], atol=0.05)
     np.testing.assert_array_equal(p[:, 2], pts[:, 2])
+
+
+def _rotation_reference(angles):
+    """NumPy float64 R0 R1 R2 for angles about array axes 0, 1, 2."""
+    def about(axis, angle):
+        a, b = [k for k in range(3) if k != axis]
+        r = np.eye(3)
+        r[a, a], r[a, b], r[b, a], r[b, b] = np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)
+        return r
+    return about(0, angles[0]) @ about(1, angles[1]) @ about(2, angles[2])
+
+
+def test_random_affine_augmentation_is_a_bounded_affine_map():
+    angles = np.array([[0.3, -0.2, 0.1], [-0.05, 0.4, -0.3]])
+    rotations = run_graph(lambda angles: rotation_matrices(angles), {'angles': angles})
+    for r, a in zip(rotations, angles):
+        np.testing.assert_allclose(r, _rotation_reference(a), atol=1e-6)
+
+    ranges = AffineRange(degrees=10.0, scale=0.05, shift=4.0)
+    sizes = (16, 12, 20)
+    flow = run_graph(lambda: random_affine_flow(3, sizes, ranges, seed=5))
+    grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2.0 for n in sizes], indexing='ij'), -1).reshape(-1, 3)
+    design = np.concatenate([grid, np.ones((len(grid), 1))], 1)
+    for sample in flow:
+        coefficients, _, _, _ = np.linalg.lstsq(design, sample.reshape(-1, 3), rcond=None)
+        np.testing.assert_allclose(design @ coefficients, sample.reshape(-1, 3), atol=1e-4)  # affine
+        matrix = coefficients[:3].T + np.eye(3)              # R S
+        shift = coefficients[3]
+        assert np.all(np.abs(shift) <= 4.0 + 1e-5) and np.abs(shift).max() > 0.1
+        scales = np.linalg.norm(matrix, axis=0)               # columns of R S have norms S
+        assert np.all(np.abs(np.log(scales)) <= 0.05 + 1e-5)
+        rotation = matrix / scales
+        np.testing.assert_allclose(rotation.T @ rotation, np.eye(3), atol=1e-5)
+        angle = np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1)))
+        assert 0.1 < angle <= np.sqrt(3) * 10.0 + 1e-3
+    zero = run_graph(lambda: random_affine_flow(1, sizes, AffineRange(0.0, 0.0, 0.0)))
+    np.testing.assert_allclose(zero, 0.0, atol=1e-6)
