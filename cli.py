@@ -61,6 +61,10 @@ class UserError(Exception):
     """A problem with the user's input; reported as one line."""
 
 
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose files exist but cannot be restored (truncated, overwritten, ...)."""
+
+
 def fail(message):
     """Print ``error: message`` (one line) and exit with status 2."""
     print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
@@ -261,4 +265,16 @@ def restore_variables(sess, prefix, variables):
     if bad:
         raise UserError('checkpoint {} does not fit this network: {} of {} variables missing or of another shape '
                         '(e.g. {})'.format(prefix, len(bad), len(variables), bad[0]))
-    tf.train.Saver(variables).restore(sess, prefix)
+    try:
+        tf.train.Saver(variables).restore(sess, prefix)
+    except tf.errors.OpError as e:
+        raise DamagedCheckpoint('checkpoint {} is damaged: its files {}.index / {}.data-* cannot be read ({}: {})'.format(
+            prefix, os.path.basename(prefix), os.path.basename(prefix), type(e).__name__, op_error_reason(e)))
+
+
+def op_error_reason(error):
+    """The line of a TensorFlow OpError's message that says what went wrong (not where)."""
+    lines = [line.strip() for line in str(error.message).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.endswith(':') and not line.startswith(('File ', 'Node:', '[['))
+               and not line.startswith('Detected at node')]
+    return reasons[0] if reasons else (lines[0] if lines else 'no detail')

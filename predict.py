@@ -78,6 +78,7 @@ FORMATS = {'nii.gz': '.nii.gz', 'nii': '.nii', 'mha': '.mha', 'mhd': '.mhd', 'nr
 EXTENSION_FORMATS = (('.nii.gz', 'nii.gz'), ('.nii', 'nii'), ('.mha', 'mha'), ('.mhd', 'mhd'),
                      ('.nrrd', 'nrrd'), ('.nhdr', 'nrrd'))
 REPORT = 'predict.json'
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'lpba40-ldr')
 STAGES = ('read', 'load_model', 'preprocess', 'network', 'resample', 'write')
 PREVIEWS = ('fixed', 'moving', 'warped', 'checkerboard', 'flow')
 VIEWS = ('axial', 'coronal', 'sagittal')
@@ -86,8 +87,9 @@ CHECKER_TILES = 8
 
 def build_parser():
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-c', '--checkpoint', required=True,
-                   help='train.py run directory, DIR:STEP or checkpoint prefix; or an export directory')
+    p.add_argument('-c', '--checkpoint', default=None,
+                   help='train.py run directory, DIR:STEP or checkpoint prefix; or an export directory '
+                        '(default: the shipped brain MRI model, models/lpba40-ldr)')
     p.add_argument('--fixed', help='fixed image file (or DICOM directory)')
     p.add_argument('--moving', help='moving image file (or DICOM directory)')
     p.add_argument('-o', '--output', help='output directory (must not exist unless --force)')
@@ -492,7 +494,7 @@ def predict(args, model=None):
     flow [N, N, N, 3] (voxels; see module doc); None opens args.checkpoint. Returns the report dict.
     """
     import SimpleITK as sitk
-    from data_util.geometry import dice_per_label, displacement_field, field_image, warp_labels
+    from data_util.geometry import dice_per_label, displacement_field, field_image, folding_fraction, warp_labels
     from data_util.prepare import PrepareError
     if not (args.fixed and args.moving and args.output):
         raise cli.UserError('--fixed, --moving and -o/--output are required (or --export DIR)')
@@ -559,6 +561,7 @@ def predict(args, model=None):
             report['displacement_mm'] = {'mean': float(magnitude.mean()), 'max': float(magnitude.max()),
                                          'p99': float(np.percentile(magnitude[::2, ::2, ::2], 99))}
             del magnitude
+            report['folding'] = folding_fraction(field, fixed)
             if 'moving_seg' in images:
                 seg = images['moving_seg']
                 warped_seg = warp_labels(seg, fixed, transform)
@@ -624,6 +627,10 @@ def export(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.checkpoint is None:
+        if args.export:
+            raise cli.UserError('--export needs -c RUN, the train.py checkpoint to export')
+        args.checkpoint = DEFAULT_MODEL
     if args.export:
         export(args)
         return 0

@@ -285,7 +285,8 @@ def main(argv=None):
             framework.teacher.restore(sess)
         step = 0
         if args.checkpoint:
-            restore(sess, framework, checkpoint, full=resuming)
+            checkpoint, ckpt_step = restore(sess, framework, fallbacks(args.checkpoint, checkpoint, ckpt_step),
+                                            full=resuming)
             step = (ckpt_step or 0) if resuming else 0
             sess.run(framework.global_step.assign(step))
             print('Restored {} at step {}'.format(checkpoint, step))
@@ -353,12 +354,31 @@ def save(saver, sess, run_dir, step):
             'the previous checkpoint {} is kept'.format(kept[max(kept)]) if kept else 'no earlier checkpoint'))
 
 
-def restore(sess, framework, checkpoint, full):
-    """Restore the network (and, when resuming, the optimiser state) from a checkpoint."""
+def fallbacks(spec, checkpoint, step):
+    """[(prefix, step)] to try, newest first: for a run directory given alone, its complete
+    checkpoints from the chosen one down (a damaged newest one falls back to the one before);
+    for DIR:STEP or a prefix, that checkpoint only."""
+    if not os.path.isdir(spec) and not os.path.isdir(os.path.join('weights', spec)):
+        return [(checkpoint, step)]
+    found = cli.list_checkpoints(os.path.dirname(checkpoint))
+    return [(found[s], s) for s in sorted(found, reverse=True) if step is None or s <= step]
+
+
+def restore(sess, framework, candidates, full):
+    """Restore the network (and, when resuming, the optimiser state) from the first of the
+    candidates [(prefix, step)] that restores; returns it. Each damaged one is skipped with a
+    warning naming it; UserError if none restores."""
     variables = framework.net.variables
     if full:
         variables = variables + framework.training_state
-    cli.restore_variables(sess, checkpoint, variables)
+    for index, (prefix, step) in enumerate(candidates):
+        try:
+            cli.restore_variables(sess, prefix, variables)
+            return prefix, step
+        except cli.DamagedCheckpoint as e:
+            if index == len(candidates) - 1:
+                raise
+            print('warning: {}; trying the one before'.format(e), file=sys.stderr, flush=True)
 
 
 if __name__ == '__main__':

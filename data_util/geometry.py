@@ -209,6 +209,32 @@ def field_image(field, reference):
     return image
 
 
+def folding_fraction(field, reference):
+    """Fraction of the reference's voxels where x -> x + u(x) folds: det(I + du/dx) <= 0.
+
+    field: float64 [nz, ny, nx, 3] from `displacement_field` (mm, components along physical
+    x, y, z); du/dx by central differences along the index axes (one-sided at the faces),
+    converted to physical coordinates with the reference's spacing and direction. Computed
+    slab by slab (memory ~ one slab).
+    """
+    matrix, _ = _index_to_physical(reference)
+    to_index = np.linalg.inv(matrix)
+    nz = field.shape[0]
+    step = max(1, CHUNK_VOXELS // (field.shape[1] * field.shape[2]))
+    folded = 0
+    for k0 in range(0, nz, step):
+        k1 = min(k0 + step, nz)
+        lo, hi = max(k0 - 1, 0), min(k1 + 1, nz)
+        slab = field[lo:hi]
+        d_k = np.gradient(slab, axis=0) if hi - lo > 1 else np.zeros_like(slab)
+        d_j, d_i = np.gradient(slab, axis=1), np.gradient(slab, axis=2)
+        keep = slice(k0 - lo, k0 - lo + (k1 - k0))
+        du_dindex = np.stack([d_i[keep], d_j[keep], d_k[keep]], -1)   # [..., component, index axis]
+        jacobian = np.eye(3) + du_dindex @ to_index
+        folded += int(np.count_nonzero(np.linalg.det(jacobian) <= 0))
+    return folded / float(np.prod(field.shape[:3]))
+
+
 def field_transform(field, reference):
     """The sitk.DisplacementFieldTransform of a field from `displacement_field`."""
     return sitk.DisplacementFieldTransform(field_image(field, reference))

@@ -127,3 +127,24 @@ def test_bare_resume_keeps_every_setting_of_the_run(synthetic_spec, tmp_path):
     assert (stored['batch'], stored['round'], stored['epochs'], stored['save_steps'], stored['seed'],
             stored['lr'], stored['no_augment']) == (1, 200, 0.05, 4, 3, 5e-4, True)
     assert sorted(cli.list_checkpoints(str(run_dir)))[-1] == 10
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_falls_back_in_training_and_is_named_elsewhere(synthetic_spec, tmp_path):
+    proc = run_script('train.py', '-b', 'LDR', '-d', synthetic_spec, '--batch', '1', '--round', '4', '--epochs', '1',
+                      '--output', 'damaged', '--val_steps', '0', '--save_steps', '2', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / 'weights' / 'damaged'
+    data = next(run_dir.glob('model-4.data-*'))
+    data.write_bytes(data.read_bytes()[:100])                          # truncated
+    for script, args in (('eval.py', ['-v', 'test']), ('predict.py', ['--export', 'exported'])):
+        failed = run_script(script, '-c', run_dir, *args, cwd=tmp_path)
+        lines = error_lines(failed)
+        assert failed.returncode == 2 and len(lines) == 1, failed.stderr[-2000:]
+        assert 'model-4 is damaged' in lines[0] and 'Traceback' not in failed.stderr
+    resumed = run_script('train.py', '-c', run_dir, '--epochs', '1.5', '--print_steps', '1', cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert 'model-4 is damaged' in resumed.stderr and 'trying the one before' in resumed.stderr
+    assert 'model-2 at step 2' in resumed.stdout and 'Read less bytes than requested' in resumed.stderr
+    assert 'step 3/6' in resumed.stdout
+    assert (run_dir / 'model-6.complete').exists()
