@@ -5,9 +5,12 @@ written atomically (temp file + rename) so an interrupted run never leaves half 
 """
 import argparse
 import ast
+import contextlib
+import fcntl
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 
@@ -71,15 +74,96 @@ def fail(message):
     sys.exit(EXIT_USAGE)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt('terminated')
+
+
 def run(main):
-    """Call ``main()``; turn user-caused exceptions into one-line errors (exit 2)."""
+    """Call ``main()``; turn user-caused exceptions into one-line errors (exit 2). SIGTERM is
+    taken like Ctrl-C, so that every temporary file and staging directory is removed."""
     from data_util.dataset import DataError
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return main()
     except (UserError, DataError, ValueError, FileNotFoundError, KeyError, OSError) as e:
         fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
     except KeyboardInterrupt:
         fail('interrupted')
+
+
+class StopRequests:
+    """Ctrl-C and SIGTERM noted instead of raised while the block runs (``requested`` holds the
+    signal's name), so that a loop can stop at a safe point; a second signal stops at once."""
+
+    def __init__(self):
+        self.requested = None
+
+    def _note(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt(self.requested)
+        self.requested = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def made_directory(path):
+    """Create the directory ``path`` if missing for the block; if this created it and the block
+    leaves it empty (a refused or failed run), remove it again."""
+    created = not os.path.isdir(path)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield path
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
+
+@contextlib.contextmanager
+def exclusive_output(path, what='output'):
+    """Own ``path`` (a run directory, an output file or directory) while the block runs: an
+    exclusive lock on a hidden file beside it, ``.<name>.lock``, holding this process's id. A
+    second process claiming the same path gets a UserError naming the owner's pid. The kernel
+    releases the lock when its process dies however it dies, so a stale file does not block."""
+    path = os.path.normpath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError('{}: parent directory {} does not exist'.format(path, parent))
+    lock_path = os.path.join(parent, '.{}.lock'.format(os.path.basename(path)))
+    while True:
+        handle = open(lock_path, 'a+')
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or 'unknown'
+            handle.close()
+            raise UserError('{} {} is in use by another process (pid {}); wait for it or choose another'.format(
+                what, path, owner))
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break       # else the owner removed the file between our open and our lock: again
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write('{}\n'.format(os.getpid()))
+        handle.flush()
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock_path)
+        handle.close()
 
 
 class _LineStream:
@@ -215,11 +299,17 @@ def load_run_args(run_dir):
     path = os.path.join(run_dir, 'args.json')
     try:
         with open(path) as f:
-            return json.load(f)
+            run_args = json.load(f)
     except FileNotFoundError:
         raise UserError('{} is missing: not a run directory of train.py'.format(path))
     except json.JSONDecodeError as e:
         raise UserError('{} is not valid JSON ({})'.format(path, e))
+    if not isinstance(run_args, dict):
+        raise UserError('{} holds a {}, not the settings of a train.py run'.format(path, type(run_args).__name__))
+    missing = [k for k in ('base_network', 'n_cascades', 'image_size') if k not in run_args]
+    if missing:
+        raise UserError('{} lacks {}: not the args.json of a train.py run'.format(path, ', '.join(missing)))
+    return run_args
 
 
 def run_net_args(run_args, rep=None, extra=None):

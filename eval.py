@@ -12,6 +12,8 @@ Dice and Jaccard are measured on the fixed scan's original grid, as predict.py m
 when the dataset holds the scans' original geometry and label maps (see evaluation.py).
 """
 import argparse  # noqa: F401  (RawDescriptionHelpFormatter)
+import contextlib
+import math
 import os
 import sys
 import time
@@ -116,6 +118,10 @@ def select_warp(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.parse_devices(args.gpu)
+    if args.flow_multiplier is not None and not (math.isfinite(args.flow_multiplier) and args.flow_multiplier > 0):
+        raise cli.UserError('--flow_multiplier {}: must be a positive number'.format(args.flow_multiplier))
+    if args.rep is not None and args.rep < 1:
+        raise cli.UserError('-r/--rep {}: must be >= 1'.format(args.rep))
     if args.gpu != '-1':
         os.environ.setdefault('CUDA_VISIBLE_DEVICES', args.gpu)
     from data_util.dataset import Dataset
@@ -134,7 +140,8 @@ def main(argv=None):
             raise cli.UserError('subset {!r} is neither a scheme nor a subset of {}'.format(subset, dataset_path))
     if args.writing_flow:
         select_warp(args)
-        return write_flows(args, prefix, dataset, subsets)
+        with cli.exclusive_output(args.writing_flow, 'flow store'):
+            return write_flows(args, prefix, dataset, subsets)
 
     prefix_name = '{}-{}'.format(os.path.basename(os.path.normpath(run_dir)), step)
     if args.rep:
@@ -142,34 +149,38 @@ def main(argv=None):
     if args.name:
         prefix_name += '-' + args.name
     outputs = {s: os.path.join(args.eval_output_dir, '{}-{}'.format(prefix_name, s)) for s in subsets}
-    for base in outputs.values():
-        for ext in ('.txt', '.json'):
-            if os.path.exists(base + ext) and not args.force:
-                raise cli.UserError('{} exists; use --force to overwrite or --name to write beside it'.format(base + ext))
-    for subset in subsets:
-        dataset.check([subset])
-        dataset.check_segmentations(subset)
+    with contextlib.ExitStack() as owned:
+        owned.enter_context(cli.made_directory(args.eval_output_dir))
+        for base in outputs.values():
+            owned.enter_context(cli.exclusive_output(base, 'result'))
+        for base in outputs.values():
+            for ext in ('.txt', '.json'):
+                if os.path.exists(base + ext) and not args.force:
+                    raise cli.UserError('{} exists; use --force to overwrite or --name to write beside it'.format(base + ext))
+        for subset in subsets:
+            dataset.check([subset])
+            dataset.check_segmentations(subset)
 
-    spatial_transformer = select_warp(args)
-    seg_values = dataset.segmentation_class_value
-    sess, framework, run_args, prefix = cli.load_model(
-        prefix, dataset.image_size, seg_values, args.rep, args.flow_multiplier, args.net_args)
-    print('Evaluating {} ({:,} parameters, warp: {})'.format(prefix, framework.parameter_count,
-                                                              spatial_transformer.warp_impl()))
-    for subset, base in outputs.items():
-        records = evaluate(sess, framework, dataset, subset, args.batch)
-        summary, per_class = summarize(records, framework.class_names)
-        cli.write_atomic(base + '.txt', report_text(records, summary))
-        cli.write_json(base + '.json', {
-            'checkpoint': prefix, 'dataset': dataset_path, 'subset': subset, 'rep': args.rep or run_args.get('rep', 1),
-            'parameters': framework.parameter_count, 'warp': spatial_transformer.warp_impl(),
-            'summary': summary, 'per_class': per_class, 'pairs': records})
-        print('{}: Dice {:.4f} ({:.4f}), Jacc {:.4f}, landmark {:.3f}, Jacobian std {:.4f}, folding {:.5f}, '
-              '{:.3f} s/pair -> {}.txt'.format(subset, summary['dice']['mean'], summary['dice']['std'],
-                                               summary['jacc']['mean'], summary['landmark_dist']['mean'],
-                                               summary['jacobian_det']['mean'], summary['folding']['mean'],
-                                               summary['seconds_per_pair'], base))
-    sess.close()
+        spatial_transformer = select_warp(args)
+        seg_values = dataset.segmentation_class_value
+        sess, framework, run_args, prefix = cli.load_model(
+            prefix, dataset.image_size, seg_values, args.rep, args.flow_multiplier, args.net_args)
+        print('Evaluating {} ({:,} parameters, warp: {})'.format(prefix, framework.parameter_count,
+                                                                  spatial_transformer.warp_impl()))
+        for subset, base in outputs.items():
+            records = evaluate(sess, framework, dataset, subset, args.batch)
+            summary, per_class = summarize(records, framework.class_names)
+            cli.write_atomic(base + '.txt', report_text(records, summary))
+            cli.write_json(base + '.json', {
+                'checkpoint': prefix, 'dataset': dataset_path, 'subset': subset, 'rep': args.rep or run_args.get('rep', 1),
+                'parameters': framework.parameter_count, 'warp': spatial_transformer.warp_impl(),
+                'summary': summary, 'per_class': per_class, 'pairs': records})
+            print('{}: Dice {:.4f} ({:.4f}), Jacc {:.4f}, landmark {:.3f}, Jacobian std {:.4f}, folding {:.5f}, '
+                  '{:.3f} s/pair -> {}.txt'.format(subset, summary['dice']['mean'], summary['dice']['std'],
+                                                   summary['jacc']['mean'], summary['landmark_dist']['mean'],
+                                                   summary['jacobian_det']['mean'], summary['folding']['mean'],
+                                                   summary['seconds_per_pair'], base))
+        sess.close()
 
 
 if __name__ == '__main__':

@@ -288,14 +288,16 @@ PREPROCESSING_FLAGS = ('modality', 'percentiles', 'window', 'threshold', 'margin
 def preprocessing_options(args, record, image_size):
     """The `data_util.prepare.preprocess` options of a pair: each flag given wins, then the
     model's record (what its training data went through), then the converter's defaults."""
-    from data_util.prepare import preprocessing_record
+    from data_util.prepare import PrepareError, check_options, preprocessing_record
     options = preprocessing_record(image_size=image_size)
     if record:
         options.update({k: record[k] for k in PREPROCESSING_FLAGS if k in record})
     options.update({k: getattr(args, k) for k in PREPROCESSING_FLAGS if getattr(args, k) is not None})
     options['percentiles'], options['window'] = tuple(options['percentiles']), tuple(options['window'])
-    if options['field_of_view'] is not None and not options['field_of_view'] > 0:
-        raise cli.UserError('--field_of_view must be a positive number of mm, got {}'.format(options['field_of_view']))
+    try:
+        check_options(**{k: options[k] for k in PREPROCESSING_FLAGS if k != 'modality'})
+    except PrepareError as e:
+        raise cli.UserError(str(e))
     return {k: options[k] for k in ('image_size',) + PREPROCESSING_FLAGS}
 
 
@@ -303,8 +305,10 @@ def preprocessing_options(args, record, image_size):
 
 def read_inputs(args):
     """{'fixed', 'moving'[, 'fixed_seg', 'moving_seg']}: sitk.Images, label maps checked."""
-    from data_util.prepare import check_label_geometry, read_image
+    from data_util.prepare import check_finite, check_label_geometry, read_image
     images = {'fixed': read_image(args.fixed), 'moving': read_image(args.moving)}
+    for key in ('fixed', 'moving'):
+        check_finite(images[key], getattr(args, key))
     for key, image_key in (('fixed_seg', 'fixed'), ('moving_seg', 'moving')):
         path = getattr(args, key)
         if path:
@@ -492,14 +496,24 @@ def predict(args, model=None):
 
     model: an object with ``image_size`` (N), ``info`` (dict) and ``register(fixed, moving)`` ->
     flow [N, N, N, 3] (voxels; see module doc); None opens args.checkpoint. Returns the report dict.
+    The output directory is owned by this process while it works (cli.exclusive_output).
     """
+    if not (args.fixed and args.moving and args.output):
+        raise cli.UserError('--fixed, --moving and -o/--output are required (or --export DIR)')
+    with cli.exclusive_output(args.output, 'output directory'):
+        return _predict(args, model)
+
+
+def _predict(args, model):
     import SimpleITK as sitk
     from data_util.geometry import dice_per_label, displacement_field, field_image, folding_fraction, warp_labels
     from data_util.prepare import PrepareError
-    if not (args.fixed and args.moving and args.output):
-        raise cli.UserError('--fixed, --moving and -o/--output are required (or --export DIR)')
     if args.threads < 1:
         raise cli.UserError('--threads must be >= 1')
+    if args.image_size is not None and args.image_size < 8:
+        raise cli.UserError('--image_size {}: the network grid needs at least 8 voxels a side'.format(args.image_size))
+    if args.rep is not None and args.rep < 1:
+        raise cli.UserError('-r/--rep {}: must be >= 1'.format(args.rep))
     if args.fixed_seg and not args.moving_seg:
         raise cli.UserError('--fixed_seg is compared with the warped --moving_seg; give both')
     fmt = output_format(args.fixed, args.format)
@@ -515,13 +529,13 @@ def predict(args, model=None):
     try:
         with clock.stage('read'):
             images = read_inputs(args)
-        with clock.stage('load_model'):
-            model = open_model()
         with clock.stage('preprocess'):
             fixed_volume, moving_volume, fixed_geometry, moving_geometry = preprocess_pair(
                 images['fixed'], images['moving'], **options)
     except PrepareError as e:
         raise cli.UserError(str(e))
+    with clock.stage('load_model'):
+        model = open_model()
     with clock.stage('network'):
         flow = np.asarray(model.register(fixed_volume, moving_volume))
     if flow.shape != (image_size,) * 3 + (3,):
@@ -592,11 +606,17 @@ def _geometry_dict(geometry):
 
 def export(args):
     """Write the frozen inference graph of the checkpoint args.checkpoint into args.export."""
-    from network.export import META_FILE, ExportError, freeze, is_export, write_export
+    from network.export import is_export
     if any(getattr(args, k) for k in ('fixed', 'moving', 'output', 'moving_seg', 'fixed_seg')):
         raise cli.UserError('--export writes a model only; run the export with -c {} --fixed ...'.format(args.export))
     if is_export(args.checkpoint):
         raise cli.UserError('{} is already an export; --export needs a train.py checkpoint'.format(args.checkpoint))
+    with cli.exclusive_output(args.export, 'export directory'):
+        return _export(args)
+
+
+def _export(args):
+    from network.export import META_FILE, ExportError, freeze, write_export
     check_output_dir(args.export, args.force, META_FILE)
     run_dir, prefix, step = cli.resolve_checkpoint(args.checkpoint)
     run_args = cli.load_run_args(run_dir)

@@ -819,6 +819,13 @@ def main(argv=None):
             print('{:9} {:24} {}'.format('finished' if stage.finished(ctx) else 'to do', stage.name,
                                          ' '.join(stage.command)))
         return
+    with cli.made_directory(os.path.dirname(ctx.out)), cli.exclusive_output(ctx.out, 'results directory'):
+        return run_stages(ctx, stages)
+
+
+def run_stages(ctx, stages):
+    """Run every stage not finished yet, rewriting the report after each; print the tables."""
+    args = ctx.args
     os.makedirs(ctx.out, exist_ok=True)
     ctx.versions = versions()
     ctx.say('reproduce {} -> {} ({} stages, {} finished)'.format(

@@ -7,6 +7,7 @@
 A run writes weights/<run>/ (args.json, model-<step> checkpoints) and logs/<run>/ (TensorBoard).
 """
 import argparse  # noqa: F401  (RawDescriptionHelpFormatter)
+import contextlib
 import datetime
 import math
 import os
@@ -118,8 +119,8 @@ def merge_run_args(args, run_args):
         args.dataset = run_args.get('dataset')
 
 
-def run_directories(args, resuming):
-    """(weights dir, logs dir) of this run; never reuses an existing directory unless resuming it."""
+def run_paths(args, resuming):
+    """(weights dir, logs dir) of this run: the resumed run's, or weights/<--output or a timestamp>."""
     if resuming and args.output is None:
         run_dir = args.resume_dir
         name = os.path.basename(os.path.normpath(run_dir))
@@ -128,10 +129,23 @@ def run_directories(args, resuming):
         if args.name:
             name += '_' + args.name
         run_dir = os.path.join('weights', name)
-        if os.path.exists(run_dir):
-            raise cli.UserError('run directory {} exists; resume it with -c {} or choose another --output'.format(
-                run_dir, run_dir))
     return run_dir, os.path.join('logs', args.logs, name)
+
+
+def check_values(args):
+    """Refuse values no run can use, naming the flag, before anything is read or built."""
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise cli.UserError('--lr {}: the learning rate must be a positive number'.format(args.lr))
+    if int(round(args.epochs * args.round)) < 1:
+        raise cli.UserError('--epochs {:g} x --round {} is less than one step'.format(args.epochs, args.round))
+    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
+        raise cli.UserError('--seed {}: a seed lies in 0..2^32-1'.format(args.seed))
+    for key in ('beta', 'gamma'):
+        if not 0.0 <= getattr(args, key) <= 1.0:
+            raise cli.UserError('--{} {}: must lie in 0..1'.format(key, getattr(args, key)))
+    if not (math.isfinite(args.lamb) and args.lamb >= 0) or not (math.isfinite(args.critic_lr_factor)
+                                                                 and args.critic_lr_factor > 0):
+        raise cli.UserError('--lamb must be >= 0 and --critic_lr_factor > 0 (finite)')
 
 
 def check_distill_args(args):
@@ -231,6 +245,7 @@ def main(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     check_distill_args(args)
+    check_values(args)
     if args.augment_affine is not None:
         if args.no_augment:
             raise cli.UserError('--no_augment turns augmentation off; it cannot go with --augment_affine')
@@ -259,78 +274,91 @@ def main(argv=None):
     store = open_flow_store(args.pretrained_flow_path, dataset, train_scheme, image_size) \
         if args.pretrained_flow_path else None
 
-    run_dir, log_dir = (None, None) if args.debug else run_directories(args, resuming)
-
-    from network import spatial_transformer
-    from network.cascade import make_net_args
-    from network.framework import session_config
-    from network.tfv1 import tf
-    if args.tf_warp:
-        spatial_transformer.set_warp_impl('tf')
-    elif args.fast_reconstruction:
-        spatial_transformer.set_warp_impl('op')
-    net_args = make_net_args(args.base_network, args.n_cascades, args.rep,
-                             cli.parse_kwargs(args.net_args, '--net_args'))
-    if args.seed is not None:
-        tf.set_random_seed(args.seed)
-    framework = build_framework(args, net_args, image_size, dataset, devices)
-    print('Graph built: {} x{} cascade(s), {:,} parameters, warp: {}'.format(
-        args.base_network, args.n_cascades, framework.parameter_count, spatial_transformer.warp_impl()))
-
-    saver = tf.train.Saver(framework.net.variables + [framework.global_step] +
-                           framework.training_state, max_to_keep=5, keep_checkpoint_every_n_hours=5)
-    with tf.Session(config=session_config(devices)) as sess:
-        sess.run(tf.global_variables_initializer())
-        if getattr(framework, 'teacher', None) is not None:
-            framework.teacher.restore(sess)
-        step = 0
-        if args.checkpoint:
-            checkpoint, ckpt_step = restore(sess, framework, fallbacks(args.checkpoint, checkpoint, ckpt_step),
-                                            full=resuming)
-            step = (ckpt_step or 0) if resuming else 0
-            sess.run(framework.global_step.assign(step))
-            print('Restored {} at step {}'.format(checkpoint, step))
+    run_dir, log_dir = (None, None) if args.debug else run_paths(args, resuming)
+    with contextlib.ExitStack() as owned:
         if run_dir:
-            os.makedirs(run_dir, exist_ok=True)
-            stored = {k: v for k, v in vars(args).items() if k != 'resume_dir'}
-            cli.write_json(os.path.join(run_dir, 'args.json'), stored)
-            writer = tf.summary.FileWriter(log_dir, sess.graph if step == 0 else None)
-        total = int(round(args.epochs * args.round))
-        # a resumed run continues with a fresh data order (seed + step), not a replay of the first pairs
-        generator = dataset.generator(train_scheme, batch_size=args.batch, loop=True,
-                                      seed=None if args.seed is None else args.seed + step)
-        if store is not None:
-            from data_util.flow_store import with_teacher_flows
-            generator = with_teacher_flows(generator, store, args.batch)
-        last_time, last_step = time.time(), step
-        while step < total:
-            lr = learning_rate(args, step)
-            batch = next(generator)
-            logged = run_dir is not None and (step + 1) % args.print_steps == 0
-            res = framework.train_step(sess, batch, lr, with_summary=logged)
-            step += 1
-            check_finite(res, step, run_dir)
-            if 'summary' in res:
-                writer.add_summary(res.pop('summary'), step)
-            if args.debug or step % args.print_steps == 0 or step == total:
-                now = time.time()
-                rate = (step - last_step) / max(now - last_time, 1e-9)
-                last_time, last_step = now, step
-                terms = ' '.join('{} {:.4g}'.format(k, v) for k, v in res.items() if k not in ('loss', 'grad_norm'))
-                print('step {}/{} | {:.2f} steps/s | loss {:.4f} ({}) | lr {:.2e}'.format(
-                    step, total, rate, res['loss'], terms, lr), flush=True)
-            if has_val and (args.debug or step % args.val_steps == 0 or step == total):
-                val = framework.validate(sess, dataset.generator(val_scheme, batch_size=args.batch))
-                print('validation at step {}: '.format(step) + ', '.join('{} {:.4f}'.format(k, v) for k, v in val.items()),
-                      flush=True)
-                if run_dir:
-                    writer.add_summary(tf.Summary(value=[tf.Summary.Value(tag='val_' + k, simple_value=v)
-                                                         for k, v in val.items()]), step)
-            if run_dir and (step % args.save_steps == 0 or step == total):
-                save(saver, sess, run_dir, step)
-        if run_dir:
-            writer.close()
-            print('Finished: {} (step {})'.format(run_dir, step))
+            owned.enter_context(cli.made_directory(os.path.dirname(run_dir) or '.'))
+            owned.enter_context(cli.exclusive_output(run_dir, 'run directory'))
+        if run_dir and not (resuming and args.output is None) and os.path.exists(run_dir):
+            raise cli.UserError('run directory {} exists; resume it with -c {} or choose another --output'.format(
+                run_dir, run_dir))
+
+        from network import spatial_transformer
+        from network.cascade import make_net_args
+        from network.framework import session_config
+        from network.tfv1 import tf
+        if args.tf_warp:
+            spatial_transformer.set_warp_impl('tf')
+        elif args.fast_reconstruction:
+            spatial_transformer.set_warp_impl('op')
+        net_args = make_net_args(args.base_network, args.n_cascades, args.rep,
+                                 cli.parse_kwargs(args.net_args, '--net_args'))
+        if args.seed is not None:
+            tf.set_random_seed(args.seed)
+        framework = build_framework(args, net_args, image_size, dataset, devices)
+        print('Graph built: {} x{} cascade(s), {:,} parameters, warp: {}'.format(
+            args.base_network, args.n_cascades, framework.parameter_count, spatial_transformer.warp_impl()))
+
+        saver = tf.train.Saver(framework.net.variables + [framework.global_step] +
+                               framework.training_state, max_to_keep=5, keep_checkpoint_every_n_hours=5)
+        with tf.Session(config=session_config(devices)) as sess:
+            sess.run(tf.global_variables_initializer())
+            if getattr(framework, 'teacher', None) is not None:
+                framework.teacher.restore(sess)
+            step = 0
+            if args.checkpoint:
+                checkpoint, ckpt_step = restore(sess, framework, fallbacks(args.checkpoint, checkpoint, ckpt_step),
+                                                full=resuming)
+                step = (ckpt_step or 0) if resuming else 0
+                sess.run(framework.global_step.assign(step))
+                print('Restored {} at step {}'.format(checkpoint, step))
+            if run_dir:
+                os.makedirs(run_dir, exist_ok=True)
+                stored = {k: v for k, v in vars(args).items() if k != 'resume_dir'}
+                cli.write_json(os.path.join(run_dir, 'args.json'), stored)
+                writer = tf.summary.FileWriter(log_dir, sess.graph if step == 0 else None)
+            total = int(round(args.epochs * args.round))
+            # a resumed run continues with a fresh data order (seed + step), not a replay of the first pairs
+            generator = dataset.generator(train_scheme, batch_size=args.batch, loop=True,
+                                          seed=None if args.seed is None else args.seed + step)
+            if store is not None:
+                from data_util.flow_store import with_teacher_flows
+                generator = with_teacher_flows(generator, store, args.batch)
+            last_time, last_step = time.time(), step
+            stop = cli.StopRequests()
+            with stop.installed():
+                while step < total:
+                    lr = learning_rate(args, step)
+                    batch = next(generator)
+                    logged = run_dir is not None and (step + 1) % args.print_steps == 0
+                    res = framework.train_step(sess, batch, lr, with_summary=logged)
+                    step += 1
+                    check_finite(res, step, run_dir)
+                    if 'summary' in res:
+                        writer.add_summary(res.pop('summary'), step)
+                    if args.debug or step % args.print_steps == 0 or step == total:
+                        now = time.time()
+                        rate = (step - last_step) / max(now - last_time, 1e-9)
+                        last_time, last_step = now, step
+                        terms = ' '.join('{} {:.4g}'.format(k, v) for k, v in res.items() if k not in ('loss', 'grad_norm'))
+                        print('step {}/{} | {:.2f} steps/s | loss {:.4f} ({}) | lr {:.2e}'.format(
+                            step, total, rate, res['loss'], terms, lr), flush=True)
+                    if has_val and (args.debug or step % args.val_steps == 0 or step == total):
+                        val = framework.validate(sess, dataset.generator(val_scheme, batch_size=args.batch))
+                        print('validation at step {}: '.format(step) + ', '.join('{} {:.4f}'.format(k, v) for k, v in val.items()),
+                              flush=True)
+                        if run_dir:
+                            writer.add_summary(tf.Summary(value=[tf.Summary.Value(tag='val_' + k, simple_value=v)
+                                                                 for k, v in val.items()]), step)
+                    if run_dir and (step % args.save_steps == 0 or step == total or stop.requested):
+                        save(saver, sess, run_dir, step)
+                    if stop.requested:
+                        raise cli.UserError('stopped by {} at step {}{}'.format(
+                            stop.requested, step, '; checkpoint saved, resume with python train.py -c {}'.format(run_dir)
+                            if run_dir else ''))
+            if run_dir:
+                writer.close()
+                print('Finished: {} (step {})'.format(run_dir, step))
 
 
 def check_finite(scalars, step, run_dir):

@@ -454,6 +454,9 @@ class Dataset:
         if low < -INTENSITY_TOLERANCE or high > 255 + INTENSITY_TOLERANCE:
             raise DataError('{}: volume values {:g}..{:g} are outside 0..255'.format(
                 where, low, high))
+        if volume.dtype.kind == 'f' and 0 < high <= 1.0:
+            raise DataError('{}: volume values {:g}..{:g} look scaled to 0..1; volumes are stored as 0..255 '
+                            '(multiply by 255)'.format(where, low, high))
 
         segmentation = dataset('segmentation')
         if segmentation is not None and segmentation.shape != volume.shape:

@@ -81,13 +81,16 @@ relative to the spec's own directory. Every input problem stops the run with a o
 ``error: ...`` on stderr and exit status 2; the outputs are written to temporary files and
 renamed into place only when everything succeeded.
 """
+import contextlib
 import csv
 import dataclasses
 import fnmatch
 import glob
 import json
+import math
 import os
 import re
+import signal
 import sys
 import tempfile
 
@@ -165,7 +168,12 @@ def read_image(path):
     try:
         if os.path.isdir(path):
             reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(path)
+            warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+            try:
+                series = reader.GetGDCMSeriesIDs(path)
+            finally:
+                sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
             if not series:
                 raise PrepareError('{}: directory holds no DICOM series'.format(path))
             files = max((reader.GetGDCMSeriesFileNames(path, s) for s in series), key=len)
@@ -482,6 +490,7 @@ def write_scan(h5, entry, volume, segmentation, points, geometry, modality,
 def convert_scan(entry, h5, options):
     """Read, preprocess and write one `ScanEntry`; returns the set of its label values."""
     image = read_image(entry.image)
+    check_finite(image, entry.image)
     label = read_image(entry.label) if entry.label else None
     volume, segmentation, geometry = preprocess(image, label, label_name=entry.label, **options)
     points = None
@@ -553,7 +562,7 @@ def entries_from_list(path):
         raise PrepareError('{}: no such list file'.format(path))
     base = os.path.dirname(os.path.abspath(path))
     entries = []
-    with open(path, 'r', newline='') as f:
+    with open(path, 'r', newline='', encoding='utf-8-sig') as f:
         for number, row in enumerate(csv.reader(f), 1):
             cells = [c.strip() for c in row]
             if not any(cells) or cells[0].startswith('#'):
@@ -621,6 +630,30 @@ def default_schemes(subset_names):
         key = {'train': '1', 'val': '2'}.get(name, name)
         schemes.setdefault(key, {name: 1.0})
     return schemes
+
+
+def check_options(percentiles=DEFAULT_PERCENTILES, window=DEFAULT_CT_WINDOW, threshold=None,
+                  margin=DEFAULT_MARGIN, field_of_view=None):
+    """PrepareError naming the flag of a preprocessing option that cannot work (reversed
+    percentiles, a window of no width, NaN anywhere, ...), before any image is read."""
+    low, high = percentiles
+    if not 0 <= low < high <= 100:
+        raise PrepareError('--percentiles {:g} {:g}: need 0 <= LOW < HIGH <= 100'.format(low, high))
+    if not (math.isfinite(window[0]) and math.isfinite(window[1]) and window[1] > 0):
+        raise PrepareError('--window {:g} {:g}: need a finite LEVEL and a WIDTH > 0'.format(*window))
+    if not (math.isfinite(margin) and margin >= 0):
+        raise PrepareError('--margin {:g}: need a finite number of mm >= 0'.format(margin))
+    if threshold is not None and not math.isfinite(threshold):
+        raise PrepareError('--threshold {:g}: need a finite intensity'.format(threshold))
+    if field_of_view is not None and not (math.isfinite(field_of_view) and field_of_view > 0):
+        raise PrepareError('--field_of_view {:g}: need a positive number of mm'.format(field_of_view))
+
+
+def check_finite(image, name):
+    """PrepareError naming the image if it holds NaN or infinite voxels."""
+    values = sitk.GetArrayViewFromImage(image)
+    if values.dtype.kind == 'f' and not np.all(np.isfinite(values)):
+        raise PrepareError('{}: the image holds NaN or infinite voxels'.format(name))
 
 
 def preprocessing_record(image_size=DEFAULT_IMAGE_SIZE, modality='mr',
@@ -696,15 +729,26 @@ def convert(entries, output, spec_path=None, name=None, image_type='brain', atla
 
     options go to `preprocess` (image_size, modality, percentiles, window, threshold, margin,
     spacing, roi, field_of_view). Refuses existing outputs; writes temporary files renamed
-    into place at the end, so a failure leaves no output behind. Returns the spec dict."""
+    into place at the end, so a failure leaves no output behind. Returns the spec dict. Both
+    outputs are owned by this process while it works (cli.exclusive_output)."""
+    if spec_path and os.path.abspath(spec_path) == os.path.abspath(output):
+        raise PrepareError('--output and --spec are the same file')
+    with contextlib.ExitStack() as owned:
+        for path in (output, spec_path):
+            if path:
+                if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+                    raise PrepareError('{}: output directory does not exist'.format(path))
+                owned.enter_context(cli.exclusive_output(path))
+        return _convert(entries, output, spec_path, name, image_type, atlas, subsets, schemes, strict_subsets,
+                        progress, options)
+
+
+def _convert(entries, output, spec_path, name, image_type, atlas, subsets, schemes, strict_subsets, progress,
+             options):
     outputs = [p for p in (output, spec_path) if p]
     for path in outputs:
         if os.path.exists(path):
             raise PrepareError('{} exists; refusing to overwrite it'.format(path))
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise PrepareError('{}: output directory does not exist'.format(path))
-    if spec_path and os.path.abspath(spec_path) == os.path.abspath(output):
-        raise PrepareError('--output and --spec are the same file')
     if not entries:
         raise PrepareError('no scans to convert')
     check_entries(entries)
@@ -829,6 +873,7 @@ def run(args):
         raise PrepareError('--labels, --landmarks and --id_regex go with --images')
     if args.image_size < 2:
         raise PrepareError('--image_size must be at least 2')
+    check_options(args.percentiles, args.window, args.threshold, args.margin, args.field_of_view)
     if args.spacing is not None and not args.spacing > 0:
         raise PrepareError('--spacing must be a positive number of mm')
     if args.field_of_view is not None and (args.spacing is not None or args.roi is not None):
@@ -867,12 +912,17 @@ def run(args):
 
 
 def main(argv=None):
-    """Command-line entry; returns the exit status (0, or 2 with a one-line error)."""
+    """Command-line entry; returns the exit status (0, or 2 with a one-line error). SIGTERM is
+    taken like Ctrl-C: the temporary outputs are removed and one line says so."""
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, cli._terminate)
     try:
         spec = run(args)
-    except PrepareError as e:
-        print('error: {}'.format(e), file=sys.stderr)
+    except (PrepareError, cli.UserError) as e:
+        print('error: {}'.format(' '.join(str(e).split())), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('error: interrupted; nothing was written', file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as e:
         print('error: {}'.format(' '.join(str(e).split())), file=sys.stderr)

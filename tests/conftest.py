@@ -27,7 +27,8 @@ def run_script(script, *args, cwd, timeout=900):
 def error_lines(proc):
     """The stderr lines a failed run printed, without TensorFlow's start-up noise."""
     return [line for line in proc.stderr.splitlines()
-            if line.strip() and not line.startswith(('WARNING: All log messages', 'I0000', 'W0000', 'network.ops: compiling'))]
+            if line.strip() and not line.startswith(('WARNING: All log messages', 'I0000', 'W0000', 'network.ops: compiling',
+                                                     'To enable the following instructions'))]
 
 
 @pytest.fixture(scope='session')

@@ -69,6 +69,11 @@ CASES = [
     Case('train-non-numeric-batch', 'train.py', train(None, '--batch', 'two'), "argument --batch: invalid"),
     Case('train-batch-zero', 'train.py', train(None, '--batch', '0'), 'argument --batch: must be a positive'),
     Case('train-negative-epochs', 'train.py', train(None, '--epochs', '-1'), 'argument --epochs: must be a positive'),
+    Case('train-epochs-below-one-step', 'train.py', train(None, '--epochs', '1e-9'), 'less than one step'),
+    Case('train-negative-lr', 'train.py', train(None, '--lr', '-1'), '--lr -1.0: the learning rate must be'),
+    Case('train-nan-lr', 'train.py', train(None, '--lr', 'nan'), '--lr nan: the learning rate must be'),
+    Case('train-negative-seed', 'train.py', train(None, '--seed', '-1'), '--seed -1: a seed lies in'),
+    Case('train-volume-scaled-to-one', 'train.py', train('unit_volume.json'), 'look scaled to 0..1'),
 
     Case('eval-other-architecture', 'eval.py',  # imports TensorFlow: the VTN stem's variables are not stored
          given(*EVAL, '-v', 'val', '--net_args', "affine='VTN'"), 'weights/tiny/model-2 does not fit this network'),
@@ -83,6 +88,11 @@ CASES = [
     Case('eval-run-args-not-json', 'eval.py', given('-c', 'weights/broken'), 'args.json is not valid JSON'),
     Case('eval-bad-gpu', 'eval.py', given(*EVAL, '-g', 'zero'), "bad -g 'zero'"),
     Case('eval-batch-zero', 'eval.py', given(*EVAL, '--batch', '0'), 'argument --batch: must be a positive'),
+    Case('eval-run-args-empty', 'eval.py', given('-c', 'weights/empty'), 'lacks base_network, n_cascades'),
+    Case('eval-run-args-a-list', 'eval.py', given('-c', 'weights/listed'), 'holds a list, not the settings'),
+    Case('eval-nan-flow-multiplier', 'eval.py', given(*EVAL, '--flow_multiplier', 'nan'), '--flow_multiplier nan'),
+    Case('eval-volume-scaled-to-one', 'eval.py', given(*EVAL, '-d', 'unit_val.json', '-v', 'val'),
+         'look scaled to 0..1'),
 
     Case('predict-unreadable-nifti', 'predict.py', given(*PREDICT, '--moving', 'garbage.nii.gz'),
          'garbage.nii.gz: cannot read image'),
@@ -96,6 +106,14 @@ CASES = [
     Case('predict-threads-zero', 'predict.py', given(*PREDICT, '--threads', '0'), '--threads must be >= 1'),
     Case('predict-run-args-not-json', 'predict.py', given(*PREDICT, '-c', 'weights/broken'),
          'args.json is not valid JSON'),
+    Case('predict-image-size-zero', 'predict.py', given(*PREDICT, '--image_size', '0'), '--image_size 0'),
+    Case('predict-nan-voxels', 'predict.py', given(*PREDICT, '--moving', 'nan.mha'),
+         'nan.mha: the image holds NaN or infinite voxels'),
+    Case('predict-reversed-percentiles', 'predict.py', given(*PREDICT, '--percentiles', '99', '1'),
+         '--percentiles 99 1: need 0 <= LOW < HIGH <= 100'),
+    Case('predict-window-of-no-width', 'predict.py', given(*PREDICT, '--modality', 'ct', '--window', '50', '0'),
+         '--window 50 0: need a finite LEVEL and a WIDTH > 0'),
+    Case('predict-nan-margin', 'predict.py', given(*PREDICT, '--margin', 'nan'), '--margin nan'),
 
     Case('convert-unreadable-nifti', CONVERTER, given(*CONVERT, '--images', 'garbage.nii.gz'),
          'garbage.nii.gz: cannot read image'),
@@ -109,6 +127,16 @@ CASES = [
          "argument --image_size: invalid int value: 'big'"),
     Case('convert-bad-label-template', CONVERTER, given(*CONVERT, '--labels', 'seg/{name}.nii.gz'),
          "--labels 'seg/{name}.nii.gz': the only placeholder"),
+    Case('convert-empty-dicom-directory', CONVERTER, given(*CONVERT, '--images', 'empty_dicom'),
+         'empty_dicom: directory holds no DICOM series'),
+    Case('convert-list-with-byte-order-mark', CONVERTER,
+         given('--list', 'bom.csv', '--output', 'new.h5', '--image_size', '16', '--quiet'),
+         'scan_a image: no such file or directory'),
+    Case('convert-nan-voxels', CONVERTER, given(*CONVERT, '--images', 'nan.mha'),
+         'nan.mha: the image holds NaN or infinite voxels'),
+    Case('convert-percentiles-above-100', CONVERTER, given(*CONVERT, '--percentiles', '0', '150'),
+         '--percentiles 0 150: need 0 <= LOW < HIGH <= 100'),
+    Case('convert-nan-spacing', CONVERTER, given(*CONVERT, '--spacing', 'nan'), '--spacing must be a positive'),
 ]
 
 
@@ -154,6 +182,7 @@ def make_specs(directory, spec_path):
         'string_volume': {'volume': np.array([b'abc', b'def'])},
         'wrong_shape': {'volume': np.zeros([32] * 3, np.uint8)},
         'nan_volume': {'volume': nan},
+        'unit_volume': {'volume': np.full([64] * 3, 0.5, np.float32)},
         'landmarks': {'volume': zeros, 'point': np.array([[10, 10, 10], [-1, -1, -1], [70, 10, 10]], np.float32)},
         'empty_seg1': {'volume': zeros, 'segmentation': zeros},
         'empty_seg2': {'volume': zeros, 'segmentation': zeros}})
@@ -190,6 +219,8 @@ def make_specs(directory, spec_path):
         'wrong_shape': with_bad(train=train + ['bad/wrong_shape']),
         'nan_volume': with_bad(train=train + ['bad/nan_volume']),
         'nan_val': with_bad(val=val + ['bad/nan_volume']),
+        'unit_volume': with_bad(train=train + ['bad/unit_volume']),
+        'unit_val': with_bad(val=val + ['bad/unit_volume']),
         'landmarks': with_bad(train=train + ['bad/landmarks']),
         'empty_seg': with_bad(val=['bad/empty_seg1', 'bad/empty_seg2']),
         'unknown_key': dict(base, image_szie=[64, 64, 64]),
@@ -216,6 +247,11 @@ def make_images(directory):
         f.write(b'\x1f\x8b not an image' * 50)
     sitk.WriteImage(sitk.Image([20, 20], sitk.sitkFloat32), os.path.join(directory, 'slice.nii.gz'))
     sitk.WriteImage(sitk.Image([10, 10, 10], sitk.sitkUInt8), os.path.join(directory, 'small_seg.nii.gz'))
+    holed = ball.astype(np.float32)
+    holed[3, 4, 5] = np.nan
+    image = sitk.GetImageFromArray(holed)
+    image.SetSpacing([2.0] * 3)
+    sitk.WriteImage(image, os.path.join(directory, 'nan.mha'))
 
 
 @pytest.fixture(scope='module')
@@ -230,12 +266,14 @@ def inputs(synthetic_spec, tmp_path_factory):
     make_images(root)
     with FlowStoreWriter(os.path.join(root, 'store32.h5'), [32, 32, 32, 3], 'another teacher') as store:
         store.write('synthetic/s000', 'synthetic/s001', np.zeros([32, 32, 32, 3], np.float32))
-    broken = os.path.join(root, 'weights', 'broken')
-    os.makedirs(broken)
-    for name, text in (('args.json', '{"base_network": "LDR",'), ('model-1.index', 'x'),
-                       ('model-1.data-00000-of-00001', 'x')):
-        with open(os.path.join(broken, name), 'w') as f:
-            f.write(text)
+    for run, args_text in (('broken', '{"base_network": "LDR",'), ('empty', '{}'), ('listed', '[]')):
+        os.makedirs(os.path.join(root, 'weights', run))
+        for name, text in (('args.json', args_text), ('model-1.index', 'x'), ('model-1.data-00000-of-00001', 'x')):
+            with open(os.path.join(root, 'weights', run, name), 'w') as f:
+                f.write(text)
+    os.makedirs(os.path.join(root, 'empty_dicom'))
+    with open(os.path.join(root, 'bom.csv'), 'w', encoding='utf-8-sig') as f:
+        f.write('id,image\nscan_a,absent.nii.gz\n')
     os.makedirs(os.path.join(root, 'evaluate'))
     for path, text in (('evaluate/tiny-2-test.txt', 'an earlier result\n'), ('taken/keep.txt', 'mine\n'),
                        ('existing.h5', 'an earlier conversion\n')):

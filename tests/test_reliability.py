@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import cli
@@ -148,3 +149,96 @@ def test_damaged_newest_checkpoint_falls_back_in_training_and_is_named_elsewhere
     assert 'model-2 at step 2' in resumed.stdout and 'Read less bytes than requested' in resumed.stderr
     assert 'step 3/6' in resumed.stdout
     assert (run_dir / 'model-6.complete').exists()
+
+
+def _hold_lock(path):
+    """A child process owning ``path`` through cli.exclusive_output until killed; returns it once it owns it."""
+    code = ('import sys, time; sys.path.insert(0, {root!r}); import cli\n'
+            'with cli.exclusive_output({path!r}):\n'
+            '    print("owned", flush=True)\n'
+            '    time.sleep(600)\n').format(root=ROOT, path=str(path))
+    child = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == 'owned'
+    return child
+
+
+def test_an_output_has_one_owner_and_a_dead_owner_does_not_block(tmp_path):
+    child = _hold_lock(tmp_path / 'out')
+    try:
+        with pytest.raises(cli.UserError, match='in use by another process \\(pid {}\\)'.format(child.pid)):
+            with cli.exclusive_output(str(tmp_path / 'out')):
+                pass
+    finally:
+        child.kill()
+        child.wait()
+    with cli.exclusive_output(str(tmp_path / 'out')):     # the kernel released the dead owner's lock
+        assert (tmp_path / '.out.lock').read_text().strip() == str(os.getpid())
+    assert not (tmp_path / '.out.lock').exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script', ['train.py', 'predict.py', 'prepare'])
+def test_second_process_on_the_same_output_is_refused_naming_the_owner(script, synthetic_spec, tmp_path):
+    target = {'train.py': tmp_path / 'weights' / 'same', 'predict.py': tmp_path / 'out',
+              'prepare': tmp_path / 'new.h5'}[script]
+    target.parent.mkdir(exist_ok=True)
+    child = _hold_lock(target)
+    try:
+        if script == 'train.py':
+            proc = run_script('train.py', '-b', 'LDR', '-d', synthetic_spec, '--batch', '1', '--round', '1',
+                              '--epochs', '1', '--output', 'same', cwd=tmp_path)
+        elif script == 'predict.py':
+            proc = run_script('predict.py', '-c', 'none', '--fixed', 'a.nii.gz', '--moving', 'b.nii.gz',
+                              '-o', 'out', cwd=tmp_path)
+        else:
+            import SimpleITK as sitk
+            image = np.zeros((12, 12, 12), np.float32)
+            image[3:9, 3:9, 3:9] = 100
+            sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / 'scan.nii.gz'))
+            proc = subprocess.run([sys.executable, '-m', 'data_util.prepare', '--images', str(tmp_path / 'scan.nii.gz'),
+                                   '--output', str(target), '--image_size', '8'], cwd=ROOT, capture_output=True,
+                                  text=True)
+    finally:
+        child.kill()
+        child.wait()
+    lines = error_lines(proc)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert 'in use by another process (pid {})'.format(child.pid) in lines[0], lines
+    assert not (tmp_path / 'logs').exists() and not any(p.name == 'same' for p in tmp_path.rglob('same'))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_at_a_step_boundary_with_a_checkpoint(synthetic_spec, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '-b', 'LDR', '-d', synthetic_spec, '--batch', '1',
+           '--round', '100000', '--epochs', '1', '--output', 'term', '--val_steps', '0', '--print_steps', '1',
+           '--save_steps', '100000']
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith('step 3/'):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.startswith('error')]
+    assert proc.returncode == 2 and len(lines) == 1 and 'Traceback' not in err, err[-2000:]
+    step = int(lines[0].split('stopped by SIGTERM at step ')[1].split(';')[0])
+    assert step >= 3 and 'checkpoint saved, resume with python train.py -c' in lines[0]
+    assert max(cli.list_checkpoints(str(tmp_path / 'weights' / 'term'))) == step
+
+
+@pytest.mark.slow
+def test_sigterm_during_conversion_leaves_nothing_behind(tmp_path):
+    from conftest import LPBA40
+    if not os.path.isdir(LPBA40):
+        pytest.skip('LPBA40 data absent at {}'.format(LPBA40))
+    proc = subprocess.Popen([sys.executable, '-m', 'data_util.prepare', '--lpba40', LPBA40, '--output',
+                             str(tmp_path / 'lpba.h5'), '--spec', str(tmp_path / 'lpba.json')], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob('.lpba.h5.*.tmp')):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip().splitlines() == ['error: interrupted; nothing was written'], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
