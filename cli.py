@@ -326,7 +326,8 @@ def load_model(checkpoint, image_size=None, class_values=None, rep=None, flow_mu
     """Build an evaluation Framework for a train.py checkpoint and restore it.
 
     checkpoint: 'DIR', 'DIR:STEP' or a prefix. Returns (session, framework, run_args, prefix).
-    The graph holds the registration network only (no optimiser, critic or teacher).
+    The graph, a new one of its own (so that a process may hold several models), holds the
+    registration network only (no optimiser, critic or teacher).
     threads: size of the session's intra- and inter-op thread pools (None = TensorFlow's choice).
     """
     from network.framework import Framework, session_config
@@ -338,9 +339,11 @@ def load_model(checkpoint, image_size=None, class_values=None, rep=None, flow_mu
         extra['flow_multiplier'] = flow_multiplier
     net_args = run_net_args(run_args, rep, extra)
     size = image_size or run_args['image_size']
-    framework = Framework(net_args, size, class_values, validation=True)
-    sess = tf.Session(config=session_config(framework.devices, threads))
-    restore_variables(sess, prefix, framework.net.variables)
+    graph = tf.Graph()
+    with graph.as_default():
+        framework = Framework(net_args, size, class_values, validation=True)
+        sess = tf.Session(graph=graph, config=session_config(framework.devices, threads))
+        restore_variables(sess, prefix, framework.net.variables)
     return sess, framework, run_args, prefix
 
 

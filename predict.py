@@ -5,28 +5,14 @@
     python predict.py -c weights/RUN --export EXPORT_DIR     # frozen inference graph
     python predict.py -c EXPORT_DIR --fixed F --moving M -o OUTDIR   # run from the export
 
-Pipeline (all geometry in physical space, mm, LPS, as SimpleITK reads the files):
-1. read both images (NIfTI, MHA/MHD, NRRD, or a DICOM directory) and the optional label maps,
-   each of which must lie on its image's voxel grid;
-2. preprocess each image on its own exactly as the converter does (`data_util.prepare.preprocess`:
-   LPS-closest axes, crop to the foreground + margin, cube, image_size^3 isotropic grid, uint8).
-   Label maps do not enter the crop here, so the registration does not depend on whether
-   they are given;
-3. the network (a train.py checkpoint, or an export of `--export`) predicts the flow
-   [N, N, N, 3] in voxels of the FIXED preprocessed grid, sampling the MOVING preprocessed
-   grid: moving_grid_position = p + flow(p);
-4. the displacement field u on the fixed file's ORIGINAL grid, in mm: for the centre x of
-   every fixed voxel, p = its continuous position on the fixed preprocessed grid, the flow is
-   sampled there (trilinear), and u(x) = G_moving(p + flow(p)) - x, with G_moving the moving
-   grid's voxel-to-physical map (extended linearly beyond the grid). Outside the fixed
-   preprocessed cube the flow is extended by border clamping (the nearest border value,
-   the same rule as the network's warp), i.e. the background around the crop moves with
-   the crop's border;
-5. the warped moving image is exactly
-   ``sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field))`` with the field as
-   written to disk (read back), i.e. linear interpolation, default value 0 (--default_value),
-   the moving file's pixel type, the fixed file's size, spacing, origin and direction; the
-   warped label map the same with nearest-neighbour interpolation.
+The registration is `registration.Model.register` (see registration.py for the contract:
+both images preprocessed on their own with the model's recorded preprocessing, never with their
+label maps; the network's flow on the fixed preprocessed grid; the displacement field in mm on
+the fixed file's own grid; the moving image and label map pulled through it). -c defaults to
+the shipped brain MRI model (models/lpba40-ldr). The warped outputs are exactly
+``sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field))`` with the field as
+written (linear, default value --default_value, the moving file's pixel type, the fixed file's
+grid; label maps by nearest neighbour).
 
 Outputs in OUTDIR (format of the fixed file: .nii.gz, .nii, .mha, .mhd, .nrrd; DICOM -> .nii.gz;
 or --format):
@@ -43,11 +29,11 @@ or --format):
                            warped image, a fixed/warped checkerboard and |u| in mm; also one
                            file per row: preview_fixed.png, preview_moving.png,
                            preview_warped.png, preview_checkerboard.png, preview_flow.png
-    predict.json           inputs, model, grids, Dice per label on the fixed file's grid (with
-                           both label maps; after and before registration, i.e. warped vs
-                           identity-resampled moving labels), displacement statistics, wall / CPU
-                           seconds per stage: read, load_model, preprocess, network,
-                           resample, write
+    predict.json           inputs, model, preprocessing, grids, Dice per label on the fixed
+                           file's grid (with both label maps; after and before registration,
+                           i.e. warped vs identity-resampled moving labels), displacement
+                           statistics, the fraction of folding voxels, wall / CPU seconds per
+                           stage: read, preprocess, load_model, network, resample, write
 Everything is written into a temporary directory beside OUTDIR and renamed at the end, so a
 failure leaves nothing behind. An existing OUTDIR is refused unless --force (and then only
 an earlier predict.py output directory or an empty one is replaced).
@@ -61,25 +47,22 @@ Errors print one line ``error: ...`` on stderr and exit with status 2.
 """
 import argparse
 import contextlib
-import dataclasses
 import itertools
 import json
 import os
 import shutil
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 import cli
+import registration
 
 FORMATS = {'nii.gz': '.nii.gz', 'nii': '.nii', 'mha': '.mha', 'mhd': '.mhd', 'nrrd': '.nrrd'}
 EXTENSION_FORMATS = (('.nii.gz', 'nii.gz'), ('.nii', 'nii'), ('.mha', 'mha'), ('.mhd', 'mhd'),
                      ('.nrrd', 'nrrd'), ('.nhdr', 'nrrd'))
 REPORT = 'predict.json'
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'lpba40-ldr')
-STAGES = ('read', 'load_model', 'preprocess', 'network', 'resample', 'write')
 PREVIEWS = ('fixed', 'moving', 'warped', 'checkerboard', 'flow')
 VIEWS = ('axial', 'coronal', 'sagittal')
 CHECKER_TILES = 8
@@ -125,32 +108,6 @@ def build_parser():
     p.add_argument('--export_warp', choices=('tf', 'op'), default='tf',
                    help='warp inside the export: tf (portable, default) or op (compiled op, needs it to load)')
     return p
-
-
-class Stopwatch:
-    """Wall-clock and process-CPU seconds per named stage; repeated stages accumulate."""
-
-    def __init__(self):
-        self.wall = {}
-        self.cpu = {}
-
-    @contextlib.contextmanager
-    def stage(self, name):
-        wall, cpu = time.perf_counter(), time.process_time()
-        try:
-            yield
-        finally:
-            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - wall
-            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
-
-    def report(self):
-        """{'seconds': {stage: wall}, 'cpu_seconds': {stage: cpu}} with totals, in STAGES order."""
-        names = [s for s in STAGES if s in self.wall] + [s for s in self.wall if s not in STAGES]
-        out = {}
-        for key, table in (('seconds', self.wall), ('cpu_seconds', self.cpu)):
-            out[key] = {name: round(table[name], 4) for name in names}
-            out[key]['total'] = round(sum(table.values()), 4)
-        return out
 
 
 def output_format(fixed_path, requested=None):
@@ -204,143 +161,6 @@ def staging_directory(path):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-# ---------------------------------------------------------------- models
-
-class CheckpointModel:
-    """A train.py checkpoint restored into an evaluation graph; ``register(fixed, moving)`` -> flow."""
-
-    def __init__(self, checkpoint, image_size, rep=None, threads=None, tf_warp=False):
-        from network import spatial_transformer
-        if tf_warp:
-            spatial_transformer.set_warp_impl('tf')
-        self.sess, self.framework, run_args, prefix = cli.load_model(
-            checkpoint, [image_size] * 3, rep=rep, threads=threads)
-        self.image_size = image_size
-        self.info = {'kind': 'checkpoint', 'source': os.path.abspath(prefix), 'base_network': run_args.get('base_network'),
-                     'n_cascades': run_args.get('n_cascades'), 'rep': rep or run_args.get('rep', 1),
-                     'parameters': self.framework.parameter_count, 'warp': spatial_transformer.warp_impl(),
-                     'preprocessing': run_args.get('preprocessing')}
-
-    def register(self, fixed, moving):
-        """fixed, moving: [N, N, N] in 0..255 -> flow [N, N, N, 3] float32, voxels of the fixed grid."""
-        batch = {'voxel1': np.asarray(fixed, np.float32)[None, ..., None],
-                 'voxel2': np.asarray(moving, np.float32)[None, ..., None]}
-        return self.framework.register(self.sess, batch)[0]
-
-
-class ExportedModel:
-    """An export of --export (network/export.py), run without the network's code."""
-
-    def __init__(self, directory, threads=None):
-        from network.export import ExportError, FrozenModel
-        try:
-            self.model = FrozenModel(directory, threads)
-        except ExportError as e:
-            raise cli.UserError(str(e))
-        meta = self.model.meta
-        self.image_size = self.model.image_size
-        self.info = {'kind': 'export', 'source': os.path.abspath(directory),
-                     'base_network': meta.get('base_network'), 'n_cascades': meta.get('n_cascades'),
-                     'rep': meta.get('rep'), 'parameters': meta.get('parameters'), 'warp': meta['warp'],
-                     'preprocessing': meta.get('preprocessing')}
-
-    def register(self, fixed, moving):
-        return self.model.register(fixed, moving)
-
-
-def cubic_size(size, what):
-    """An image_size (int or [N, N, N]) -> N; UserError unless cubic (the preprocessed grid is a cube)."""
-    sizes = [int(s) for s in (size if isinstance(size, (list, tuple)) else [size])]
-    if len(set(sizes)) != 1:
-        raise cli.UserError('{} image_size {} is not cubic; predict.py preprocesses to N^3 grids'.format(
-            what, 'x'.join(map(str, sizes))))
-    return sizes[0]
-
-
-def resolve_model(args):
-    """Check the model source without loading TensorFlow: (image size N, function opening the
-    model, the preprocessing record of its training data or None for models older than it)."""
-    from network.export import ExportError, is_export, read_meta
-    if is_export(args.checkpoint):
-        try:
-            meta = read_meta(args.checkpoint)
-        except ExportError as e:
-            raise cli.UserError(str(e))
-        size = cubic_size(meta['image_size'], 'the export\'s')
-        if args.image_size not in (None, size):
-            raise cli.UserError('--image_size {}: the export {} is frozen at {}'.format(
-                args.image_size, args.checkpoint, size))
-        if args.rep is not None:
-            raise cli.UserError('-r/--rep applies to checkpoints; an export is frozen with its repeats')
-        return size, lambda: ExportedModel(args.checkpoint, args.threads), meta.get('preprocessing')
-    run_dir, prefix, _ = cli.resolve_checkpoint(args.checkpoint)
-    run_args = cli.load_run_args(run_dir)
-    size = args.image_size or cubic_size(run_args.get('image_size'), 'the checkpoint\'s')
-    return (size, lambda: CheckpointModel(prefix, size, args.rep, args.threads, args.tf_warp),
-            run_args.get('preprocessing'))
-
-
-PREPROCESSING_FLAGS = ('modality', 'percentiles', 'window', 'threshold', 'margin', 'field_of_view')
-
-
-def preprocessing_options(args, record, image_size):
-    """The `data_util.prepare.preprocess` options of a pair: each flag given wins, then the
-    model's record (what its training data went through), then the converter's defaults."""
-    from data_util.prepare import PrepareError, check_options, preprocessing_record
-    options = preprocessing_record(image_size=image_size)
-    if record:
-        options.update({k: record[k] for k in PREPROCESSING_FLAGS if k in record})
-    options.update({k: getattr(args, k) for k in PREPROCESSING_FLAGS if getattr(args, k) is not None})
-    options['percentiles'], options['window'] = tuple(options['percentiles']), tuple(options['window'])
-    try:
-        check_options(**{k: options[k] for k in PREPROCESSING_FLAGS if k != 'modality'})
-    except PrepareError as e:
-        raise cli.UserError(str(e))
-    return {k: options[k] for k in ('image_size',) + PREPROCESSING_FLAGS}
-
-
-# ---------------------------------------------------------------- geometry
-
-def read_inputs(args):
-    """{'fixed', 'moving'[, 'fixed_seg', 'moving_seg']}: sitk.Images, label maps checked."""
-    from data_util.prepare import check_finite, check_label_geometry, read_image
-    images = {'fixed': read_image(args.fixed), 'moving': read_image(args.moving)}
-    for key in ('fixed', 'moving'):
-        check_finite(images[key], getattr(args, key))
-    for key, image_key in (('fixed_seg', 'fixed'), ('moving_seg', 'moving')):
-        path = getattr(args, key)
-        if path:
-            label = read_image(path)
-            check_label_geometry(images[image_key], label, '{} (--{})'.format(path, key))
-            check_label_values(label, path)
-            images[key] = label
-    return images
-
-
-def check_label_values(label, path):
-    """UserError unless a label map holds integers in 0..65535."""
-    import SimpleITK as sitk
-    values = sitk.GetArrayViewFromImage(label)
-    if values.dtype.kind == 'f' and not (np.all(np.isfinite(values)) and np.all(values == np.rint(values))):
-        raise cli.UserError('{}: a label map must hold integer values'.format(path))
-    if values.min() < 0 or values.max() > 65535:
-        raise cli.UserError('{}: label values must lie in 0..65535, got {}..{}'.format(
-            path, values.min(), values.max()))
-
-
-def preprocess_pair(fixed, moving, **options):
-    """Preprocess both images independently as the converter does (no label maps).
-
-    options: `data_util.prepare.preprocess` options (see `preprocessing_options`).
-    Returns (fixed_volume, moving_volume, fixed_geometry, moving_geometry): uint8 [N, N, N]
-    volumes indexed [X, Y, Z] and their `data_util.geometry.Geometry`.
-    """
-    from data_util.prepare import preprocess
-    fixed_volume, _, fixed_geometry = preprocess(fixed, None, **options)
-    moving_volume, _, moving_geometry = preprocess(moving, None, **options)
-    return fixed_volume, moving_volume, fixed_geometry, moving_geometry
 
 
 # ---------------------------------------------------------------- previews
@@ -486,28 +306,22 @@ def write_image(image, path, fmt, compress=True):
         raise cli.UserError('cannot write {}: {}'.format(path, str(e).strip().splitlines()[-1]))
 
 
-def geometry_record(image):
-    return {'size': list(image.GetSize()), 'spacing': list(image.GetSpacing()),
-            'origin': list(image.GetOrigin()), 'direction': list(image.GetDirection())}
-
-
-def predict(args, model=None):
+def predict(args, network=None):
     """Register args.moving to args.fixed and write every output into args.output.
 
-    model: an object with ``image_size`` (N), ``info`` (dict) and ``register(fixed, moving)`` ->
-    flow [N, N, N, 3] (voxels; see module doc); None opens args.checkpoint. Returns the report dict.
-    The output directory is owned by this process while it works (cli.exclusive_output).
+    network: an object with ``image_size`` (N), ``info`` (dict) and ``flow(fixed, moving)`` ->
+    flow [N, N, N, 3] (voxels; see registration.py); None opens args.checkpoint. Returns the
+    report dict. The output directory is owned by this process while it works.
     """
     if not (args.fixed and args.moving and args.output):
         raise cli.UserError('--fixed, --moving and -o/--output are required (or --export DIR)')
     with cli.exclusive_output(args.output, 'output directory'):
-        return _predict(args, model)
+        return _predict(args, network)
 
 
-def _predict(args, model):
+def _predict(args, network):
     import SimpleITK as sitk
-    from data_util.geometry import dice_per_label, displacement_field, field_image, folding_fraction, warp_labels
-    from data_util.prepare import PrepareError
+    from data_util.geometry import warp_labels
     if args.threads < 1:
         raise cli.UserError('--threads must be >= 1')
     if args.image_size is not None and args.image_size < 8:
@@ -519,89 +333,62 @@ def _predict(args, model):
     fmt = output_format(args.fixed, args.format)
     extension = FORMATS[fmt]
     check_output_dir(args.output, args.force, REPORT)
-    if model is None:
-        image_size, open_model, record = resolve_model(args)
+    if network is None:
+        image_size, open_network, record = registration.resolve_network(
+            args.checkpoint, args.image_size, args.rep, args.threads, args.tf_warp)
     else:
-        image_size, open_model, record = model.image_size, lambda: model, model.info.get('preprocessing')
-    options = preprocessing_options(args, record, image_size)
+        image_size, open_network, record = network.image_size, lambda: network, network.info.get('preprocessing')
+    options = registration.preprocessing_options(record, image_size, {k: getattr(args, k) for k in registration.PREPROCESSING_KEYS})
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    clock = Stopwatch()
-    try:
-        with clock.stage('read'):
-            images = read_inputs(args)
-        with clock.stage('preprocess'):
-            fixed_volume, moving_volume, fixed_geometry, moving_geometry = preprocess_pair(
-                images['fixed'], images['moving'], **options)
-    except PrepareError as e:
-        raise cli.UserError(str(e))
+    clock = registration.Stopwatch()
+    with clock.stage('read'):
+        images = {key: registration.read_image(getattr(args, key), getattr(args, key)) for key in ('fixed', 'moving')}
+        for key, image_key in (('fixed_seg', 'fixed'), ('moving_seg', 'moving')):
+            if getattr(args, key):
+                images[key] = registration.read_label_map(getattr(args, key), images[image_key],
+                                                          '{} (--{})'.format(getattr(args, key), key))
+    with clock.stage('preprocess'):
+        preprocessed = registration.preprocess_pair(images['fixed'], images['moving'], options)
     with clock.stage('load_model'):
-        model = open_model()
-    with clock.stage('network'):
-        flow = np.asarray(model.register(fixed_volume, moving_volume))
-    if flow.shape != (image_size,) * 3 + (3,):
-        raise cli.UserError('the model returned a flow of shape {}, expected {}'.format(
-            flow.shape, (image_size,) * 3 + (3,)))
-
+        model = registration.Model(open_network(), options)
+    result = model.register(images['fixed'], images['moving'], images.get('moving_seg'), images.get('fixed_seg'),
+                            args.default_value, preprocessed=preprocessed, clock=clock)
     fixed, moving = images['fixed'], images['moving']
     outputs = {'warped': 'warped' + extension, 'field': 'field' + extension}
-    if 'moving_seg' in images:
+    if result.warped_seg is not None:
         outputs['warped_seg'] = 'warped_seg' + extension
     outputs['previews'] = ['preview.png'] + ['preview_{}.png'.format(name) for name in PREVIEWS]
     report = {'fixed': os.path.abspath(args.fixed), 'moving': os.path.abspath(args.moving),
               'fixed_seg': args.fixed_seg and os.path.abspath(args.fixed_seg),
               'moving_seg': args.moving_seg and os.path.abspath(args.moving_seg),
-              'model': model.info, 'image_size': image_size,
-              'preprocessing': dict(options, percentiles=list(options['percentiles']),
-                                    window=list(options['window'])),
-              'format': fmt, 'outputs': outputs, 'threads': args.threads, 'default_value': args.default_value,
-              'fixed_geometry': geometry_record(fixed), 'moving_geometry': geometry_record(moving),
-              'preprocessed_grids': {'fixed': _geometry_dict(fixed_geometry),
-                                     'moving': _geometry_dict(moving_geometry)},
-              'field_convention': 'u(x) = x_moving - x_fixed in mm, components along physical x, y, z (LPS, '
-                                  'ITK order), on the fixed file\'s grid; warped = sitk.Resample(moving, fixed, '
-                                  'sitk.DisplacementFieldTransform(field)); outside the fixed preprocessed cube '
-                                  'the network flow is extended by border clamping'}
+              'format': fmt, 'outputs': outputs, 'threads': args.threads}
+    report.update(result.report)
     with staging_directory(args.output) as staging:
-        with clock.stage('resample'):
-            field = displacement_field(flow, fixed_geometry, moving_geometry, fixed)
         field_path = os.path.join(staging, outputs['field'])
+        warped, warped_seg = result.warped, result.warped_seg
         with clock.stage('write'):
-            write_image(field_image(field, fixed), field_path, fmt, compress=False)
-        with clock.stage('resample'):
-            transform = sitk.DisplacementFieldTransform(sitk.ReadImage(field_path, sitk.sitkVectorFloat64))
-            warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, args.default_value)
-            moving_on_fixed = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, args.default_value)
-            magnitude = np.sqrt(np.einsum('...c,...c->...', field, field))
-            report['displacement_mm'] = {'mean': float(magnitude.mean()), 'max': float(magnitude.max()),
-                                         'p99': float(np.percentile(magnitude[::2, ::2, ::2], 99))}
-            del magnitude
-            report['folding'] = folding_fraction(field, fixed)
-            if 'moving_seg' in images:
-                seg = images['moving_seg']
-                warped_seg = warp_labels(seg, fixed, transform)
-                if 'fixed_seg' in images:
-                    fixed_labels = sitk.GetArrayViewFromImage(images['fixed_seg'])
-                    before = sitk.Resample(seg, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                                           seg.GetPixelID())
-                    per_label, mean = dice_per_label(fixed_labels, sitk.GetArrayViewFromImage(warped_seg))
-                    per_label_before, mean_before = dice_per_label(fixed_labels, sitk.GetArrayViewFromImage(before))
-                    report['dice'] = {'mean': mean, 'mean_before': mean_before, 'per_label': per_label,
-                                      'per_label_before': per_label_before}
+            write_image(result.field, field_path, fmt, compress=False)
+            written = sitk.ReadImage(field_path, sitk.sitkVectorFloat64)
+        if registration.geometry_record(written) != registration.geometry_record(fixed):
+            # the format rounded the geometry (an oblique NIfTI header): warp with the field as
+            # written, so that re-applying the file reproduces the outputs exactly
+            with clock.stage('resample'):
+                transform = sitk.DisplacementFieldTransform(written)
+                warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, args.default_value)
+                if warped_seg is not None:
+                    warped_seg = warp_labels(images['moving_seg'], fixed, transform)
         with clock.stage('write'):
             write_image(warped, os.path.join(staging, outputs['warped']), fmt)
-            if 'moving_seg' in images:
+            if warped_seg is not None:
                 write_image(warped_seg, os.path.join(staging, outputs['warped_seg']), fmt)
-            rows, extents = preview_rows(fixed, moving_on_fixed, warped, field, moving, options)
+            moving_on_fixed = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, args.default_value)
+            rows, extents = preview_rows(fixed, moving_on_fixed, warped, result.field_array, moving, options)
             write_previews(staging, rows, extents)
             report.update(clock.report())
             with open(os.path.join(staging, REPORT), 'w') as f:
                 json.dump(report, f, indent=2)
                 f.write('\n')
     return report
-
-
-def _geometry_dict(geometry):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(geometry).items()}
 
 
 def export(args):
@@ -617,6 +404,7 @@ def export(args):
 
 def _export(args):
     from network.export import META_FILE, ExportError, freeze, write_export
+    from registration import cubic_size
     check_output_dir(args.export, args.force, META_FILE)
     run_dir, prefix, step = cli.resolve_checkpoint(args.checkpoint)
     run_args = cli.load_run_args(run_dir)
@@ -650,7 +438,7 @@ def main(argv=None):
     if args.checkpoint is None:
         if args.export:
             raise cli.UserError('--export needs -c RUN, the train.py checkpoint to export')
-        args.checkpoint = DEFAULT_MODEL
+        args.checkpoint = registration.DEFAULT_MODEL
     if args.export:
         export(args)
         return 0

@@ -679,8 +679,8 @@ def sections_main(argv):
     warped, warped_seg, labels = [], [], []
     for item in args.run:
         label, _, run_dir = item.partition('=')
-        with tf.Graph().as_default():
-            sess, framework, _, _ = cli.load_model(run_dir, dataset.image_size, dataset.segmentation_class_value)
+        sess, framework, _, _ = cli.load_model(run_dir, dataset.image_size, dataset.segmentation_class_value)
+        with sess.graph.as_default():
             seg = tf.placeholder(tf.float32, [None] + dataset.image_size + [1])
             seg_warp = warp_nearest(seg, framework.outputs['flow'])
             feed = framework.feed_dict(batch)

@@ -13,7 +13,6 @@ registration (identity) and after, and the loss against the unperturbed scans.
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -75,35 +74,30 @@ def main(argv=None):
     p.add_argument('--pairs', type=cli.positive_int, default=9, help='test scans S02.. to use (default all 9)')
     args = p.parse_args(argv)
     import SimpleITK as sitk
-    import predict
+    import registration
     root = args.lpba40
-    label = lambda i: os.path.join(root, 'label', 'S{:02d}.delineation.structure.label.nii.gz'.format(i))
-    fixed = os.path.join(root, 'fixed.nii.gz')
-    if not os.path.isfile(fixed):
-        raise cli.UserError('{}: no LPBA40 atlas there (--lpba40)'.format(fixed))
-    parsed = predict.build_parser().parse_args(['-c', args.checkpoint])
-    size, open_model, _ = predict.resolve_model(parsed)
-    model = open_model()
+
+    def label(i):
+        return sitk.ReadImage(os.path.join(root, 'label', 'S{:02d}.delineation.structure.label.nii.gz'.format(i)))
+
+    fixed_path = os.path.join(root, 'fixed.nii.gz')
+    if not os.path.isfile(fixed_path):
+        raise cli.UserError('{}: no LPBA40 atlas there (--lpba40)'.format(fixed_path))
+    model = registration.load_model(args.checkpoint)
+    fixed, fixed_seg = sitk.ReadImage(fixed_path), label(1)
     rows = {}
-    with tempfile.TemporaryDirectory() as work:
-        for i in range(2, 2 + args.pairs):
-            image = sitk.ReadImage(os.path.join(root, 'test', 'S{:02d}.delineation.skullstripped.nii.gz'.format(i)))
-            labels = sitk.ReadImage(label(i))
-            for name, perturb in perturbations().items():
-                moved, moved_labels = perturb(image, labels)
-                paths = [os.path.join(work, n) for n in ('moving.nii.gz', 'moving_seg.nii.gz')]
-                sitk.WriteImage(moved, paths[0])
-                sitk.WriteImage(moved_labels, paths[1])
-                out = os.path.join(work, 'out')
-                report = predict.predict(predict.build_parser().parse_args(
-                    ['-c', args.checkpoint, '--fixed', fixed, '--moving', paths[0], '--fixed_seg', label(1),
-                     '--moving_seg', paths[1], '-o', out, '--force']), model=model)
-                rows.setdefault(name, []).append((report['dice']['mean_before'], report['dice']['mean']))
-                print('S{:02d} {}: Dice {:.4f} (before {:.4f})'.format(i, name, report['dice']['mean'],
-                                                                       report['dice']['mean_before']), flush=True)
+    for i in range(2, 2 + args.pairs):
+        image = sitk.ReadImage(os.path.join(root, 'test', 'S{:02d}.delineation.skullstripped.nii.gz'.format(i)))
+        labels = label(i)
+        for name, perturb in perturbations().items():
+            moved, moved_labels = perturb(image, labels)
+            dice = model.register(fixed, moved, moved_labels, fixed_seg).report['dice']
+            rows.setdefault(name, []).append((dice['mean_before'], dice['mean']))
+            print('S{:02d} {}: Dice {:.4f} (before {:.4f})'.format(i, name, dice['mean'], dice['mean_before']),
+                  flush=True)
     base = np.mean([after for _, after in rows['as given']])
     print('\nModel {} ({}^3), {} LPBA40 test scans to S01, Dice on S01\'s 1 mm grid:\n'.format(
-        args.checkpoint, size, args.pairs))
+        args.checkpoint, model.image_size, args.pairs))
     print('| moving scan | Dice before | Dice after | change vs as given |')
     print('|---|---:|---:|---:|')
     for name, values in rows.items():

@@ -35,10 +35,11 @@ class Module:
 
     @property
     def trainable_variables(self):
-        """The module's own trainable variables (empty before the first call)."""
-        if self._scope is None:
+        """The module's own trainable variables (empty before the first call), from the graph
+        the module was built in, whichever graph is the default now."""
+        if self._scope is None or not self._variables:
             return []
-        return tf.get_collection(tf.GraphKeys.TRAINABLE_VARIABLES, scope=self._scope.name + '/')
+        return self._variables[0].graph.get_collection(tf.GraphKeys.TRAINABLE_VARIABLES, scope=self._scope.name + '/')
 
     @property
     def variables(self):

@@ -244,10 +244,9 @@ def test_writing_flow_round_trip_resume_and_online_agreement(work, store, online
     import eval as eval_script
     batch = _batch(work, 'val', 1)
     pair = (batch['id1'][0], batch['id2'][0])
-    with tf.Graph().as_default():
-        sess, fw, _, _ = cli.load_model(str(work / 'weights' / 'teacher'), SIZE)
-        teacher_flow = fw.register(sess, batch)[0]
-        sess.close()
+    sess, fw, _, _ = cli.load_model(str(work / 'weights' / 'teacher'), SIZE)
+    teacher_flow = fw.register(sess, batch)[0]
+    sess.close()
     with FlowStore(store, SIZE) as flows:
         assert len(flows) == 4 and flows.has(*pair)
         stored = flows.flow(*pair)
@@ -287,10 +286,10 @@ def test_aldk_run_logs_both_losses_and_saves_no_teacher(work, aldk_run):
 
 
 def test_student_inference_graph_holds_only_the_student(work, aldk_run):
-    with tf.Graph().as_default():
-        sess, fw, _, _ = cli.load_model(str(work / 'weights' / 'student'))
+    sess, fw, _, _ = cli.load_model(str(work / 'weights' / 'student'))
+    with sess.graph.as_default():
         names = [v.op.name for v in tf.global_variables()]
-        sess.close()
+    sess.close()
     assert 'global_step' in names and all(n.startswith('rcn/') for n in names if n != 'global_step')
     assert fw.parameter_count == count_parameters(fw.net.trainable_variables) < 3e6
 
@@ -352,13 +351,12 @@ def test_bad_inputs_end_in_one_error_line(work, aldk_run):
 def _flow_error(run, dataset, store, subsets):
     """Mean end-point error (voxels) of a student run's flows to the stored teacher flows."""
     errors = []
-    with tf.Graph().as_default():
-        sess, fw, _, _ = cli.load_model(run)
-        for subset in subsets:
-            for batch in dataset.generator(subset, batch_size=1):
-                teacher = store.flow(batch['id1'][0], batch['id2'][0])
-                errors.append(np.mean(np.linalg.norm(fw.register(sess, batch)[0] - teacher, axis=-1)))
-        sess.close()
+    sess, fw, _, _ = cli.load_model(run)
+    for subset in subsets:
+        for batch in dataset.generator(subset, batch_size=1):
+            teacher = store.flow(batch['id1'][0], batch['id2'][0])
+            errors.append(np.mean(np.linalg.norm(fw.register(sess, batch)[0] - teacher, axis=-1)))
+    sess.close()
     return float(np.mean(errors))
 
 

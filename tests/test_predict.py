@@ -12,10 +12,10 @@ import pytest
 import SimpleITK as sitk
 
 import predict
+import registration
 from conftest import LPBA40, ROOT, error_lines, run_script
 
 PREVIEWS = ['preview.png'] + ['preview_{}.png'.format(name) for name in predict.PREVIEWS]
-STAGES = ('read', 'load_model', 'preprocess', 'network', 'resample', 'write')
 CENTRE = np.array([12.0, -30.0, 45.0])
 # Blobs of the phantom: (offset from CENTRE in mm, sigma in mm, amplitude); label = index + 2.
 BLOBS = [((12.0, 5.0, -8.0), 6.0, 120.0), ((-14.0, -6.0, 6.0), 5.0, -60.0),
@@ -99,12 +99,12 @@ class KnownFlow:
     info = {'kind': 'known affine (test)'}
 
     def __init__(self, paths, modality):
-        from data_util.prepare import preprocessing_record, read_image
-        _, _, self.fixed_geometry, self.moving_geometry = predict.preprocess_pair(
-            read_image(paths['fixed']), read_image(paths['moving']),
-            **preprocessing_record(image_size=self.image_size, modality=modality))
+        from data_util.prepare import read_image
+        options = registration.preprocessing_options(None, self.image_size, {'modality': modality})
+        _, _, self.fixed_geometry, self.moving_geometry = registration.preprocess_pair(
+            read_image(paths['fixed']), read_image(paths['moving']), options)
 
-    def register(self, fixed, moving):
+    def flow(self, fixed, moving):
         n = self.image_size
         grid = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing='ij'), -1).reshape(-1, 3)
         target = self.moving_geometry.physical_to_voxel(true_map(self.fixed_geometry.voxel_to_physical(grid)))
@@ -146,7 +146,7 @@ def check_outputs(output, paths, report, extension):
     transform = sitk.DisplacementFieldTransform(sitk.Image(field))
     again = sitk.Resample(moving, fixed, transform)
     assert np.array_equal(sitk.GetArrayViewFromImage(again), sitk.GetArrayViewFromImage(warped))
-    assert set(STAGES) <= set(report['seconds']) and all(report['seconds'][s] >= 0 for s in STAGES)
+    assert set(registration.STAGES) <= set(report['seconds']) and all(report['seconds'][s] >= 0 for s in registration.STAGES)
     return fixed, field, warped
 
 
@@ -155,7 +155,7 @@ def test_known_affine_field_maps_points(tmp_path, extension, modality):
     paths = write_pair(tmp_path, extension, modality == 'ct')
     model = KnownFlow(paths, modality)
     output = tmp_path / 'out'
-    report = predict.predict(predict_args(paths, output, '--modality', modality), model=model)
+    report = predict.predict(predict_args(paths, output, '--modality', modality), network=model)
     fixed, field, warped = check_outputs(output, paths, report, extension)
     transform = sitk.DisplacementFieldTransform(field)
 
@@ -191,14 +191,14 @@ def test_failure_leaves_nothing_and_force_replaces(tmp_path, monkeypatch):
         raise OSError('disk full')
     monkeypatch.setattr(predict, 'write_previews', broken)
     with pytest.raises(OSError):
-        predict.predict(predict_args(paths, output), model=model)
+        predict.predict(predict_args(paths, output), network=model)
     assert sorted(os.listdir(tmp_path)) == before
     monkeypatch.undo()
 
-    predict.predict(predict_args(paths, output), model=model)
+    predict.predict(predict_args(paths, output), network=model)
     with pytest.raises(predict.cli.UserError, match='exists'):
-        predict.predict(predict_args(paths, output), model=model)
-    report = predict.predict(predict_args(paths, output, '--force', '--format', 'nrrd'), model=model)
+        predict.predict(predict_args(paths, output), network=model)
+    report = predict.predict(predict_args(paths, output, '--force', '--format', 'nrrd'), network=model)
     assert report['format'] == 'nrrd' and os.path.isfile(output / 'warped.nrrd')
     assert not os.path.exists(output / 'warped.nii.gz')
     assert sorted(os.listdir(tmp_path)) == sorted(before + ['out'])
@@ -247,14 +247,15 @@ def test_export_runs_without_network_code(tiny_run, tmp_path):
     code = textwrap.dedent('''
         import sys
         sys.path.insert(0, {root!r})
-        import cli, predict
+        import cli, predict, registration
         cli.run(lambda: predict.main({args!r}))
         print('loaded:', sorted(m for m in sys.modules if m in (
             'network.cascade', 'network.framework', 'network.subnets', 'network.aldk', 'network.losses', 'train')))
         from data_util.prepare import read_image
-        fixed, moving, _, _ = predict.preprocess_pair(read_image({fixed!r}), read_image({moving!r}), image_size=64)
-        frozen = predict.ExportedModel('exported').register(fixed, moving)
-        restored = predict.CheckpointModel({run!r}, 64).register(fixed, moving)
+        options = registration.preprocessing_options(None, 64)
+        fixed, moving, _, _ = registration.preprocess_pair(read_image({fixed!r}), read_image({moving!r}), options)
+        frozen = registration.ExportedNetwork('exported').flow(fixed, moving)
+        restored = registration.CheckpointNetwork({run!r}, 64).flow(fixed, moving)
         print('max flow difference:', abs(frozen - restored).max(), 'max flow:', abs(restored).max())
         ''').format(root=ROOT, args=args, fixed=paths['fixed'], moving=paths['moving'], run=str(tiny_run))
     proc = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
