@@ -166,6 +166,12 @@ def exclusive_output(path, what='output'):
         handle.close()
 
 
+def progress_write(message):
+    """A line on stderr that does not tear a progress bar drawn there."""
+    from tqdm import tqdm
+    tqdm.write(message, file=sys.stderr)
+
+
 class _LineStream:
     """A text stream for tqdm that writes each refresh of the bar as a line of its own, so that
     a log file or a pipe gets readable lines instead of carriage returns piling up on one."""

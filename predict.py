@@ -47,25 +47,28 @@ Errors print one line ``error: ...`` on stderr and exit with status 2.
 """
 import argparse
 import contextlib
-import itertools
+import csv
+import dataclasses
+import glob
+import io
 import json
 import os
 import shutil
 import sys
 import tempfile
+import time
 
-import numpy as np
 
 import cli
+import previews
 import registration
 
 FORMATS = {'nii.gz': '.nii.gz', 'nii': '.nii', 'mha': '.mha', 'mhd': '.mhd', 'nrrd': '.nrrd'}
 EXTENSION_FORMATS = (('.nii.gz', 'nii.gz'), ('.nii', 'nii'), ('.mha', 'mha'), ('.mhd', 'mhd'),
                      ('.nrrd', 'nrrd'), ('.nhdr', 'nrrd'))
 REPORT = 'predict.json'
-PREVIEWS = ('fixed', 'moving', 'warped', 'checkerboard', 'flow')
-VIEWS = ('axial', 'coronal', 'sagittal')
-CHECKER_TILES = 8
+OUTPUTS = ('warped', 'field', 'seg', 'preview')
+SUMMARY_STAGES = ('read', 'preprocess', 'network', 'resample', 'write')
 
 
 def build_parser():
@@ -74,9 +77,20 @@ def build_parser():
                    help='train.py run directory, DIR:STEP or checkpoint prefix; or an export directory '
                         '(default: the shipped brain MRI model, models/lpba40-ldr)')
     p.add_argument('--fixed', help='fixed image file (or DICOM directory)')
-    p.add_argument('--moving', help='moving image file (or DICOM directory)')
-    p.add_argument('-o', '--output', help='output directory (must not exist unless --force)')
-    p.add_argument('--moving_seg', help='label map of the moving image: warped (nearest neighbour)')
+    p.add_argument('--moving', help="moving image file (or DICOM directory); a pattern ('scans/*.nii.gz') "
+                                    'registers every match to --fixed (batch mode)')
+    p.add_argument('--pairs', metavar='CSV', help='batch mode: a CSV with a header row naming the columns fixed, '
+                                                  'moving and optionally moving_seg, fixed_seg, id')
+    p.add_argument('-o', '--output', help='output directory (must not exist unless --force; batch mode: one '
+                                          'sub-directory per pair, pairs already done are skipped)')
+    p.add_argument('--outputs', default=','.join(OUTPUTS),
+                   help='what to write, comma-separated from {} (default all; the field is the costly one)'.format(
+                       ','.join(OUTPUTS)))
+    p.add_argument('--field_dtype', choices=('float32', 'float64'), default='float64',
+                   help='the written displacement field\'s type (default float64: re-applying it reproduces '
+                        'the warped image exactly)')
+    p.add_argument('--moving_seg', help='label map of the moving image: warped (nearest neighbour); with a '
+                                        '--moving pattern a template with {id}')
     p.add_argument('--fixed_seg', help='label map of the fixed image: Dice per label against the warped one')
     p.add_argument('--modality', choices=('mr', 'ct'), default=None,
                    help='intensity normalisation as the converter: mr percentiles, ct HU window '
@@ -163,137 +177,6 @@ def staging_directory(path):
         raise
 
 
-# ---------------------------------------------------------------- previews
-
-def display_axes(direction):
-    """(perm, flip) so that array axis perm[w] is the one closest to world axis w (L, P, S)
-    and flip[w] tells whether it runs the opposite way."""
-    matrix = np.abs(np.reshape(direction, (3, 3)))
-    perm = max(itertools.permutations(range(3)), key=lambda p: sum(matrix[w, p[w]] for w in range(3)))
-    signs = np.reshape(direction, (3, 3))
-    return list(perm), [bool(signs[w, perm[w]] < 0) for w in range(3)]
-
-
-def mid_slices(volume, perm, flip):
-    """Axial, coronal and sagittal mid slices of a [X, Y, Z] (or [X, Y, Z, C]) array.
-
-    The volume is reoriented (permute + flip, no interpolation) so its axes run to L, P, S.
-    Returns three 2-D arrays (magnitude over C for vectors) laid out for display: axial
-    rows P (anterior up) x cols L (patient right on the left, radiological), coronal and
-    sagittal rows S (superior up; flipped so row 0 is superior) x cols L resp. P.
-    """
-    volume = np.transpose(volume, perm + list(range(3, volume.ndim)))
-    for w in range(3):
-        if flip[w]:
-            volume = np.flip(volume, w)
-    nl, np_, ns = volume.shape[:3]
-    slices = [volume[:, :, ns // 2].swapaxes(0, 1), volume[:, np_ // 2, :].swapaxes(0, 1)[::-1],
-              volume[nl // 2, :, :].swapaxes(0, 1)[::-1]]
-    slices = [np.asarray(s, np.float64) for s in slices]
-    if volume.ndim == 4:
-        slices = [np.linalg.norm(s, axis=-1) for s in slices]
-    return slices
-
-
-def slice_extents(spacing, shape, perm):
-    """imshow extents (left, right, bottom, top) in mm of the three mid_slices views."""
-    sl, sp, ss = (spacing[perm[w]] * shape[perm[w]] for w in range(3))
-    return [(0, sl, sp, 0), (0, sl, ss, 0), (0, sp, ss, 0)]
-
-
-def intensity_window(array, modality, percentiles, window):
-    """(low, high) display window: the CT window, or the MR percentiles of a subsample."""
-    if modality == 'ct':
-        return window[0] - window[1] / 2.0, window[0] + window[1] / 2.0
-    stride = max(1, int(round((array.size / 2e6) ** (1 / 3))))
-    sample = np.asarray(array[::stride, ::stride, ::stride], np.float64)
-    low, high = (float(v) for v in np.percentile(sample, percentiles))
-    return low, max(high, low + 1e-6)
-
-
-def checkerboard(fixed, warped, extent):
-    """CHECKER_TILES tiles along the longer side of a 2-D slice: fixed and warped (both 0..1) alternate."""
-    rows, cols = fixed.shape
-    width, height = abs(extent[1] - extent[0]), abs(extent[2] - extent[3])
-    tile = max(width, height) / CHECKER_TILES
-    row_tile = (np.arange(rows) + 0.5) * height / rows // tile
-    col_tile = (np.arange(cols) + 0.5) * width / cols // tile
-    mask = (row_tile[:, None] + col_tile[None, :]) % 2 == 0
-    return np.where(mask, fixed, warped)
-
-
-def write_previews(directory, rows, extents):
-    """preview.png (all rows) and preview_<name>.png (one row each).
-
-    rows: [(name, title, [3 slices], imshow kwargs)], extents: the three views' extents in mm.
-    """
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    ratios = [abs(e[1] - e[0]) / max(abs(e[2] - e[3]), 1e-9) for e in extents] + [0.08]
-    width = 2.6 * sum(ratios)
-
-    def draw(figure, axes_row, name, title, slices, kwargs):
-        for ax, image, extent, view in zip(axes_row, slices, extents, VIEWS):
-            shown = ax.imshow(image, extent=extent, interpolation='nearest', **kwargs)
-            ax.set_title('{} - {}'.format(title, view), fontsize=8)
-            ax.axis('off')
-        if name == 'flow':
-            figure.colorbar(shown, cax=axes_row[3], label='mm')
-        else:
-            axes_row[3].set_visible(False)
-
-    def figure_of(n_rows):
-        """A figure of n_rows x (3 views + a colour-bar column)."""
-        figure, axes = plt.subplots(n_rows, 4, figsize=(width, 2.7 * n_rows), squeeze=False,
-                                    gridspec_kw={'width_ratios': ratios})
-        figure.subplots_adjust(left=0.01, right=0.94, bottom=0.02, top=1 - 0.12 / n_rows, wspace=0.05,
-                               hspace=0.2)
-        return figure, axes
-
-    figure, axes = figure_of(len(rows))
-    for axes_row, row in zip(axes, rows):
-        draw(figure, axes_row, *row)
-    figure.savefig(os.path.join(directory, 'preview.png'), dpi=80)
-    plt.close(figure)
-    for row in rows:
-        figure, axes = figure_of(1)
-        draw(figure, axes[0], *row)
-        figure.savefig(os.path.join(directory, 'preview_{}.png'.format(row[0])), dpi=100)
-        plt.close(figure)
-
-
-def preview_rows(fixed, moving_on_fixed, warped, field, moving, options):
-    """The five preview rows (see write_previews) from images on the fixed grid."""
-    import SimpleITK as sitk
-
-    def xyz(image):
-        return sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
-
-    perm, flip = display_axes(fixed.GetDirection())
-    extents = slice_extents(fixed.GetSpacing(), fixed.GetSize(), perm)
-    fixed_window, moving_window = [intensity_window(xyz(image), options['modality'], options['percentiles'],
-                                                    options['window']) for image in (fixed, moving)]
-    grey = {'cmap': 'gray'}
-    fixed_slices = mid_slices(xyz(fixed), perm, flip)
-    warped_slices = mid_slices(xyz(warped), perm, flip)
-
-    def scaled(slices, window):
-        return [np.clip((s - window[0]) / (window[1] - window[0]), 0, 1) for s in slices]
-
-    checker = [checkerboard(f, w, e) for f, w, e in zip(scaled(fixed_slices, fixed_window),
-                                                         scaled(warped_slices, moving_window), extents)]
-    flow_slices = mid_slices(field.transpose(2, 1, 0, 3), perm, flip)
-    rows = [('fixed', 'fixed', fixed_slices, dict(grey, vmin=fixed_window[0], vmax=fixed_window[1])),
-            ('moving', 'moving (before)', mid_slices(xyz(moving_on_fixed), perm, flip),
-             dict(grey, vmin=moving_window[0], vmax=moving_window[1])),
-            ('warped', 'warped moving', warped_slices, dict(grey, vmin=moving_window[0], vmax=moving_window[1])),
-            ('checkerboard', 'checkerboard', checker, dict(grey, vmin=0, vmax=1)),
-            ('flow', '|u| (mm)', flow_slices,
-             {'cmap': 'viridis', 'vmin': 0, 'vmax': max(float(max(s.max() for s in flow_slices)), 1e-6)})]
-    return rows, extents
-
-
 # ---------------------------------------------------------------- main steps
 
 def write_image(image, path, fmt, compress=True):
@@ -306,22 +189,39 @@ def write_image(image, path, fmt, compress=True):
         raise cli.UserError('cannot write {}: {}'.format(path, str(e).strip().splitlines()[-1]))
 
 
+@dataclasses.dataclass
+class Pair:
+    """One registration job: its id (the output sub-directory in batch mode) and its files."""
+    fixed: str
+    moving: str
+    moving_seg: str = None
+    fixed_seg: str = None
+    id: str = None
+
+
 def predict(args, network=None):
-    """Register args.moving to args.fixed and write every output into args.output.
+    """Register args.moving to args.fixed (or every pair of a batch) and write the outputs.
 
     network: an object with ``image_size`` (N), ``info`` (dict) and ``flow(fixed, moving)`` ->
     flow [N, N, N, 3] (voxels; see registration.py); None opens args.checkpoint. Returns the
-    report dict. The output directory is owned by this process while it works.
+    report dict (batch: the summary). The output directory is owned by this process while it works.
     """
-    if not (args.fixed and args.moving and args.output):
-        raise cli.UserError('--fixed, --moving and -o/--output are required (or --export DIR)')
+    batch = bool(args.pairs) or any(c in (args.moving or '') for c in '*?[')
+    if batch:
+        pairs = batch_pairs(args)
+    elif not (args.fixed and args.moving and args.output):
+        raise cli.UserError('--fixed, --moving and -o/--output are required (or --pairs CSV, or --export DIR)')
+    if not args.output:
+        raise cli.UserError('-o/--output is required')
+    check_args(args)
     with cli.exclusive_output(args.output, 'output directory'):
-        return _predict(args, network)
+        if batch:
+            return predict_batch(args, pairs, network)
+        return predict_pair(args, Pair(args.fixed, args.moving, args.moving_seg, args.fixed_seg), network)
 
 
-def _predict(args, network):
-    import SimpleITK as sitk
-    from data_util.geometry import warp_labels
+def check_args(args):
+    """Refuse flag values no registration can use (before anything is read or loaded)."""
     if args.threads < 1:
         raise cli.UserError('--threads must be >= 1')
     if args.image_size is not None and args.image_size < 8:
@@ -330,65 +230,261 @@ def _predict(args, network):
         raise cli.UserError('-r/--rep {}: must be >= 1'.format(args.rep))
     if args.fixed_seg and not args.moving_seg:
         raise cli.UserError('--fixed_seg is compared with the warped --moving_seg; give both')
-    fmt = output_format(args.fixed, args.format)
-    extension = FORMATS[fmt]
-    check_output_dir(args.output, args.force, REPORT)
+    wanted = [w.strip() for w in args.outputs.split(',') if w.strip()]
+    unknown = [w for w in wanted if w not in OUTPUTS]
+    if unknown or not wanted:
+        raise cli.UserError('--outputs {!r}: choose from {}'.format(args.outputs, ','.join(OUTPUTS)))
+    args.outputs = wanted
+
+
+def open_model(args, network):
+    """(image size N, function opening the network, preprocessing options) without TensorFlow."""
     if network is None:
         image_size, open_network, record = registration.resolve_network(
             args.checkpoint, args.image_size, args.rep, args.threads, args.tf_warp)
     else:
         image_size, open_network, record = network.image_size, lambda: network, network.info.get('preprocessing')
-    options = registration.preprocessing_options(record, image_size, {k: getattr(args, k) for k in registration.PREPROCESSING_KEYS})
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    clock = registration.Stopwatch()
+    options = registration.preprocessing_options(record, image_size,
+                                                 {k: getattr(args, k) for k in registration.PREPROCESSING_KEYS})
+    return image_size, open_network, options
+
+
+def read_pair(pair, options, clock):
+    """The pair's images and label maps (checked) and both images preprocessed: (images, preprocessed)."""
     with clock.stage('read'):
-        images = {key: registration.read_image(getattr(args, key), getattr(args, key)) for key in ('fixed', 'moving')}
+        images = {key: registration.read_image(getattr(pair, key), getattr(pair, key)) for key in ('fixed', 'moving')}
         for key, image_key in (('fixed_seg', 'fixed'), ('moving_seg', 'moving')):
-            if getattr(args, key):
-                images[key] = registration.read_label_map(getattr(args, key), images[image_key],
-                                                          '{} (--{})'.format(getattr(args, key), key))
+            if getattr(pair, key):
+                images[key] = registration.read_label_map(getattr(pair, key), images[image_key],
+                                                          '{} ({})'.format(getattr(pair, key), key))
     with clock.stage('preprocess'):
         preprocessed = registration.preprocess_pair(images['fixed'], images['moving'], options)
+    return images, preprocessed
+
+
+def predict_pair(args, pair, network):
+    """One pair into args.output (replaced only with --force)."""
+    import SimpleITK as sitk
+    fmt = output_format(pair.fixed, args.format)
+    check_output_dir(args.output, args.force, REPORT)
+    image_size, open_network, options = open_model(args, network)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    clock = registration.Stopwatch()
+    images, preprocessed = read_pair(pair, options, clock)
     with clock.stage('load_model'):
         model = registration.Model(open_network(), options)
+    return register_and_write(model, pair, images, preprocessed, args.output, args, fmt, clock)
+
+
+def register_and_write(model, pair, images, preprocessed, output, args, fmt, clock):
+    """Register a read pair and write the outputs args.outputs asks for into ``output`` (through a
+    staging directory); returns the pair's report (also written as predict.json)."""
+    import SimpleITK as sitk
+    from data_util.geometry import warp_labels
     result = model.register(images['fixed'], images['moving'], images.get('moving_seg'), images.get('fixed_seg'),
-                            args.default_value, preprocessed=preprocessed, clock=clock)
+                            args.default_value, args.field_dtype, preprocessed=preprocessed, clock=clock)
     fixed, moving = images['fixed'], images['moving']
-    outputs = {'warped': 'warped' + extension, 'field': 'field' + extension}
-    if result.warped_seg is not None:
+    extension = FORMATS[fmt]
+    outputs = {}
+    if 'warped' in args.outputs:
+        outputs['warped'] = 'warped' + extension
+    if 'field' in args.outputs:
+        outputs['field'] = 'field' + extension
+    if 'seg' in args.outputs and result.warped_seg is not None:
         outputs['warped_seg'] = 'warped_seg' + extension
-    outputs['previews'] = ['preview.png'] + ['preview_{}.png'.format(name) for name in PREVIEWS]
-    report = {'fixed': os.path.abspath(args.fixed), 'moving': os.path.abspath(args.moving),
-              'fixed_seg': args.fixed_seg and os.path.abspath(args.fixed_seg),
-              'moving_seg': args.moving_seg and os.path.abspath(args.moving_seg),
+    if 'preview' in args.outputs:
+        outputs['previews'] = previews.FILES
+    report = {'fixed': os.path.abspath(pair.fixed), 'moving': os.path.abspath(pair.moving),
+              'fixed_seg': pair.fixed_seg and os.path.abspath(pair.fixed_seg),
+              'moving_seg': pair.moving_seg and os.path.abspath(pair.moving_seg),
               'format': fmt, 'outputs': outputs, 'threads': args.threads}
     report.update(result.report)
-    with staging_directory(args.output) as staging:
-        field_path = os.path.join(staging, outputs['field'])
+    with staging_directory(output) as staging:
         warped, warped_seg = result.warped, result.warped_seg
+        if 'field' in outputs:
+            field_path = os.path.join(staging, outputs['field'])
+            with clock.stage('write'):
+                write_image(result.field, field_path, fmt, compress=False)
+                written = sitk.ReadImage(field_path, sitk.sitkVectorFloat64)
+            if args.field_dtype == 'float64' and (registration.geometry_record(written)
+                                                  != registration.geometry_record(fixed)):
+                # the format rounded the geometry (an oblique NIfTI header): warp with the field as
+                # written, so that re-applying the file reproduces the outputs exactly
+                with clock.stage('resample'):
+                    transform = sitk.DisplacementFieldTransform(written)
+                    warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, args.default_value)
+                    if warped_seg is not None:
+                        warped_seg = warp_labels(images['moving_seg'], fixed, transform)
         with clock.stage('write'):
-            write_image(result.field, field_path, fmt, compress=False)
-            written = sitk.ReadImage(field_path, sitk.sitkVectorFloat64)
-        if registration.geometry_record(written) != registration.geometry_record(fixed):
-            # the format rounded the geometry (an oblique NIfTI header): warp with the field as
-            # written, so that re-applying the file reproduces the outputs exactly
-            with clock.stage('resample'):
-                transform = sitk.DisplacementFieldTransform(written)
-                warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, args.default_value)
-                if warped_seg is not None:
-                    warped_seg = warp_labels(images['moving_seg'], fixed, transform)
-        with clock.stage('write'):
-            write_image(warped, os.path.join(staging, outputs['warped']), fmt)
-            if warped_seg is not None:
+            if 'warped' in outputs:
+                write_image(warped, os.path.join(staging, outputs['warped']), fmt)
+            if 'warped_seg' in outputs:
                 write_image(warped_seg, os.path.join(staging, outputs['warped_seg']), fmt)
-            moving_on_fixed = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, args.default_value)
-            rows, extents = preview_rows(fixed, moving_on_fixed, warped, result.field_array, moving, options)
-            write_previews(staging, rows, extents)
+            if 'previews' in outputs:
+                moving_on_fixed = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, args.default_value)
+                previews.write(staging, fixed, moving_on_fixed, warped, result.field_array, moving, model.preprocessing)
             report.update(clock.report())
             with open(os.path.join(staging, REPORT), 'w') as f:
                 json.dump(report, f, indent=2)
                 f.write('\n')
     return report
+
+
+# ---------------------------------------------------------------- batch mode
+
+def batch_pairs(args):
+    """The pairs of --pairs CSV (columns fixed, moving[, moving_seg, fixed_seg, id]; relative
+    paths from the CSV's directory) or of --fixed F --moving 'GLOB' (ids: the moving file names)."""
+    from data_util.prepare import scan_id_from_path
+    if args.pairs:
+        if args.moving or args.fixed or args.moving_seg or args.fixed_seg:
+            raise cli.UserError('--pairs lists every file; give no --fixed, --moving or label maps with it')
+        pairs = read_pairs_csv(args.pairs)
+    else:
+        if not args.fixed:
+            raise cli.UserError('--moving {!r} is a pattern: give the --fixed image they are registered to'.format(
+                args.moving))
+        if args.moving_seg and '{id}' not in args.moving_seg:
+            raise cli.UserError('--moving_seg with a --moving pattern is a template with {id}, e.g. seg/{id}.nii.gz')
+        paths = sorted(glob.glob(args.moving))
+        if not paths:
+            raise cli.UserError('--moving {!r} matches no file'.format(args.moving))
+        pairs = []
+        for path in paths:
+            pair_id = scan_id_from_path(path)
+            pairs.append(Pair(args.fixed, path, args.moving_seg and args.moving_seg.replace('{id}', pair_id),
+                              args.fixed_seg, pair_id))
+    ids = [p.id for p in pairs]
+    duplicate = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicate:
+        raise cli.UserError('pair id {!r} appears twice; give ids in an id column'.format(duplicate[0]))
+    bad = [i for i in ids if not i or '/' in i or i in ('.', '..')]
+    if bad:
+        raise cli.UserError('pair id {!r} cannot name an output directory'.format(bad[0]))
+    return pairs
+
+
+def read_pairs_csv(path):
+    """Pairs of a CSV with a header row naming its columns (fixed, moving required)."""
+    if not os.path.isfile(path):
+        raise cli.UserError('{}: no such pairs file'.format(path))
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, newline='', encoding='utf-8-sig') as f:
+        rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row) and not row[0].startswith('#')]
+    if not rows:
+        raise cli.UserError('{}: lists no pairs'.format(path))
+    header = [cell.strip() for cell in rows[0]]
+    known = [field.name for field in dataclasses.fields(Pair)]
+    if 'fixed' not in header or 'moving' not in header or any(h not in known for h in header):
+        raise cli.UserError('{}: the header row must name the columns, fixed and moving and optionally {} '
+                            '(got {})'.format(path, ', '.join(k for k in known if k not in ('fixed', 'moving')),
+                                              ','.join(header)))
+    pairs = []
+    for number, row in enumerate(rows[1:], 2):
+        if len(row) != len(header):
+            raise cli.UserError('{}:{}: {} cells, the header has {}'.format(path, number, len(row), len(header)))
+        cells = {h: c.strip() or None for h, c in zip(header, row)}
+        if not cells['fixed'] or not cells['moving']:
+            raise cli.UserError('{}:{}: fixed and moving are required'.format(path, number))
+        files = {k: v if k == 'id' or v is None else os.path.join(base, v) for k, v in cells.items()}
+        if not files.get('id'):
+            files['id'] = '{:04d}-{}'.format(number - 1, os.path.basename(cells['moving']).split('.')[0])
+        pairs.append(Pair(**files))
+    if not pairs:
+        raise cli.UserError('{}: lists no pairs'.format(path))
+    return pairs
+
+
+def predict_batch(args, pairs, network):
+    """Every pair into args.output/<id>/ with the model loaded once; the next pair is read and
+    preprocessed while this one is registered. A pair already done (its predict.json exists) is
+    skipped; a pair that fails is reported and skipped. Writes summary.json and summary.csv;
+    UserError at the end if any pair failed."""
+    import concurrent.futures
+
+    import SimpleITK as sitk
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise cli.UserError('{} exists and is not a directory'.format(args.output))
+    image_size, open_network, options = open_model(args, network)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    os.makedirs(args.output, exist_ok=True)
+    todo = [p for p in pairs if not os.path.isfile(os.path.join(args.output, p.id, REPORT))]
+    records = {p.id: {'id': p.id, 'status': 'done before', 'report': os.path.join(p.id, REPORT)}
+               for p in pairs if p not in todo}
+    start = time.perf_counter()
+    model = registration.Model(open_network(), options) if todo else None
+    load_seconds = time.perf_counter() - start
+
+    def prepare(pair):
+        clock = registration.Stopwatch()
+        return clock, read_pair(pair, options, clock)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+        upcoming = reader.submit(prepare, todo[0]) if todo else None
+        progress = cli.progress(len(todo), 'registering', 'pair')
+        for index, pair in enumerate(todo):
+            try:
+                clock, (images, preprocessed) = upcoming.result()
+            except cli.UserError as e:
+                clock, failure = None, e
+            upcoming = reader.submit(prepare, todo[index + 1]) if index + 1 < len(todo) else None
+            output = os.path.join(args.output, pair.id)
+            try:
+                if clock is None:
+                    raise failure
+                fmt = output_format(pair.fixed, args.format)
+                check_output_dir(output, True, REPORT)
+                report = register_and_write(model, pair, images, preprocessed, output, args, fmt, clock)
+                records[pair.id] = summary_record(pair, report)
+            except cli.UserError as e:
+                records[pair.id] = {'id': pair.id, 'fixed': pair.fixed, 'moving': pair.moving, 'status': 'failed',
+                                    'error': ' '.join(str(e).split())}
+                cli.progress_write('{}: failed: {}'.format(pair.id, records[pair.id]['error']))
+            progress.update()
+        progress.close()
+    elapsed = time.perf_counter() - start
+    ordered = [records[p.id] for p in pairs]
+    failed = [r for r in ordered if r['status'] == 'failed']
+    summary = {'model': model.info if model else None, 'preprocessing': dict(options, percentiles=list(
+        options['percentiles']), window=list(options['window'])), 'outputs': args.outputs,
+        'field_dtype': args.field_dtype, 'pairs': ordered, 'registered': len(todo) - len(failed),
+        'failed': len(failed), 'skipped': len(pairs) - len(todo), 'load_model_seconds': round(load_seconds, 4),
+        'seconds': round(elapsed, 4),
+        'pairs_per_minute': round(60.0 * len(todo) / elapsed, 2) if todo else None}
+    cli.write_json(os.path.join(args.output, 'summary.json'), summary)
+    write_summary_csv(os.path.join(args.output, 'summary.csv'), ordered)
+    if failed:
+        raise cli.UserError('{} of {} pairs failed (first: {}: {}); see {}'.format(
+            len(failed), len(pairs), failed[0]['id'], failed[0]['error'], os.path.join(args.output, 'summary.csv')))
+    return summary
+
+
+def summary_record(pair, report):
+    """A registered pair's line of the batch summary."""
+    record = {'id': pair.id, 'fixed': report['fixed'], 'moving': report['moving'], 'status': 'registered',
+              'folding': report['folding'], 'displacement_mm_mean': report['displacement_mm']['mean'],
+              'seconds': {k: report['seconds'].get(k, 0.0) for k in SUMMARY_STAGES},
+              'report': os.path.join(pair.id, REPORT)}
+    if 'dice' in report:
+        record['dice'] = report['dice']['mean']
+        record['dice_before'] = report['dice']['mean_before']
+        record['dice_per_label'] = report['dice']['per_label']
+    return record
+
+
+def write_summary_csv(path, records):
+    """One row per pair: id, status, files, Dice (mean, before, per label), folding, seconds per stage."""
+    labels = sorted({k for r in records for k in r.get('dice_per_label', {})}, key=lambda v: int(v))
+    columns = (['id', 'status', 'fixed', 'moving', 'dice', 'dice_before', 'folding', 'displacement_mm_mean']
+               + ['seconds_' + s for s in SUMMARY_STAGES] + ['dice_' + v for v in labels] + ['error'])
+    lines = [columns]
+    for r in records:
+        row = dict(r, **{'seconds_' + s: v for s, v in r.get('seconds', {}).items()},
+                   **{'dice_' + v: d for v, d in r.get('dice_per_label', {}).items()})
+        lines.append(['' if row.get(c) is None else row.get(c, '') for c in columns])
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(lines)
+    cli.write_atomic(path, buffer.getvalue())
 
 
 def export(args):
@@ -443,6 +539,11 @@ def main(argv=None):
         export(args)
         return 0
     report = predict(args)
+    if 'pairs' in report:
+        print('Registered {} pairs into {} ({} skipped as done before): {} pairs/min, model loaded once in {:.1f} s; '
+              'summary.csv'.format(report['registered'], args.output, report['skipped'],
+                                   report['pairs_per_minute'], report['load_model_seconds']))
+        return 0
     summary = 'network {:.2f} s, total {:.2f} s'.format(report['seconds']['network'], report['seconds']['total'])
     if report.get('dice', {}).get('mean') is not None:
         summary = 'Dice {:.4f} (before {:.4f}), '.format(report['dice']['mean'], report['dice']['mean_before']) + summary

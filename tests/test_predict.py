@@ -2,6 +2,7 @@
 LPBA40 end to end, the frozen export, and refusals of bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,10 +13,11 @@ import pytest
 import SimpleITK as sitk
 
 import predict
+import previews
 import registration
 from conftest import LPBA40, ROOT, error_lines, run_script
 
-PREVIEWS = ['preview.png'] + ['preview_{}.png'.format(name) for name in predict.PREVIEWS]
+PREVIEWS = previews.FILES
 CENTRE = np.array([12.0, -30.0, 45.0])
 # Blobs of the phantom: (offset from CENTRE in mm, sigma in mm, amplitude); label = index + 2.
 BLOBS = [((12.0, 5.0, -8.0), 6.0, 120.0), ((-14.0, -6.0, 6.0), 5.0, -60.0),
@@ -189,7 +191,7 @@ def test_failure_leaves_nothing_and_force_replaces(tmp_path, monkeypatch):
 
     def broken(*args):
         raise OSError('disk full')
-    monkeypatch.setattr(predict, 'write_previews', broken)
+    monkeypatch.setattr(previews, 'write', broken)
     with pytest.raises(OSError):
         predict.predict(predict_args(paths, output), network=model)
     assert sorted(os.listdir(tmp_path)) == before
@@ -299,3 +301,50 @@ def test_bad_input_one_line_error_nothing_written(tiny_run, tmp_path):
         assert len(lines) == 1 and lines[0].startswith('error: ') and culprit in lines[0], (args, lines)
         assert sorted(os.listdir(tmp_path)) == before, args
         assert os.listdir(tmp_path / 'taken') == ['keep.txt']
+
+
+def _blob(path, shift, seg_path=None):
+    index = np.indices((40, 36, 32)).transpose(1, 2, 3, 0) * 1.5
+    inside = np.linalg.norm(index - np.array([30.0, 27.0, 24.0]) - shift, axis=-1) < 15.0
+    image = sitk.GetImageFromArray(np.where(inside, 150.0, 10.0).astype(np.float32).transpose(2, 1, 0))
+    image.SetSpacing([1.5] * 3)
+    sitk.WriteImage(image, str(path))
+    if seg_path:
+        seg = sitk.GetImageFromArray(inside.astype(np.uint8).transpose(2, 1, 0) * 4)
+        seg.CopyInformation(image)
+        sitk.WriteImage(seg, str(seg_path))
+
+
+@pytest.mark.slow
+def test_batch_mode_loads_once_skips_done_pairs_and_reports_failures(tiny_run, tmp_path):
+    (tmp_path / 'scans').mkdir()
+    _blob(tmp_path / 'atlas.nii.gz', 0, tmp_path / 'atlas_seg.nii.gz')
+    for i, shift in enumerate((2.0, -3.0, 4.0)):
+        _blob(tmp_path / 'scans' / 'case{}.nii.gz'.format(i), shift, tmp_path / 'scans' / 'case{}_seg.nii.gz'.format(i))
+    (tmp_path / 'scans' / 'broken.nii.gz').write_bytes(b'\x1f\x8b not an image')
+    args = ['-c', tiny_run, '--fixed', 'atlas.nii.gz', '--fixed_seg', 'atlas_seg.nii.gz', '--moving',
+            'scans/*[0-9].nii.gz', '--moving_seg', 'scans/{id}_seg.nii.gz', '-o', 'cohort']
+    proc = run_script('predict.py', *args, '--outputs', 'warped,seg', '--field_dtype', 'float32', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / 'cohort' / 'summary.json').read_text())
+    assert [r['id'] for r in summary['pairs']] == ['case0', 'case1', 'case2'] and summary['registered'] == 3
+    assert all(0 <= r['dice'] <= 1 and r['seconds']['network'] > 0 for r in summary['pairs'])
+    assert sorted(os.listdir(tmp_path / 'cohort' / 'case1')) == ['predict.json', 'warped.nii.gz', 'warped_seg.nii.gz']
+    rows = (tmp_path / 'cohort' / 'summary.csv').read_text().splitlines()
+    assert rows[0].startswith('id,status,fixed,moving,dice') and len(rows) == 4 and 'dice_4' in rows[0]
+
+    # a re-run skips what is done; a pair that fails is reported, the others still run
+    (tmp_path / 'pairs.csv').write_text('id,fixed,moving\nagain,atlas.nii.gz,scans/case2.nii.gz\n'
+                                        'bad,atlas.nii.gz,scans/broken.nii.gz\n')
+    shutil.rmtree(tmp_path / 'cohort' / 'case2')
+    proc = run_script('predict.py', *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / 'cohort' / 'summary.json').read_text())
+    assert (summary['registered'], summary['skipped']) == (1, 2)
+    proc = run_script('predict.py', '-c', tiny_run, '--pairs', 'pairs.csv', '-o', 'listed', cwd=tmp_path)
+    lines = error_lines(proc)
+    assert proc.returncode == 2 and lines[0].startswith('bad: failed: ') and len(lines) == 2, proc.stderr
+    assert lines[1].startswith('error: 1 of 2 pairs failed (first: bad') and 'Traceback' not in proc.stderr
+    summary = json.loads((tmp_path / 'listed' / 'summary.json').read_text())
+    assert [r['status'] for r in summary['pairs']] == ['registered', 'failed']
+    assert 'cannot read image' in summary['pairs'][1]['error'] and not (tmp_path / 'listed' / 'bad').exists()
