@@ -32,6 +32,9 @@ def build_parser():
     p.add_argument('-r', '--rep', type=int, default=None, help='shared-weight repeats (may exceed training\'s)')
     p.add_argument('-g', '--gpu', default='-1', help='-1 = CPU (default) or a GPU id')
     p.add_argument('--paired', action='store_true', help='adjacent pairs (s0,s1),(s1,s0),... instead of all pairs')
+    p.add_argument('--all_pairs', action='store_true',
+                   help='every ordered pair among the subset\'s scans, also when the spec has an atlas '
+                        '(result files get the suffix -all_pairs)'),
     p.add_argument('--flow_multiplier', type=float, default=None, help='scale of the predicted flows')
     p.add_argument('--data_args', default='', help='dataset options as key=value pairs')
     p.add_argument('--net_args', default='', help='network options overriding the run\'s')
@@ -132,6 +135,8 @@ def main(argv=None):
     data_args = cli.parse_kwargs(args.data_args or run_args.get('data_args', ''), '--data_args')
     if args.paired:
         data_args['paired'] = True
+    if args.all_pairs:
+        data_args['all_pairs'] = True
     dataset = Dataset(dataset_path, batch_size=args.batch, **data_args)
     default_subset = 1 if args.writing_flow else 2
     subsets = [int(s) if s.isdigit() else s for s in args.val_subset.split(',')] if args.val_subset else [default_subset]
@@ -148,6 +153,8 @@ def main(argv=None):
         prefix_name += '-rep{}'.format(args.rep)
     if args.name:
         prefix_name += '-' + args.name
+    if args.all_pairs:
+        prefix_name += '-all_pairs'
     outputs = {s: os.path.join(args.eval_output_dir, '{}-{}'.format(prefix_name, s)) for s in subsets}
     with contextlib.ExitStack() as owned:
         owned.enter_context(cli.made_directory(args.eval_output_dir))

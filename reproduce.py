@@ -68,9 +68,10 @@ LEARNED = {  # key: (label, train.py arguments, uses the teacher)
     'voxelmorph': ('VoxelMorph + affine', ['-b', 'VoxelMorph'], False),
 }
 PAPER_LR = 1e-4  # Adam learning rate of the paper and the original code
-BASELINES = ('identity', 'ants_syn', 'elastix_bspline', 'elastix_affine_bspline')
+BASELINES = ('identity', 'ants_syn', 'ants_syncc', 'elastix_bspline', 'elastix_affine_bspline')
 DEMO = {'n_scans': 16, 'n_val': 2, 'n_test': 3, 'image_size': 64, 'steps': 200, 'teacher_steps': 240,
-        'batch': 2, 'lr': 1e-3, 'teacher_lr': PAPER_LR, 'methods': ['teacher', 'ldr', 'aldk'], 'paired': True}
+        'batch': 2, 'lr': 1e-3, 'teacher_lr': PAPER_LR, 'methods': ['teacher', 'ldr', 'aldk'], 'paired': True,
+        'baselines': [b for b in BASELINES if b != 'ants_syncc']}
 ECHO_PREFIXES = ('step ', 'validation at', 'Finished', 'Graph built', 'Distillation', 'Teacher flows', 'wrote ',
                  'Evaluating', 'Restored', 'warning', 'error')
 FIGURE_PAIRS = 4
@@ -777,7 +778,7 @@ def resolve_args(args):
     if any(LEARNED[m][2] for m in args.methods) and 'teacher' not in args.methods:
         raise cli.UserError('--methods {} distil from the teacher: add teacher'.format(' '.join(args.methods)))
     if args.baselines is None:
-        args.baselines = list(BASELINES)
+        args.baselines = list(DEMO['baselines'] if args.demo else BASELINES)
     elif 'none' in args.baselines:
         args.baselines = []
     if args.demo and args.image_size % 64:

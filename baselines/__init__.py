@@ -6,6 +6,8 @@ with unit spacing, and returns a pull field ``flow`` float32 [X, Y, Z, 3] in vox
 
     identity                no registration (the zero flow): the overlap before registration
     ants_syn                ANTs SyN (antspyx, type_of_transform 'SyN': affine + SyN, defaults)
+    ants_syncc              ANTs SyNCC (antspyx 'SyNCC': rigid + affine + SyN with the cross-correlation
+                            metric, the slower setting users pick for accuracy)
     elastix_bspline         elastix with its default 'bspline' parameter map alone
     elastix_affine_bspline  elastix default 'affine' map, then the default 'bspline' map
 
@@ -22,6 +24,8 @@ os.environ.setdefault('ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS', str(THREADS))
 METHODS = {
     'identity': {'module': 'identity', 'package': None, 'label': 'No registration (identity)', 'options': {}},
     'ants_syn': {'module': 'ants', 'package': 'antspyx', 'label': 'ANTs SyN', 'options': {}},
+    'ants_syncc': {'module': 'ants', 'package': 'antspyx', 'label': 'ANTs SyNCC',
+                   'options': {'type_of_transform': 'SyNCC'}},
     'elastix_bspline': {'module': 'elastix', 'package': 'itk-elastix', 'label': 'Elastix B-spline',
                         'options': {'affine': False}},
     'elastix_affine_bspline': {'module': 'elastix', 'package': 'itk-elastix',

@@ -302,6 +302,8 @@ class Dataset:
         train_pairs: 'protocol' (default): the training generator (loop=True) serves the same
             pairs as evaluation; 'all': every ordered pair among the subset's scans and the
             atlas, so a model learns to register to any fixed scan, not only to the atlas.
+        all_pairs: every ordered pair among a subset's scans, also when the spec has an atlas
+            (e.g. the 72 inter-subject pairs of LPBA40's 9 test scans, not each to the atlas).
         cache_size: number of decoded scans kept in memory (least recently used dropped).
         Any other keyword argument raises DataError naming it.
 
@@ -314,9 +316,9 @@ class Dataset:
     """
 
     def __init__(self, spec_path, batch_size=4, paired=False, cache_size=DEFAULT_CACHE_SIZE,
-                 train_pairs='protocol', **data_args):
+                 train_pairs='protocol', all_pairs=False, **data_args):
         if data_args:
-            raise DataError('unknown data argument(s) {} (known: paired, cache_size, train_pairs)'.format(
+            raise DataError('unknown data argument(s) {} (known: paired, cache_size, train_pairs, all_pairs)'.format(
                 ', '.join(repr(k) for k in sorted(data_args))))
         if train_pairs not in TRAIN_PAIRS:
             raise DataError('data argument train_pairs must be one of {}, got {!r}'.format(
@@ -331,6 +333,7 @@ class Dataset:
         self.batch_size = batch_size
         self.paired = bool(paired)
         self.train_pairs = train_pairs
+        self.all_pairs = bool(all_pairs)
         self.preprocessing = spec.get('preprocessing')
         self.cache_size = cache_size
         self.image_size = [int(s) for s in spec.get('image_size', DEFAULT_IMAGE_SIZE)]
@@ -387,7 +390,7 @@ class Dataset:
         if training and self.train_pairs == 'all':
             scans = entries + ([self.atlas] if self.atlas is not None else [])
             return _PairSequence(list(dict.fromkeys(scans)), 'all')
-        if self.atlas is not None:
+        if self.atlas is not None and not self.all_pairs:
             return _PairSequence(entries, 'atlas', self.atlas)
         return _PairSequence(entries, 'adjacent' if self.paired else 'all')
 

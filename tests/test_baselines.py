@@ -97,7 +97,7 @@ def test_elastix_recovers_shift_and_bump_and_cleans_up(affine, tmp_path, monkeyp
 
 
 def test_registration_function_and_missing_report():
-    assert set(baselines.METHODS) == {'identity', 'ants_syn', 'elastix_bspline', 'elastix_affine_bspline'}
+    assert set(baselines.METHODS) == {'identity', 'ants_syn', 'ants_syncc', 'elastix_bspline', 'elastix_affine_bspline'}
     assert baselines.missing('identity') is None
     flow, seconds = baselines.registration_function('identity')(np.zeros((4, 5, 6)), np.ones((4, 5, 6)))
     assert flow.shape == (4, 5, 6, 3) and flow.dtype == np.float32 and not flow.any() and seconds >= 0

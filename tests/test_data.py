@@ -238,6 +238,26 @@ def test_pairs_atlas_protocol(tmp_path):
     assert all((b['id1'] == 'f/S01').all() and (b['voxel1'] == 1).all() for b in batches)
 
 
+def test_pairs_beyond_the_atlas(tmp_path):
+    """all_pairs: every ordered pair of a subset despite the atlas; train_pairs='all': the
+    training generator draws every ordered pair among the subset and the atlas."""
+    write_h5(tmp_path / 'data.h5', {'S{:02d}'.format(i): scan(i) for i in range(1, 6)})
+    spec = write_spec(tmp_path, base_spec({'train': ['f/S{:02d}'.format(i) for i in range(2, 6)]}, atlas='f/S01'))
+    everything = Dataset(spec, all_pairs=True).pairs('train')
+    assert len(everything) == 12 and len(set(everything)) == 12 and all(a != b and 'f/S01' not in (a, b)
+                                                                         for a, b in everything)
+    protocol = Dataset(spec, train_pairs='all')
+    assert protocol.pairs('train') == [('f/S01', 'f/S{:02d}'.format(i)) for i in range(2, 6)]
+    drawn = set()
+    generator = protocol.generator('train', batch_size=1, loop=True, seed=0)
+    for _ in range(200):
+        batch = next(generator)
+        drawn.add((str(batch['id1'][0]), str(batch['id2'][0])))
+    assert len(drawn) == 20 and ('f/S03', 'f/S01') in drawn     # 5 scans, 20 ordered pairs
+    with pytest.raises(DataError, match='train_pairs'):
+        Dataset(spec, train_pairs='some')
+
+
 def test_scheme_with_several_subsets(tmp_path):
     write_h5(tmp_path / 'data.h5', {'s{}'.format(i): scan(i) for i in range(7)})
     spec = base_spec({'a': ['f/s0', 'f/s1', 'f/s2'], 'b': ['f/s3', 'f/s4'],

@@ -8,10 +8,12 @@ files, as a user would. Both must report the Dice of the label maps on the fixed
 """
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import LPBA40, run_script
+from conftest import LPBA40, ROOT, run_script
 from data_util import prepare
 
 SIZE = 48
@@ -56,3 +58,47 @@ def test_eval_and_predict_agree_on_the_original_grid(tmp_path):
         # the model moved the labels: the agreement below is not that of two identities
         assert abs(report['dice']['mean'] - report['dice']['mean_before']) > 0.01, report['dice']
         assert abs(record['dice'] - report['dice']['mean']) < 0.005, (scan_id, record['dice'], report['dice'])
+
+
+SHIPPED = os.path.join(ROOT, 'models', 'lpba40-ldr')
+
+
+def _shipped_metrics():
+    with open(os.path.join(SHIPPED, 'metrics.json')) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_shipped_model_registers_s02_to_s01_as_committed(tmp_path):
+    """predict.py without -c uses models/lpba40-ldr; on S02 -> S01 its Dice on the 1 mm grid is
+    the committed figure (models/lpba40-ldr/metrics.json) within 0.01, and it folds < 0.5 %."""
+    if not os.path.isdir(LPBA40):
+        pytest.skip('LPBA40 data absent at {} (tests/conftest.py LPBA40)'.format(LPBA40))
+    fixed, fixed_seg = _paths('S01')
+    moving, moving_seg = _paths('S02')
+    proc = run_script('predict.py', '--fixed', fixed, '--moving', moving, '--fixed_seg', fixed_seg,
+                      '--moving_seg', moving_seg, '-o', 'out', '--outputs', 'seg', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / 'out' / 'predict.json').read_text())
+    assert report['model']['source'] == SHIPPED and report['model']['kind'] == 'export'
+    committed = _shipped_metrics()['predict']['S02']['dice']
+    assert report['dice']['mean'] >= committed - 0.01, (report['dice']['mean'], committed)
+    assert report['folding'] < 0.005
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs_as_written(tmp_path):
+    """The README's 'From Python' block, run in a directory holding fixed.nii.gz and moving.nii.gz."""
+    if not os.path.isdir(LPBA40):
+        pytest.skip('LPBA40 data absent at {} (tests/conftest.py LPBA40)'.format(LPBA40))
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        readme = f.read()
+    section = readme.split('### From Python', 1)[1]
+    code = section.split('```python', 1)[1].split('```', 1)[0]
+    os.symlink(_paths('S01')[0], tmp_path / 'fixed.nii.gz')
+    os.symlink(_paths('S02')[0], tmp_path / 'moving.nii.gz')
+    proc = subprocess.run([sys.executable, '-c', code + '\nprint("folding", result.report["folding"])'],
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / 'warped.nii.gz').exists() and 'folding' in proc.stdout
