@@ -45,8 +45,32 @@ NETWORKS = {  # name: (label, base network, base network options)
 }
 
 
+MAC_OPS = ('Conv3D', 'Conv3DBackpropInputV2', 'MatMul', 'BatchMatMulV2')
+
+
+def multiply_accumulates(graph):
+    """Multiply-accumulates of one forward pass at batch 1: every 3-D convolution (output
+    voxels x kernel volume x input x output channels), transposed convolution (input voxels x the
+    same) and matrix product of the graph, from static shapes."""
+    total = 0
+    for op in graph.get_operations():
+        if op.type not in MAC_OPS:
+            continue
+        shapes = [t.shape.as_list() for t in op.inputs]
+        if op.type == 'Conv3D':
+            total += int(np.prod(op.outputs[0].shape.as_list()[1:4])) * int(np.prod(shapes[1]))
+        elif op.type == 'Conv3DBackpropInputV2':
+            total += int(np.prod(shapes[2][1:4])) * int(np.prod(shapes[1]))
+        else:
+            a, b = shapes
+            rows = a[-1] if op.get_attr('adj_x' if op.type == 'BatchMatMulV2' else 'transpose_a') else a[-2]
+            total += int(np.prod([d or 1 for d in a[1:-2]])) * rows * int(np.prod(b[-2:]))
+    return total
+
+
 def time_network(base, n, size, threads, warmup, repeats, options=None, seed=0):
-    """(median seconds, all seconds, parameters) of Framework.register for one network, batch 1."""
+    """(median seconds, all seconds, parameters, multiply-accumulates) of Framework.register for
+    one network, batch 1."""
     from network.cascade import make_net_args
     from network.framework import Framework, session_config
     with tf.Graph().as_default():
@@ -63,7 +87,7 @@ def time_network(base, n, size, threads, warmup, repeats, options=None, seed=0):
                 start = time.perf_counter()
                 framework.register(sess, batch)
                 times.append(time.perf_counter() - start)
-        return statistics.median(times), times, framework.parameter_count
+        return statistics.median(times), times, framework.parameter_count, multiply_accumulates(tf.get_default_graph())
 
 
 def time_baselines(size, seed=0):
@@ -124,10 +148,10 @@ def main(argv=None):
     for name in args.networks:
         label, base, options = NETWORKS[name]
         for n in sorted(set(args.cascades) | ({1} if name == 'student' else set())):
-            median, times, params = time_network(base, n, args.size, args.threads, args.warmup, args.repeats,
-                                                 options)
-            rows.append({'network': name, 'label': label, 'cascades': n, 'parameters': params, 'seconds': median,
-                         'min': min(times), 'max': max(times), 'times': times})
+            median, times, params, macs = time_network(base, n, args.size, args.threads, args.warmup,
+                                                       args.repeats, options)
+            rows.append({'network': name, 'label': label, 'cascades': n, 'parameters': params, 'macs': macs,
+                         'seconds': median, 'min': min(times), 'max': max(times), 'times': times})
             print('  {} x{}: {:.3f} s'.format(name, n, median), file=sys.stderr, flush=True)
     if 'student' not in args.networks:
         reference = time_network('LDR', 1, args.size, args.threads, args.warmup, args.repeats)[0]
@@ -137,20 +161,21 @@ def main(argv=None):
         for method, seconds in time_baselines(args.size).items():
             import baselines
             rows.append({'network': method, 'label': baselines.METHODS[method]['label'], 'cascades': None,
-                         'parameters': None, 'seconds': seconds, 'min': seconds, 'max': seconds, 'times': [seconds]})
+                         'parameters': None, 'macs': None, 'seconds': seconds, 'min': seconds, 'max': seconds, 'times': [seconds]})
 
     settings = environment(args.threads, args.size)
     print('CPU seconds per pair: median of {} runs after {} warm-up; {}'.format(args.repeats, args.warmup, settings))
     if args.baselines:
         print('Classical baselines: one registration call each (the call alone) on a synthetic pair of that size.')
     print()
-    print('| Network | Cascades | Parameters | CPU s/pair | min - max | x 1-cas student |')
-    print('|---|---|---|---|---|---|')
+    print('| Network | Cascades | Parameters | GMACs | CPU s/pair | min - max | x 1-cas student |')
+    print('|---|---|---|---|---|---|---|')
     for r in rows:
         r['ratio_to_student_1'] = r['seconds'] / reference
-        print('| {} | {} | {} | {:.3f} | {:.3f} - {:.3f} | {:.2f} |'.format(
+        print('| {} | {} | {} | {} | {:.3f} | {:.3f} - {:.3f} | {:.2f} |'.format(
             r['label'], r['cascades'] or '-', '{:,}'.format(r['parameters']) if r['parameters'] else '-',
-            r['seconds'], r['min'], r['max'], r['ratio_to_student_1']))
+            '{:.1f}'.format(r['macs'] / 1e9) if r['macs'] else '-', r['seconds'], r['min'], r['max'],
+            r['ratio_to_student_1']))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'settings': settings, 'repeats': args.repeats, 'warmup': args.warmup, 'rows': rows}, f, indent=2)

@@ -244,3 +244,15 @@ def test_random_affine_augmentation_is_a_bounded_affine_map():
         assert 0.1 < angle <= np.sqrt(3) * 10.0 + 1e-3
     zero = run_graph(lambda: random_affine_flow(1, sizes, AffineRange(0.0, 0.0, 0.0)))
     np.testing.assert_allclose(zero, 0.0, atol=1e-6)
+
+
+def test_multiply_accumulate_count_of_convolutions():
+    from bench.inference import multiply_accumulates
+    with tf.Graph().as_default() as graph:
+        x = tf.placeholder(tf.float32, [None, 8, 8, 8, 2])
+        y = tf.nn.conv3d(x, tf.zeros([3, 3, 3, 2, 4]), [1, 1, 1, 1, 1], 'SAME')            # 8^3 x 27 x 2 x 4
+        small = tf.placeholder(tf.float32, [1, 4, 4, 4, 4])
+        tf.nn.conv3d_transpose(small, tf.zeros([4, 4, 4, 2, 4]), [1, 8, 8, 8, 2], [1, 2, 2, 2, 1])  # 4^3 x 64 x 4 x 2
+        tf.matmul(tf.zeros([5, 3]), tf.zeros([3, 7]))                                               # 5 x 3 x 7
+        assert y.shape.as_list()[1:] == [8, 8, 8, 4]
+    assert multiply_accumulates(graph) == 8 ** 3 * 27 * 2 * 4 + 4 ** 3 * 64 * 4 * 2 + 5 * 3 * 7
