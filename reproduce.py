@@ -72,9 +72,25 @@ BASELINES = ('identity', 'ants_syn', 'ants_syncc', 'elastix_bspline', 'elastix_a
 DEMO = {'n_scans': 16, 'n_val': 2, 'n_test': 3, 'image_size': 64, 'steps': 200, 'teacher_steps': 240,
         'batch': 2, 'lr': 1e-3, 'teacher_lr': PAPER_LR, 'methods': ['teacher', 'ldr', 'aldk'], 'paired': True,
         'baselines': [b for b in BASELINES if b != 'ants_syncc']}
+LPBA40_DIR = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'LPBA40')
+PRESETS = {
+    # The LPBA40 protocol as measured here (README "LPBA40"): 128^3, 1 cascade, batch 1; students at
+    # lr 1e-3 (the VTN teacher at 1e-4: its affine stem diverged at 1e-3 in the demo), training on every
+    # ordered pair of the training scans and the atlas; 2 seeds per student; every test pair and the 72
+    # inter-subject pairs. seconds_per_step: one step on 2 cores (ldr measured at 3.3 steps/s on an idle
+    # 2-core AMD EPYC; the others scaled by bench.train_step's ratios to the student), for --list's CPU-hours.
+    'lpba40': {'dataset': os.path.join(ROOT, 'datasets', 'lpba.json'),
+               'lpba40': LPBA40_DIR if os.path.isdir(LPBA40_DIR) else None, 'name': 'lpba40',
+               'steps': 6000, 'teacher_steps': 8000, 'batch': 1, 'lr': 1e-3, 'teacher_lr': 1e-4, 'val_steps': 500,
+               'seeds': [1, 2], 'seed': 1, 'all_pairs': True,
+               'train_flags': ['--data_args', "train_pairs='all'"],
+               'seconds_per_step': {'ldr': 0.30, 'teacher': 0.49, 'aldk': 0.95, 'l2': 0.75, 'voxelmorph': 0.45}},
+}
 ECHO_PREFIXES = ('step ', 'validation at', 'Finished', 'Graph built', 'Distillation', 'Teacher flows', 'wrote ',
                  'Evaluating', 'Restored', 'warning', 'error')
 FIGURE_PAIRS = 4
+SAVE_STEPS = 500          # a training stage cut off by the end of a session loses at most this many steps
+ALL_PAIRS_BASELINES = ('identity', 'ants_syn')   # ANTs SyNCC and Elastix would take hours on 72 pairs
 
 
 class Context:
@@ -82,6 +98,7 @@ class Context:
 
     def __init__(self, args):
         self.args = args
+        self.preset = PRESETS.get(args.preset, {})
         self.out = os.path.abspath(os.path.join(args.results, args.name))
         self.started = time.time()
         self.spec = None
@@ -147,17 +164,31 @@ def schedule(steps):
     return ['--round', str(rounds), '--epochs', repr((steps + 0.5) / rounds)]
 
 
-def train_stage(ctx, method, n):
-    """The training stage of a learned method at n cascades."""
+def run_name(ctx, method, n, seed):
+    """A training run's name: method-n, with -s<seed> when the students train at several seeds
+    (the teacher, one per cascade count, never has it)."""
+    if method == 'teacher' or len(ctx.args.seeds) == 1:
+        return '{}-{}'.format(method, n)
+    return '{}-{}-s{}'.format(method, n, seed)
+
+
+def seeds_of(ctx, method):
+    """The seeds a method trains at: the first one for the teacher, all of --seeds for students."""
+    return ctx.args.seeds[:1] if method == 'teacher' else ctx.args.seeds
+
+
+def train_stage(ctx, method, n, seed):
+    """The training stage of a learned method at n cascades and one seed."""
     a = ctx.args
     label, flags, needs_teacher = LEARNED[method]
     steps = a.teacher_steps if method == 'teacher' else a.steps
-    run = '{}-{}'.format(method, n)
+    run = run_name(ctx, method, n, seed)
     command = script('train.py', *flags) + ['-n', str(n), '-d', ctx.spec, '--batch', str(a.batch)]
     lr = a.teacher_lr if method == 'teacher' else a.lr
-    command += schedule(steps) + ['--lr', repr(lr), '--seed', str(a.seed), '--output', run,
+    command += schedule(steps) + ['--lr', repr(lr), '--seed', str(seed), '--output', run,
                                   '--val_steps', str(a.val_steps if a.val_steps is not None else 0),
-                                  '--save_steps', str(max(1, steps // 4)), '--print_steps', str(max(1, steps // 10))]
+                                  '--save_steps', str(min(max(1, steps // 4), SAVE_STEPS)),
+                                  '--print_steps', str(max(1, steps // 10))] + list(a.train_flags)
     if method != 'teacher' and method != 'voxelmorph' and a.student_net_args:
         command += ['--net_args', a.student_net_args]
     if needs_teacher:
@@ -165,31 +196,41 @@ def train_stage(ctx, method, n):
             command += ['--pretrained_flow_path', os.path.join('flows', 'teacher-{}.h5'.format(n))]
         else:
             command += ['--teacher', os.path.join('weights', 'teacher-{}'.format(n))]
+    hours = steps * ctx.preset.get('seconds_per_step', {}).get(method, 0.0) * a.threads / 3600.0
     return Stage(run, 'train', command, [os.path.join('weights', run)],
-                 'train {} ({} cascade{}, {} steps)'.format(label, n, 's' if n > 1 else '', steps),
-                 method=method, cascades=n, run=run, steps=steps)
+                 'train {} ({} cascade{}, {} steps, seed {})'.format(label, n, 's' if n > 1 else '', steps, seed),
+                 method=method, cascades=n, run=run, steps=steps, seed=seed, cpu_hours=hours or None)
 
 
-def eval_stage(ctx, method, n):
+def eval_stage(ctx, method, n, seed, all_pairs=False):
+    """eval.py on the subset's pairs (all_pairs: every ordered pair among its scans, despite an atlas)."""
     a = ctx.args
-    run = '{}-{}'.format(method, n)
+    run = run_name(ctx, method, n, seed)
     command = script('eval.py', '-c', os.path.join('weights', run), '-d', ctx.spec, '-v', a.subset,
                      '--eval_output_dir', 'evaluate', '--force')
     if a.paired:
         command.append('--paired')
-    return Stage('eval-' + run, 'eval', command, [os.path.join('evaluate', '{}-{}-{}.json'.format(
-        run, a.teacher_steps if method == 'teacher' else a.steps, a.subset))],
-        'evaluate {} on {}'.format(run, a.subset), method=method, cascades=n, run=run)
+    if all_pairs:
+        command.append('--all_pairs')
+    suffix = '-all_pairs' if all_pairs else ''
+    return Stage('eval-' + run + suffix, 'eval', command, [os.path.join('evaluate', '{}-{}{}-{}.json'.format(
+        run, a.teacher_steps if method == 'teacher' else a.steps, suffix, a.subset))],
+        'evaluate {} on {}{}'.format(run, a.subset, ' (all pairs)' if all_pairs else ''),
+        method=method, cascades=n, run=run, seed=seed, all_pairs=all_pairs)
 
 
-def baseline_stage(ctx, method):
+def baseline_stage(ctx, method, all_pairs=False):
     a = ctx.args
-    output = os.path.join('evaluate', '{}-{}'.format(method, a.subset))
+    suffix = '-all_pairs' if all_pairs else ''
+    output = os.path.join('evaluate', '{}{}-{}'.format(method, suffix, a.subset))
     command = python('-m', 'baselines.evaluate', method, '-d', ctx.spec, '-v', a.subset, '--output', output)
     if a.paired:
         command.append('--paired')
-    return Stage('baseline-' + method, 'baseline', command, [output + '.json'],
-                 'register the {} pairs with {}'.format(a.subset, method), method=method)
+    if all_pairs:
+        command.append('--all_pairs')
+    return Stage('baseline-' + method + suffix, 'baseline', command, [output + '.json'],
+                 'register the {} pairs with {}{}'.format(a.subset, method, ' (all pairs)' if all_pairs else ''),
+                 method=method, all_pairs=all_pairs)
 
 
 def sections_stage(ctx, runs):
@@ -260,13 +301,20 @@ def plan(ctx):
         for method in a.methods:
             if method == 'voxelmorph' and n != smallest:
                 continue
-            stages.append(train_stage(ctx, method, n))
-            stages.append(eval_stage(ctx, method, n))
+            for seed in seeds_of(ctx, method):
+                stages.append(train_stage(ctx, method, n, seed))
+                stages.append(eval_stage(ctx, method, n, seed))
+                if a.all_pairs:
+                    stages.append(eval_stage(ctx, method, n, seed, all_pairs=True))
             if method == 'teacher' and a.teacher_flows == 'offline' and any(LEARNED[m][2] for m in a.methods):
                 stages.append(flows_stage(ctx, n))
     for method in a.baselines:
         stages.append(baseline_stage(ctx, method))
-    figure_runs = {LEARNED[m][0]: '{}-{}'.format(m, smallest) for m in ('ldr', 'aldk', 'teacher') if m in a.methods}
+    for method in a.baselines:
+        if a.all_pairs and method in ALL_PAIRS_BASELINES:
+            stages.append(baseline_stage(ctx, method, all_pairs=True))
+    figure_runs = {LEARNED[m][0]: run_name(ctx, m, smallest, seeds_of(ctx, m)[0])
+                   for m in ('ldr', 'aldk', 'teacher') if m in a.methods}
     if figure_runs:
         stages.append(sections_stage(ctx, figure_runs))
     return stages
@@ -375,37 +423,75 @@ def stage_records(ctx, stages):
 
 def method_entries(ctx, stages, records):
     """results.json 'methods': per evaluated method or baseline (keyed like 'aldk-1' or 'ants_syn') its
-    label, status ('ok', 'pending', 'not installed') and, when evaluated, its evaluation summary."""
+    label, status ('ok', 'pending', 'not installed') and, when evaluated, its evaluation summary
+    (learned methods at several seeds: `combine_seeds`); 'all_pairs' the same on every ordered
+    pair of the subset when that was evaluated."""
     import baselines
     entries = {}
-    by_name = {s.info['method']: s for s in stages if s.kind == 'baseline'}
     for method in BASELINES:
-        if method not in by_name and method not in ctx.skipped_baselines:
+        evaluations = [s for s in stages if s.kind == 'baseline' and s.info['method'] == method]
+        if not evaluations and method not in ctx.skipped_baselines:
             continue
-        entries[method] = {'label': baselines.METHODS[method]['label'], 'method': method, 'cascades': None,
-                           'kind': 'classical', 'package': baselines.METHODS[method]['package'], 'status': 'pending'}
+        entry = {'label': baselines.METHODS[method]['label'], 'method': method, 'cascades': None,
+                 'kind': 'classical', 'package': baselines.METHODS[method]['package'], 'status': 'pending'}
         if method in ctx.skipped_baselines:
-            entries[method].update({'status': 'not installed', 'reason': ctx.skipped_baselines[method]})
-        else:
-            add_evaluation(ctx, entries[method], by_name[method], records)
+            entry.update({'status': 'not installed', 'reason': ctx.skipped_baselines[method]})
+        entries[method] = add_evaluations(ctx, entry, evaluations, records)
     for stage in stages:
-        if stage.kind == 'eval':
-            method = stage.info['method']
-            entry = {'label': LEARNED[method][0], 'method': method, 'cascades': stage.info['cascades'],
-                     'kind': 'learned', 'train_stage': stage.info['run'], 'status': 'pending'}
-            entries[stage.info['run']] = add_evaluation(ctx, entry, stage, records)
+        if stage.kind == 'train':
+            key = '{}-{}'.format(stage.info['method'], stage.info['cascades'])
+            if key not in entries:
+                evaluations = [s for s in stages if s.kind == 'eval' and s.info['method'] == stage.info['method']
+                               and s.info['cascades'] == stage.info['cascades']]
+                entry = {'label': LEARNED[stage.info['method']][0], 'method': stage.info['method'],
+                         'cascades': stage.info['cascades'], 'kind': 'learned', 'status': 'pending'}
+                entries[key] = add_evaluations(ctx, entry, evaluations, records)
     return entries
 
 
-def add_evaluation(ctx, entry, stage, records):
-    """Fill a method entry from its finished evaluation stage's JSON (eval.py's schema)."""
-    entry['eval_stage'] = stage.name
-    if stage.name in records:
-        data = read_json(ctx.path(stage.outputs[0]))
-        entry.update({'status': 'ok', 'source': stage.outputs[0], 'summary': data['summary'],
-                      'per_class': data.get('per_class'), 'parameters': data.get('parameters'),
-                      'pairs': len(data['pairs']), 'seconds_per_pair': data['summary']['seconds_per_pair']})
+def add_evaluations(ctx, entry, stages, records):
+    """Fill a method entry from its finished evaluation stages' JSON (eval.py's schema): one per
+    seed, on the subset's pairs and (all_pairs) on every ordered pair of it."""
+    for all_pairs in (False, True):
+        chosen = [s for s in stages if s.info.get('all_pairs', False) == all_pairs]
+        done = [s for s in chosen if s.name in records]
+        if not chosen:
+            continue
+        if all_pairs:
+            entry['all_pairs'] = {'status': 'pending'}
+            target = entry['all_pairs']
+        else:
+            target = entry
+        target['eval_stages'] = [s.name for s in chosen]
+        if len(done) < len(chosen) or target.get('status') == 'not installed':
+            continue
+        data = {s.info.get('seed'): read_json(ctx.path(s.outputs[0])) for s in done}
+        summary = combine_seeds([d['summary'] for d in data.values()])
+        first = next(iter(data.values()))
+        target.update({'status': 'ok', 'sources': [s.outputs[0] for s in done], 'summary': summary,
+                       'per_class': first.get('per_class') if len(data) == 1 else None,
+                       'parameters': first.get('parameters'), 'pairs': len(first['pairs']),
+                       'seeds': sorted(k for k in data if k is not None) or None,
+                       'seconds_per_pair': summary['seconds_per_pair']})
+        if len(data) > 1:
+            target['per_seed'] = {str(k): d['summary'] for k, d in data.items()}
     return entry
+
+
+def combine_seeds(summaries):
+    """One summary of runs at several seeds: each metric's mean over the seeds' means, and as
+    'std' the standard deviation of those means across seeds (with one seed: its own summary,
+    whose std is over the pairs); seconds per pair: the median of the seeds' medians."""
+    if len(summaries) == 1:
+        return summaries[0]
+    import numpy as np
+    combined = {'seconds_per_pair': float(np.median([s['seconds_per_pair'] for s in summaries])),
+                'std_over': 'seeds'}
+    for name, value in summaries[0].items():
+        if isinstance(value, dict) and 'mean' in value:
+            means = [s[name]['mean'] for s in summaries]
+            combined[name] = {'mean': float(np.mean(means)), 'std': float(np.std(means))}
+    return combined
 
 
 def metric(entry, name, stat='mean'):
@@ -427,7 +513,10 @@ def table1_rows(methods):
                      'landmark_dist': metric(e, 'landmark_dist'), 'landmark_dist_std': metric(e, 'landmark_dist', 'std'),
                      'jacobian_std': metric(e, 'jacobian_det'), 'folding_percent':
                          None if metric(e, 'folding') is None else 100.0 * metric(e, 'folding'),
-                     'seconds_per_pair': metric(e, 'seconds_per_pair'), 'parameters': e.get('parameters')})
+                     'seconds_per_pair': metric(e, 'seconds_per_pair'), 'parameters': e.get('parameters'),
+                     'seeds': e.get('seeds'),
+                     'dice_all_pairs': metric(e.get('all_pairs', {}), 'dice'),
+                     'dice_all_pairs_std': metric(e.get('all_pairs', {}), 'dice', 'std')})
     return rows
 
 
@@ -466,24 +555,35 @@ def signed(value, digits=2):
 
 def render_table1(rows, meta):
     landmarks = any(r['landmark_dist'] is not None for r in rows)
-    head = ['Method', 'Cascades', 'Dice', 'Jacc'] + (['Landmark dist. (vox)'] if landmarks else []) + \
-           ['Jacobian std', 'Folding %', 'CPU s/pair', 'Parameters']
+    seeds = any(r['seeds'] and len(r['seeds']) > 1 for r in rows)
+    all_pairs = any(r['dice_all_pairs'] is not None for r in rows)
+    head = (['Method', 'Cascades'] + (['Seeds'] if seeds else []) + ['Dice', 'Jacc']
+            + (['Landmark dist. (vox)'] if landmarks else []) + ['Jacobian std', 'Folding %', 'CPU s/pair', 'Parameters']
+            + (['Dice, all pairs'] if all_pairs else []))
     lines = ['# Table 1: registration accuracy, speed and size', '',
              '{} pairs of {} ({}), {}; CPU seconds per pair: median, network only (learned) or the '
-             'registration call only (classical), {} threads.'.format(meta['pairs'], meta['dataset'], meta['subset'],
-                                                                      meta['pairing'], meta['threads']), '',
+             'registration call only (classical), {} threads. Dice and Jaccard of the label maps on the '
+             'fixed scans\' own grids (eval.py); mean ± standard deviation over the pairs, or over the seeds\' '
+             'means for rows trained at several seeds.{}'.format(
+                 meta['pairs'], meta['dataset'], meta['subset'], meta['pairing'], meta['threads'],
+                 ' "Dice, all pairs": every ordered pair among the subset\'s scans.' if all_pairs else ''), '',
              '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         if r['status'] != 'ok':
             note = '{} ({})'.format(r['status'], r['package']) if r['status'] == 'not installed' else r['status']
-            cells = [r['method'], fmt_int(r['cascades']), note]
+            cells = [r['method'], fmt_int(r['cascades'])] + (['-'] if seeds else []) + [note]
             cells += ['-'] * (len(head) - len(cells))
         else:
-            cells = [r['method'], fmt_int(r['cascades']), fmt(r['dice'], 3, r['dice_std']), fmt(r['jacc'], 3, r['jacc_std'])]
+            cells = [r['method'], fmt_int(r['cascades'])]
+            if seeds:
+                cells.append(', '.join(str(s) for s in r['seeds']) if r['seeds'] else '-')
+            cells += [fmt(r['dice'], 3, r['dice_std']), fmt(r['jacc'], 3, r['jacc_std'])]
             if landmarks:
                 cells.append(fmt(r['landmark_dist'], 2, r['landmark_dist_std']))
             cells += [fmt(r['jacobian_std'], 3), fmt(r['folding_percent'], 3), fmt(r['seconds_per_pair'], 3),
                       fmt_int(r['parameters'])]
+            if all_pairs:
+                cells.append(fmt(r['dice_all_pairs'], 3, r['dice_all_pairs_std']))
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
@@ -733,6 +833,16 @@ def build_parser():
     p.add_argument('--student_net_args', default='', help="--net_args of the LDR students, e.g. \"head='deconv'\"")
     p.add_argument('--val_steps', type=int, default=None, help='validate every N training steps (default: never)')
     p.add_argument('--seed', type=int, default=0, help='data order / augmentation seed (and the demo data)')
+    p.add_argument('--seeds', type=int, nargs='+', default=None,
+                   help='train every student at each of these seeds (runs <method>-<n>-s<seed>; the tables give '
+                        'the mean and the spread over seeds); the teacher at the first (default: --seed)')
+    p.add_argument('--all_pairs', action='store_true',
+                   help='also evaluate on every ordered pair among the subset\'s scans (eval.py --all_pairs), '
+                        'e.g. the 72 inter-subject pairs of LPBA40\'s test scans')
+    p.add_argument('--preset', choices=sorted(PRESETS),
+                   help='a named recipe filling every setting not given (see PRESETS): lpba40 = the LPBA40 '
+                        'protocol at 128^3, 1 cascade, every method at 2 seeds, all-pairs evaluation, results in '
+                        'the tracked folder results/lpba40')
     p.add_argument('--threads', type=int, default=2, help='CPU threads of every stage (timing rule; default 2)')
     p.add_argument('--lpba40', default=None, metavar='DIR',
                    help='build the spec\'s missing HDF5 from this LPBA40 directory (data_util.prepare --lpba40)')
@@ -744,11 +854,17 @@ def build_parser():
 
 
 CONFIG_KEYS = ('demo', 'dataset', 'steps', 'teacher_steps', 'batch', 'lr', 'teacher_lr', 'subset', 'paired', 'teacher_flows',
-               'student_net_args', 'seed', 'image_size', 'demo_scans', 'demo_test', 'threads')
+               'student_net_args', 'seed', 'image_size', 'demo_scans', 'demo_test', 'threads', 'seeds', 'all_pairs',
+               'train_flags')
 
 
 def resolve_args(args):
-    """Fill the defaults that depend on --demo and the spec; refuse contradictory input."""
+    """Fill the defaults that depend on --demo, --preset and the spec; refuse contradictory input."""
+    preset = PRESETS.get(args.preset, {})
+    for key, value in preset.items():
+        if hasattr(args, key) and getattr(args, key) in (None, False):
+            setattr(args, key, value)
+    args.train_flags = list(preset.get('train_flags', []))
     if args.demo == bool(args.dataset):
         raise cli.UserError('give either --demo or -d SPEC')
     if args.demo:
@@ -771,6 +887,7 @@ def resolve_args(args):
             raise cli.UserError('dataset spec {} not found'.format(args.dataset))
         if args.subset is None:
             args.subset = 'test' if 'test' in read_json(args.dataset).get('schemes', {}) else '2'
+    args.seeds = list(dict.fromkeys(args.seeds or [args.seed]))
     if min(args.steps, args.teacher_steps, args.batch, args.threads) < 1 or min(args.cascades) < 1:
         raise cli.UserError('--steps, --teacher_steps, --batch, --threads and --cascades must be positive')
     args.cascades = sorted(set(args.cascades))
@@ -789,7 +906,8 @@ def resolve_args(args):
 def check_config(ctx, store=True):
     """Store the run's settings (unless ``store`` is false); refuse to continue a run made with other settings."""
     config = {k: getattr(ctx.args, k) for k in CONFIG_KEYS}
-    config['dataset'] = ctx.spec
+    inside = os.path.abspath(ctx.spec).startswith(ROOT + os.sep)
+    config['dataset'] = os.path.relpath(ctx.spec, ROOT) if inside else ctx.spec   # a project moved is the same run
     path = ctx.path('config.json')
     if os.path.exists(path):
         stored = read_json(path)
@@ -816,9 +934,14 @@ def main(argv=None):
     stages = plan(ctx)
     check_config(ctx, store=not args.list)
     if args.list:
-        for stage in stages:
-            print('{:9} {:24} {}'.format('finished' if stage.finished(ctx) else 'to do', stage.name,
-                                         ' '.join(stage.command)))
+        hours = [s.info.get('cpu_hours') for s in stages]
+        for stage, cpu_hours in zip(stages, hours):
+            print('{:9} {:28} {:>9} {}'.format('finished' if stage.finished(ctx) else 'to do', stage.name,
+                                               '{:.1f} CPU-h'.format(cpu_hours) if cpu_hours else '', ' '.join(stage.command)))
+        todo = sum(h for s, h in zip(stages, hours) if h and not s.finished(ctx))
+        if todo:
+            print('training still to do: ~{:.1f} CPU-hours ({:.1f} hours on {} cores; estimates from the preset\'s '
+                  'seconds per step)'.format(todo, todo / args.threads, args.threads))
         return
     with cli.made_directory(os.path.dirname(ctx.out)), cli.exclusive_output(ctx.out, 'results directory'):
         return run_stages(ctx, stages)

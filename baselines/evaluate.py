@@ -31,6 +31,8 @@ def build_parser():
     p.add_argument('--paired', action='store_true', help='adjacent pairs instead of all pairs (as eval.py)')
     p.add_argument('--output', required=True, help='output path without extension')
     p.add_argument('--max_pairs', type=int, default=None, help='evaluate only the first N pairs')
+    p.add_argument('--all_pairs', action='store_true',
+                   help='every ordered pair among the subset\'s scans, also when the spec has an atlas')
     return p
 
 
@@ -81,7 +83,7 @@ def main(argv=None):
     from data_util.dataset import Dataset
     from evaluation import overlap_values, pair_record, report_text, summarize
     subset = int(args.val_subset) if args.val_subset.isdigit() else args.val_subset
-    dataset = Dataset(args.dataset, batch_size=1, paired=args.paired)
+    dataset = Dataset(args.dataset, batch_size=1, paired=args.paired, all_pairs=args.all_pairs)
     dataset.check([subset])
     register = baselines.registration_function(args.method)
     metric = MetricGraph(dataset.image_size, list(dataset.segmentation_class_value.values())

@@ -56,7 +56,8 @@ def test_demo_end_to_end_then_resume(tmp_path):
     for row in results['table1']:
         entry = results['methods'][row['key']]
         assert entry['status'] == 'ok'
-        with open(out / entry['source']) as f:
+        assert len(entry['sources']) == 1
+        with open(out / entry['sources'][0]) as f:
             assert json.load(f)['summary'] == entry['summary']
         assert row['dice'] == entry['summary']['dice']['mean']
         assert row['seconds_per_pair'] == entry['summary']['seconds_per_pair']
@@ -88,7 +89,7 @@ def test_demo_end_to_end_then_resume(tmp_path):
         else:
             assert 'skip {} (finished)'.format(name) in second.stdout
             assert (out / 'stages' / (name + '.json')).read_text() == kept[name]
-    assert 'ldr-1: train LDR (1 cascade, 2 steps) (resuming from step 2)' in second.stdout
+    assert 'ldr-1: train LDR (1 cascade, 2 steps, seed 0) (resuming from step 2)' in second.stdout
     assert not re.search(r'^\s+\[[\d:]+\] step \d+/', second.stdout, re.M), 'a training step was redone'
     again = json.loads((out / 'results.json').read_text())
     assert again['stages']['ldr-1']['resumed_from_step'] == 2
@@ -165,3 +166,30 @@ def test_table_marks_missing_baseline():
                                           'threads': 2})
     assert '| ANTs SyN | - | not installed (antspyx) | - | - | - | - | - |' in text
     assert 'Landmark' not in text  # no column when no method has landmarks
+
+
+def test_lpba40_preset_plans_seeds_and_all_pairs(tmp_path):
+    """--preset lpba40: every student at 2 seeds (runs <method>-1-s<seed>), one teacher, an
+    evaluation on the atlas pairs and one on all pairs per run, and CPU-hour estimates."""
+    args = reproduce.resolve_args(reproduce.build_parser().parse_args(
+        ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'identity', 'ants_syn']))
+    assert (args.steps, args.lr, args.seeds, args.all_pairs, args.name) == (6000, 1e-3, [1, 2], True, 'lpba40')
+    ctx = reproduce.Context(args)
+    ctx.skipped_baselines = {}
+    names = [s.name for s in reproduce.plan(ctx)]
+    assert 'teacher-1' in names and 'teacher-1-s1' not in names
+    assert {'ldr-1-s1', 'ldr-1-s2', 'aldk-1-s2', 'eval-aldk-1-s2', 'eval-aldk-1-s2-all_pairs',
+            'baseline-ants_syn-all_pairs'} <= set(names)
+    train = {s.name: s for s in reproduce.plan(ctx) if s.kind == 'train'}
+    assert train['ldr-1-s2'].command[train['ldr-1-s2'].command.index('--seed') + 1] == '2'
+    assert "train_pairs='all'" in train['teacher-1'].command
+    assert all(s.info['cpu_hours'] > 0 for s in train.values())
+
+
+def test_seeds_combine_into_mean_and_spread():
+    summaries = [{'dice': {'mean': 0.70, 'std': 0.02}, 'seconds_per_pair': 0.2},
+                 {'dice': {'mean': 0.66, 'std': 0.03}, 'seconds_per_pair': 0.4}]
+    combined = reproduce.combine_seeds(summaries)
+    assert combined['dice'] == {'mean': pytest.approx(0.68), 'std': pytest.approx(0.02)}
+    assert combined['seconds_per_pair'] == pytest.approx(0.3) and combined['std_over'] == 'seeds'
+    assert reproduce.combine_seeds(summaries[:1]) is summaries[0]
