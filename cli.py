@@ -29,11 +29,11 @@ def parse_devices(flag):
     if flag.startswith('cpu:'):
         n = flag[4:]
         if not n.isdigit() or int(n) < 1:
-            raise ValueError('bad -g {!r}: expected cpu:N with N >= 1'.format(flag))
+            raise ConfigError('bad -g {!r}: expected cpu:N with N >= 1'.format(flag))
         return ['/cpu:%d' % i for i in range(int(n))]
     ids = flag.split(',')
     if not all(i.strip().isdigit() for i in ids):
-        raise ValueError('bad -g {!r}: expected -1 (CPU), cpu:N, or GPU ids like 0,1'.format(flag))
+        raise ConfigError('bad -g {!r}: expected -1 (CPU), cpu:N, or GPU ids like 0,1'.format(flag))
     return ['/gpu:%d' % i for i in range(len(ids))]
 
 
@@ -60,8 +60,7 @@ def positive_float(text):
     return value
 
 
-class UserError(Exception):
-    """A problem with the user's input; reported as one line."""
+from errors import ConfigError, UserError  # noqa: E402  (re-exported: the scripts raise cli.UserError)
 
 
 class DamagedCheckpoint(UserError):
@@ -79,14 +78,14 @@ def _terminate(signum, frame):
 
 
 def run(main):
-    """Call ``main()``; turn user-caused exceptions into one-line errors (exit 2). SIGTERM is
-    taken like Ctrl-C, so that every temporary file and staging directory is removed."""
-    from data_util.dataset import DataError
+    """Call ``main()``; turn user errors (errors.UserError and its subclasses) into one line
+    (exit 2); any other exception is a bug and shows its traceback. SIGTERM is taken like
+    Ctrl-C, so that every temporary file and staging directory is removed."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return main()
-    except (UserError, DataError, ValueError, FileNotFoundError, KeyError, OSError) as e:
-        fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    except UserError as e:
+        fail(e)
     except KeyboardInterrupt:
         fail('interrupted')
 
@@ -118,7 +117,10 @@ def made_directory(path):
     """Create the directory ``path`` if missing for the block; if this created it and the block
     leaves it empty (a refused or failed run), remove it again."""
     created = not os.path.isdir(path)
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError('cannot create the directory {}: {}'.format(path, e.strerror or e))
     try:
         yield path
     finally:
@@ -139,7 +141,10 @@ def exclusive_output(path, what='output'):
         raise UserError('{}: parent directory {} does not exist'.format(path, parent))
     lock_path = os.path.join(parent, '.{}.lock'.format(os.path.basename(path)))
     while True:
-        handle = open(lock_path, 'a+')
+        try:
+            handle = open(lock_path, 'a+')
+        except OSError as e:
+            raise UserError('cannot claim {} {} ({}: {})'.format(what, path, lock_path, e.strerror or e))
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -219,14 +224,20 @@ def parse_kwargs(text, flag):
 def write_atomic(path, data, mode='w'):
     """Write ``data`` (str or bytes) to ``path`` through a temp file in the same directory + rename."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
+    except OSError as e:
+        raise UserError('cannot write {}: {}'.format(path, e.strerror or e))
     try:
         with os.fdopen(fd, mode) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        os.remove(tmp) if os.path.exists(tmp) else None
+        raise UserError('cannot write {}: {}'.format(path, e.strerror or e))
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -256,7 +256,7 @@ def read_pair(pair, options, clock):
         for key, image_key in (('fixed_seg', 'fixed'), ('moving_seg', 'moving')):
             if getattr(pair, key):
                 images[key] = registration.read_label_map(getattr(pair, key), images[image_key],
-                                                          '{} ({})'.format(getattr(pair, key), key))
+                                                          '{} (--{})'.format(getattr(pair, key), key))
     with clock.stage('preprocess'):
         preprocessed = registration.preprocess_pair(images['fixed'], images['moving'], options)
     return images, preprocessed

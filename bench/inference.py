@@ -56,15 +56,15 @@ def multiply_accumulates(graph):
     for op in graph.get_operations():
         if op.type not in MAC_OPS:
             continue
-        shapes = [t.shape.as_list() for t in op.inputs]
+        shapes = [[d or 1 for d in t.shape.as_list()] for t in op.inputs]     # an unknown batch counts 1
         if op.type == 'Conv3D':
-            total += int(np.prod(op.outputs[0].shape.as_list()[1:4])) * int(np.prod(shapes[1]))
+            total += int(np.prod([d or 1 for d in op.outputs[0].shape.as_list()[1:4]])) * int(np.prod(shapes[1]))
         elif op.type == 'Conv3DBackpropInputV2':
             total += int(np.prod(shapes[2][1:4])) * int(np.prod(shapes[1]))
         else:
             a, b = shapes
             rows = a[-1] if op.get_attr('adj_x' if op.type == 'BatchMatMulV2' else 'transpose_a') else a[-2]
-            total += int(np.prod([d or 1 for d in a[1:-2]])) * rows * int(np.prod(b[-2:]))
+            total += int(np.prod(a[1:-2])) * rows * int(np.prod(b[-2:]))
     return total
 
 

@@ -49,6 +49,8 @@ import threading
 import h5py
 import numpy as np
 
+from errors import UserError
+
 SPEC_KEYS = ('files', 'image_size', 'image_type', 'atlas', 'segmentation_class_value',
              'subsets', 'schemes', 'task', 'description', 'preprocessing')
 IMAGE_TYPES = ('liver', 'brain')
@@ -59,7 +61,7 @@ TRAIN_PAIRS = ('protocol', 'all')
 INTENSITY_TOLERANCE = 0.5
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the dataset spec or the scans; the message is always a single line."""
 
     def __init__(self, message):

@@ -24,6 +24,8 @@ import os
 import h5py
 import numpy as np
 
+from errors import UserError
+
 from .dataset import display_id
 
 FORMAT = 'ldr-aldk-teacher-flows'
@@ -32,7 +34,7 @@ PARTIAL_PREFIX = '.partial-'
 COMPRESSION = {'compression': 'gzip', 'compression_opts': 4, 'shuffle': True}
 
 
-class FlowStoreError(ValueError):
+class FlowStoreError(UserError, ValueError):
     """A problem with a flow store; the message is one line naming the store."""
 
     def __init__(self, message):

@@ -16,10 +16,12 @@ import dataclasses
 import numpy as np
 import SimpleITK as sitk
 
+from errors import UserError
+
 CHUNK_VOXELS = 1 << 20
 
 
-class GeometryError(ValueError):
+class GeometryError(UserError, ValueError):
     """Stored geometry that is missing or inconsistent; the message is a single line."""
 
 

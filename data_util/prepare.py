@@ -100,6 +100,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 import cli
+from errors import UserError
 from data_util.geometry import Geometry, GeometryError, grid_image, to_array
 
 DEFAULT_IMAGE_SIZE = 128
@@ -124,7 +125,7 @@ LPBA40_SUBSETS = {
 }
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """An input problem; the message is a single line."""
 
     def __init__(self, message):

@@ -37,6 +37,8 @@ Choices (not fixed by the paper):
 """
 import numpy as np
 
+from errors import ConfigError
+
 from .cascade import RecursiveCascade
 from .framework import Framework, average_gradients
 from .layers import conv3d
@@ -78,7 +80,7 @@ class Critic(Module):
     def __init__(self, name='critic', channels=CRITIC_CHANNELS, slope=CRITIC_SLOPE, units=CRITIC_UNITS):
         super().__init__(name)
         if units not in self.UNITS:
-            raise ValueError('unknown critic units {!r} (choose from {})'.format(units, ', '.join(self.UNITS)))
+            raise ConfigError('unknown critic units {!r} (choose from {})'.format(units, ', '.join(self.UNITS)))
         self.channels = tuple(channels)
         self.slope = slope
         self.units = units
@@ -147,7 +149,7 @@ def check_teacher_net(rcn, name):
     """ValueError (one line) unless ``rcn`` is a VTN RCN: VTN cascades after the VTN affine stem."""
     affine = type(rcn.affine).__name__ if rcn.affine is not None else None
     if rcn.base_network != 'VTN' or not isinstance(rcn.affine, VTNAffineStem):
-        raise ValueError('teacher {} is not a VTN RCN (base network {}, affine stem {}); ALDK needs VTN cascades '
+        raise ConfigError('teacher {} is not a VTN RCN (base network {}, affine stem {}); ALDK needs VTN cascades '
                          'after the VTN affine stem'.format(name, rcn.base_network, affine))
 
 
@@ -178,14 +180,14 @@ class Teacher:
         signature = ['affine_stem/conv6_1/W'] + ['deform_stem_%d/pred6/W' % i for i in range(self.net.n_cascades)]
         missing = [k for k in signature if '{}/{}'.format(stored_scope, k) not in stored]
         if missing:
-            raise ValueError('teacher checkpoint {} does not fit a VTN RCN of its args.json: no {}/{}'.format(
+            raise ConfigError('teacher checkpoint {} does not fit a VTN RCN of its args.json: no {}/{}'.format(
                 checkpoint, stored_scope, missing[0]))
 
     def _stored_shapes(self):
         try:
             return tf.train.load_checkpoint(self.checkpoint).get_variable_to_shape_map()
         except (tf.errors.OpError, ValueError) as e:
-            raise ValueError('cannot read teacher checkpoint {}: {}'.format(self.checkpoint, str(e).splitlines()[0]))
+            raise ConfigError('cannot read teacher checkpoint {}: {}'.format(self.checkpoint, str(e).splitlines()[0]))
 
     def __call__(self, fixed, moving):
         """phi_t [B, X, Y, Z, 3] of (fixed, moving) in 0..1, without gradient."""
@@ -213,12 +215,12 @@ class Teacher:
     def restore(self, sess):
         """Load the teacher's weights; ValueError (one line) if the checkpoint does not fit."""
         if self.checkpoint is None:
-            raise ValueError('this teacher has no checkpoint to restore')
+            raise ConfigError('this teacher has no checkpoint to restore')
         stored = self._stored_shapes()
         mapping = {self.stored_name(v): v for v in self.variables}
         bad = [k for k, v in mapping.items() if stored.get(k) != v.shape.as_list()]
         if bad:
-            raise ValueError('teacher checkpoint {} does not fit a VTN RCN of its args.json: {} of {} variables '
+            raise ConfigError('teacher checkpoint {} does not fit a VTN RCN of its args.json: {} of {} variables '
                              'missing or of another shape (e.g. {})'.format(self.checkpoint, len(bad), len(mapping),
                                                                             bad[0]))
         tf.train.Saver(mapping).restore(sess, self.checkpoint)
@@ -246,19 +248,19 @@ class DistillFramework(Framework):
                  lamb=0.1, critic_every=DEFAULT_CRITIC_EVERY, critic_lr_factor=DEFAULT_CRITIC_LR_FACTOR,
                  critic_units=CRITIC_UNITS, critic_channels=CRITIC_CHANNELS, scope='rcn', affine_augment=None):
         if method not in METHODS:
-            raise ValueError('unknown distillation method {!r} (choose from {})'.format(method, ', '.join(METHODS)))
+            raise ConfigError('unknown distillation method {!r} (choose from {})'.format(method, ', '.join(METHODS)))
         if (teacher is None) == (not stored_flows):
-            raise ValueError('give exactly one teacher source: a Teacher (online) or stored_flows=True (offline)')
+            raise ConfigError('give exactly one teacher source: a Teacher (online) or stored_flows=True (offline)')
         if stored_flows and (augment or affine_augment):
-            raise ValueError('stored teacher flows belong to un-augmented pairs: turn augmentation off')
+            raise ConfigError('stored teacher flows belong to un-augmented pairs: turn augmentation off')
         if teacher is not None and list(teacher.image_size) != list(image_size):
-            raise ValueError('teacher image size {} differs from the student\'s {}'.format(
+            raise ConfigError('teacher image size {} differs from the student\'s {}'.format(
                 'x'.join(map(str, teacher.image_size)), 'x'.join(map(str, image_size))))
         if not 0.0 <= beta <= 1.0 or not 0.0 <= gamma <= 1.0 or lamb < 0:
-            raise ValueError('need 0 <= beta <= 1, 0 <= gamma <= 1 and lamb >= 0 (got {}, {}, {})'.format(
+            raise ConfigError('need 0 <= beta <= 1, 0 <= gamma <= 1 and lamb >= 0 (got {}, {}, {})'.format(
                 beta, gamma, lamb))
         if int(critic_every) < 1:
-            raise ValueError('critic_every must be >= 1, got {}'.format(critic_every))
+            raise ConfigError('critic_every must be >= 1, got {}'.format(critic_every))
         self.method = method
         self.teacher = teacher
         self.beta, self.gamma, self.lamb = float(beta), float(gamma), float(lamb)

@@ -7,6 +7,8 @@ what warp(affine_flow, flow) + flow equals for a linear field (no interpolation,
 """
 import inspect
 
+from errors import ConfigError
+
 from . import losses
 from .layers import transform_vectors
 from .module import Module
@@ -34,13 +36,13 @@ class RecursiveCascade(Module):
                  flow_multiplier=1.0, warp_padding='border', base_args=None):
         super().__init__(name)
         if base_network not in BASE_NETWORKS:
-            raise ValueError('unknown base network {!r} (choose from {})'.format(
+            raise ConfigError('unknown base network {!r} (choose from {})'.format(
                 base_network, ', '.join(BASE_NETWORKS)))
         if affine is not None and affine not in AFFINE_STEMS:
-            raise ValueError('unknown affine stem {!r} (choose from {}, or None)'.format(
+            raise ConfigError('unknown affine stem {!r} (choose from {}, or None)'.format(
                 affine, ', '.join(AFFINE_STEMS)))
         if n_cascades < 1 or rep < 1:
-            raise ValueError('n_cascades and rep must be >= 1')
+            raise ConfigError('n_cascades and rep must be >= 1')
         self.base_network = base_network
         self.n_cascades = n_cascades
         self.rep = rep
@@ -102,7 +104,7 @@ def make_net_args(base_network, n_cascades, rep=1, extra=None):
     """
     extra = dict(extra or {})
     if base_network not in BASE_NETWORKS:
-        raise ValueError('unknown base network {!r} (choose from {})'.format(
+        raise ConfigError('unknown base network {!r} (choose from {})'.format(
             base_network, ', '.join(BASE_NETWORKS)))
     args = {'base_network': base_network, 'n_cascades': int(n_cascades), 'rep': int(rep),
             'affine': DEFAULT_AFFINE[base_network]}
@@ -112,6 +114,6 @@ def make_net_args(base_network, n_cascades, rep=1, extra=None):
     accepted = inspect.signature(BASE_NETWORKS[base_network].__init__).parameters
     unknown = [k for k in extra if k not in accepted or k in ('self', 'name')]
     if unknown:
-        raise ValueError('unknown --net_args key(s) for {}: {}'.format(base_network, ', '.join(unknown)))
+        raise ConfigError('unknown --net_args key(s) for {}: {}'.format(base_network, ', '.join(unknown)))
     args['base_args'] = extra
     return args

@@ -27,6 +27,8 @@ import os
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from errors import UserError
+
 GRAPH_FILE = 'model.pb'
 META_FILE = 'export.json'
 FORMAT = 'frozen_graphdef'
@@ -35,7 +37,7 @@ OUTPUT_NAME = 'flow:0'
 WARPS = ('tf', 'op')
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """An export directory that cannot be written or used; the message is one line."""
 
 

@@ -9,6 +9,8 @@ Subclasses extend training by overriding ``_tower_loss`` (extra loss terms per t
 """
 import numpy as np
 
+from errors import ConfigError
+
 from . import metrics
 from .augment import augment_moving
 from .cascade import RecursiveCascade
@@ -49,7 +51,7 @@ class Framework:
         self.affine_augment = affine_augment
         self.net = RecursiveCascade(scope, **net_args)
         if any(s % self.net.stride for s in self.image_size):
-            raise ValueError('image size {} is not divisible by {}, the stride of this network'.format(
+            raise ConfigError('image size {} is not divisible by {}, the stride of this network'.format(
                 'x'.join(map(str, self.image_size)), self.net.stride))
         shape = [None] + self.image_size + [1]
         self.feeds = {k: tf.placeholder(tf.float32, shape, name=k) for k in FEEDS[:4]}

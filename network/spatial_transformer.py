@@ -11,6 +11,8 @@ op of ``network.ops`` (when built). ``set_warp_impl`` / env ``LDR_WARP_IMPL`` ch
 """
 import os
 
+from errors import ConfigError
+
 from .tfv1 import tf
 
 PADDINGS = ('border', 'zeros')
@@ -23,7 +25,7 @@ def set_warp_impl(name):
     """Select the warp implementation for graphs built from now on: 'auto', 'tf' or 'op'."""
     global _impl
     if name not in IMPLS:
-        raise ValueError('unknown warp implementation {!r} (choose from {})'.format(name, ', '.join(IMPLS)))
+        raise ConfigError('unknown warp implementation {!r} (choose from {})'.format(name, ', '.join(IMPLS)))
     if name == 'op':
         from . import ops
         ops.load_warp_op(required=True)
@@ -41,7 +43,7 @@ def warp_impl():
 def warp(image, flow, padding='border'):
     """Warp ``image`` [B,X,Y,Z,C] by ``flow`` [B,X,Y,Z,3] (voxels), trilinear; see module doc."""
     if padding not in PADDINGS:
-        raise ValueError('unknown warp padding {!r} (choose from {})'.format(padding, ', '.join(PADDINGS)))
+        raise ConfigError('unknown warp padding {!r} (choose from {})'.format(padding, ', '.join(PADDINGS)))
     if warp_impl() == 'op':
         from . import ops
         return ops.warp_op(image, flow, padding)

@@ -4,6 +4,8 @@ Deformable subnets map (fixed, moving) [B,X,Y,Z,1] each (0..1) to {'flow': [B,X,
 voxels. Affine stems also return 'W' [B,3,3], 'b' [B,3], 'det_loss', 'ortho_loss'.
 Each builder needs X, Y, Z divisible by its ``stride`` attribute.
 """
+from errors import ConfigError
+
 from . import losses
 from .layers import conv3d, conv3d_transpose, stack_channels, upsample_linear2, upsample_nearest
 from .module import Module
@@ -14,7 +16,7 @@ def check_size(network, image):
     """Raise ValueError when image's spatial size is not divisible by the network's stride."""
     sizes = image.shape.as_list()[1:4]
     if any(s % network.stride for s in sizes):
-        raise ValueError('image size {} is not divisible by {} (stride of {})'.format(
+        raise ConfigError('image size {} is not divisible by {} (stride of {})'.format(
             'x'.join(map(str, sizes)), network.stride, type(network).__name__))
 
 
@@ -127,7 +129,7 @@ class LDR(DeformableNet):
     def __init__(self, name, flow_multiplier=1.0, channels=16, head='upsample'):
         super().__init__(name, flow_multiplier)
         if head not in self.HEADS:
-            raise ValueError('unknown LDR head {!r} (choose from {})'.format(head, ', '.join(self.HEADS)))
+            raise ConfigError('unknown LDR head {!r} (choose from {})'.format(head, ', '.join(self.HEADS)))
         self.channels = channels
         self.head = head
 
@@ -211,7 +213,7 @@ class LightAffineStem(AffineStem):
         for i, width in enumerate((16, 32, 64, 128)):
             net = conv3d('conv%d' % (i + 1), net, width, 3, 2, 'leaky_relu')
         if min(net.shape.as_list()[1:4]) < 3:
-            raise ValueError('LightAffineStem needs an image size of at least 48')
+            raise ConfigError('LightAffineStem needs an image size of at least 48')
         return tf.nn.avg_pool3d(net, [1, 3, 3, 3, 1], [1, 2, 2, 2, 1], 'VALID')
 
 

@@ -15,6 +15,8 @@ import os
 import sys
 import threading
 
+from errors import ConfigError
+
 from network.tfv1 import tf
 
 PADDINGS = ('border', 'zeros')
@@ -73,7 +75,7 @@ def warp_op(image, flow, padding='border'):
     op is unavailable.
     """
     if padding not in PADDINGS:
-        raise ValueError('unknown warp padding {!r} (choose from {})'.format(padding, ', '.join(PADDINGS)))
+        raise ConfigError('unknown warp padding {!r} (choose from {})'.format(padding, ', '.join(PADDINGS)))
     library = load_warp_op(required=True)
     image = tf.convert_to_tensor(image, dtype=tf.float32)
     flow = tf.convert_to_tensor(flow, dtype=tf.float32)
