@@ -8,6 +8,7 @@ import ast
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import signal
@@ -205,6 +206,40 @@ def progress(total, desc, unit, initial=0, enabled=True, log_interval=30.0):
     else:
         output = {'file': _LineStream(stream), 'mininterval': log_interval, 'delay': log_interval}
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, **output)
+
+
+def add_refine_flags(parser):
+    """--refine N and its settings (network/refine.py), shared by eval.py and predict.py."""
+    from network.refine_config import RefineSettings
+    defaults = RefineSettings()
+    g = parser.add_argument_group('instance optimisation after the network (network/refine.py)')
+    g.add_argument('--refine', type=int, default=0, metavar='N',
+                   help='N Adam iterations on each pair after the network (default 0: the network alone)')
+    g.add_argument('--refine_factor', type=int, default=defaults.factor,
+                   help='the refined field and the loss live on a grid this many times coarser (power of 2; '
+                        'default %(default)s)')
+    g.add_argument('--refine_window', type=int, default=defaults.window,
+                   help='LNCC window, voxels of that grid (odd; default %(default)s)')
+    g.add_argument('--refine_weight', type=float, default=defaults.weight,
+                   help='weight of the diffusion regulariser (default %(default)s)')
+    g.add_argument('--refine_lr', type=float, default=defaults.learning_rate, help='Adam learning rate (default %(default)s)')
+    g.add_argument('--diffeomorphic', action='store_true',
+                   help='refine a stationary velocity integrated by scaling and squaring (folding-free)')
+    g.add_argument('--squarings', type=int, default=defaults.squarings, help='scaling and squaring steps (default %(default)s)')
+
+
+def refine_settings(args):
+    """The network.refine.Refiner settings of parsed --refine_* flags; UserError for values that cannot work."""
+    if args.refine < 0:
+        raise UserError('--refine {}: a number of iterations >= 0'.format(args.refine))
+    if not (math.isfinite(args.refine_weight) and args.refine_weight >= 0):
+        raise UserError('--refine_weight {}: a finite weight >= 0'.format(args.refine_weight))
+    if not (math.isfinite(args.refine_lr) and args.refine_lr > 0):
+        raise UserError('--refine_lr {}: a positive learning rate'.format(args.refine_lr))
+    if args.squarings < 0:
+        raise UserError('--squarings {}: a number >= 0'.format(args.squarings))
+    return {'factor': args.refine_factor, 'window': args.refine_window, 'weight': args.refine_weight,
+            'learning_rate': args.refine_lr, 'diffeomorphic': args.diffeomorphic, 'squarings': args.squarings}
 
 
 def parse_kwargs(text, flag):

@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 import cli
 from evaluation import overlap_values, pair_record, report_text, summarize
 
@@ -43,6 +45,7 @@ def build_parser():
     p.add_argument('--force', action='store_true', help='overwrite existing result files')
     p.add_argument('--fast_reconstruction', action='store_true', help='require the compiled warp op')
     p.add_argument('--tf_warp', action='store_true', help='force the pure-TensorFlow warp')
+    cli.add_refine_flags(p)
     p.add_argument('--writing_flow', default=None, metavar='STORE',
                    help='instead of evaluating, write the final composed flow of every pair of the subsets '
                         '(default -v: scheme 1, training) of a VTN RCN teacher into the HDF5 store STORE '
@@ -51,13 +54,15 @@ def build_parser():
     return p
 
 
-def evaluate(sess, framework, dataset, subset, batch_size):
+def evaluate(sess, framework, dataset, subset, batch_size, refine=0, refiner=None):
     """Per-pair records of one subset: ids, metrics, per-class dice/jacc, seconds (network only).
 
     dice / jacc are measured on the original grids when the dataset has them (see the module
     doc), else on the preprocessed grid; dice_grid / jacc_grid always on the grid. seconds:
     wall time of ``framework.register`` per pair of its batch. The first batch is registered
-    once untimed beforehand, so TensorFlow's one-off graph set-up is not counted.
+    once untimed beforehand, so TensorFlow's one-off graph set-up is not counted. refine: with a
+    network.refine.Refiner, that many iterations on each pair's flow before its metrics; the
+    record then holds 'refinement' (its seconds per iteration, losses) and seconds_refine.
     """
     values = overlap_values(dataset.segmentation_class_value, framework.class_names)
     records = []
@@ -70,9 +75,17 @@ def evaluate(sess, framework, dataset, subset, batch_size):
         t0 = time.perf_counter()
         flow = framework.register(sess, batch)
         seconds = (time.perf_counter() - t0) / len(flow)
+        refined = []
+        if refine:
+            flow = np.array(flow)
+            for i in range(len(flow)):
+                flow[i], record = refiner.refine(batch['voxel1'][i, ..., 0], batch['voxel2'][i, ..., 0], flow[i], refine)
+                refined.append(record)
         res = framework.evaluate_batch(sess, batch, flow=flow)
         for i in range(len(flow)):
             records.append(pair_record(dataset, batch, i, res, flow[i], seconds, values))
+            if refined:
+                records[-1].update(refinement=refined[i], seconds_refine=refined[i]['seconds'])
         progress.update(len(flow))
     progress.close()
     return records
@@ -125,6 +138,7 @@ def main(argv=None):
         raise cli.UserError('--flow_multiplier {}: must be a positive number'.format(args.flow_multiplier))
     if args.rep is not None and args.rep < 1:
         raise cli.UserError('-r/--rep {}: must be >= 1'.format(args.rep))
+    refine_options = cli.refine_settings(args)
     if args.gpu != '-1':
         os.environ.setdefault('CUDA_VISIBLE_DEVICES', args.gpu)
     from data_util.dataset import Dataset
@@ -153,6 +167,8 @@ def main(argv=None):
         prefix_name += '-rep{}'.format(args.rep)
     if args.name:
         prefix_name += '-' + args.name
+    if args.refine:
+        prefix_name += '-refine{}{}'.format(args.refine, '-diffeomorphic' if args.diffeomorphic else '')
     if args.all_pairs:
         prefix_name += '-all_pairs'
     outputs = {s: os.path.join(args.eval_output_dir, '{}-{}'.format(prefix_name, s)) for s in subsets}
@@ -174,13 +190,18 @@ def main(argv=None):
             prefix, dataset.image_size, seg_values, args.rep, args.flow_multiplier, args.net_args)
         print('Evaluating {} ({:,} parameters, warp: {})'.format(prefix, framework.parameter_count,
                                                                   spatial_transformer.warp_impl()))
+        refiner = None
+        if args.refine:
+            from network.refine import Refiner
+            refiner = Refiner(dataset.image_size, **refine_options)
         for subset, base in outputs.items():
-            records = evaluate(sess, framework, dataset, subset, args.batch)
+            records = evaluate(sess, framework, dataset, subset, args.batch, args.refine, refiner)
             summary, per_class = summarize(records, framework.class_names)
             cli.write_atomic(base + '.txt', report_text(records, summary))
             cli.write_json(base + '.json', {
                 'checkpoint': prefix, 'dataset': dataset_path, 'subset': subset, 'rep': args.rep or run_args.get('rep', 1),
                 'parameters': framework.parameter_count, 'warp': spatial_transformer.warp_impl(),
+                'refinement': dict(refine_options, iterations=args.refine) if args.refine else None,
                 'summary': summary, 'per_class': per_class, 'pairs': records})
             print('{}: Dice {:.4f} ({:.4f}), Jacc {:.4f}, landmark {:.3f}, Jacobian std {:.4f}, folding {:.5f}, '
                   '{:.3f} s/pair -> {}.txt'.format(subset, summary['dice']['mean'], summary['dice']['std'],

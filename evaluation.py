@@ -73,6 +73,9 @@ def summarize(records, class_names):
     summary = {m: {'mean': nanmean([r[m] for r in records]), 'std': nanstd([r[m] for r in records])}
                for m in METRICS}
     summary['seconds_per_pair'] = float(np.median([r['seconds'] for r in records]))
+    if all('seconds_refine' in r for r in records):
+        summary['seconds_refine_per_pair'] = float(np.median([r['seconds_refine'] for r in records]))
+        summary['seconds_per_iteration'] = float(np.median([r['refinement']['seconds_per_iteration'] for r in records]))
     per_class = {}
     if class_names:
         for k, name in enumerate(class_names):

@@ -68,7 +68,7 @@ EXTENSION_FORMATS = (('.nii.gz', 'nii.gz'), ('.nii', 'nii'), ('.mha', 'mha'), ('
                      ('.nrrd', 'nrrd'), ('.nhdr', 'nrrd'))
 REPORT = 'predict.json'
 OUTPUTS = ('warped', 'field', 'seg', 'preview')
-SUMMARY_STAGES = ('read', 'preprocess', 'network', 'resample', 'write')
+SUMMARY_STAGES = ('read', 'preprocess', 'network', 'refine', 'resample', 'write')
 
 
 def build_parser():
@@ -121,6 +121,7 @@ def build_parser():
                    help='instead of registering: write the frozen inference graph of -c into DIR')
     p.add_argument('--export_warp', choices=('tf', 'op'), default='tf',
                    help='warp inside the export: tf (portable, default) or op (compiled op, needs it to load)')
+    cli.add_refine_flags(p)
     return p
 
 
@@ -235,6 +236,7 @@ def check_args(args):
     if unknown or not wanted:
         raise cli.UserError('--outputs {!r}: choose from {}'.format(args.outputs, ','.join(OUTPUTS)))
     args.outputs = wanted
+    args.refine_options = cli.refine_settings(args)
 
 
 def open_model(args, network):
@@ -272,17 +274,22 @@ def predict_pair(args, pair, network):
     clock = registration.Stopwatch()
     images, preprocessed = read_pair(pair, options, clock)
     with clock.stage('load_model'):
-        model = registration.Model(open_network(), options)
-    return register_and_write(model, pair, images, preprocessed, args.output, args, fmt, clock)
+        model = registration.Model(open_network(), options, threads=args.threads)
+    return register_and_write(model, pair, images, preprocessed, args.output, args, fmt, clock, progress=True)
 
 
-def register_and_write(model, pair, images, preprocessed, output, args, fmt, clock):
+def register_and_write(model, pair, images, preprocessed, output, args, fmt, clock, progress=False):
     """Register a read pair and write the outputs args.outputs asks for into ``output`` (through a
-    staging directory); returns the pair's report (also written as predict.json)."""
+    staging directory); returns the pair's report (also written as predict.json). progress: a
+    progress bar over the refinement's iterations (--refine)."""
     import SimpleITK as sitk
     from data_util.geometry import warp_labels
+    bar = cli.progress(args.refine, 'refining', 'iteration') if progress and args.refine else None
     result = model.register(images['fixed'], images['moving'], images.get('moving_seg'), images.get('fixed_seg'),
-                            args.default_value, args.field_dtype, preprocessed=preprocessed, clock=clock)
+                            args.default_value, args.field_dtype, preprocessed=preprocessed, clock=clock,
+                            refine=args.refine, progress=bar and (lambda i: bar.update()), **args.refine_options)
+    if bar:
+        bar.close()
     fixed, moving = images['fixed'], images['moving']
     extension = FORMATS[fmt]
     outputs = {}
@@ -412,7 +419,7 @@ def predict_batch(args, pairs, network):
     records = {p.id: {'id': p.id, 'status': 'done before', 'report': os.path.join(p.id, REPORT)}
                for p in pairs if p not in todo}
     start = time.perf_counter()
-    model = registration.Model(open_network(), options) if todo else None
+    model = registration.Model(open_network(), options, threads=args.threads) if todo else None
     load_seconds = time.perf_counter() - start
 
     def prepare(pair):

@@ -40,7 +40,7 @@ import cli
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'lpba40-ldr')
 PREPROCESSING_KEYS = ('modality', 'percentiles', 'window', 'threshold', 'margin', 'field_of_view')
-STAGES = ('read', 'load_model', 'preprocess', 'network', 'resample', 'write')
+STAGES = ('read', 'load_model', 'preprocess', 'network', 'refine', 'resample', 'write')
 
 
 class Stopwatch:
@@ -257,21 +257,36 @@ class Model:
     volumes [N, N, N] -> flow [N, N, N, 3]); preprocessing: `preprocessing_options` of the pairs.
     """
 
-    def __init__(self, network, preprocessing, load_seconds=None):
+    def __init__(self, network, preprocessing, load_seconds=None, threads=None):
         self.network = network
         self.preprocessing = preprocessing
         self.image_size = network.image_size
         self.info = network.info
         self.load_seconds = load_seconds
+        self.threads = threads
+        self.refiners = {}
+
+    def refiner(self, **settings):
+        """The `network.refine.Refiner` of these settings, built once per model."""
+        key = tuple(sorted(settings.items()))
+        if key not in self.refiners:
+            from network.refine import Refiner
+            try:
+                self.refiners[key] = Refiner([self.image_size] * 3, threads=self.threads, **settings)
+            except ValueError as e:
+                raise cli.UserError(str(e))
+        return self.refiners[key]
 
     def register(self, fixed, moving, moving_seg=None, fixed_seg=None, default_value=0.0, field_dtype='float64',
-                 preprocessed=None, clock=None):
+                 preprocessed=None, clock=None, refine=0, progress=None, **refine_settings):
         """Register ``moving`` to ``fixed`` (sitk.Images or paths; see the module doc).
 
         moving_seg: label map of the moving image, warped along; fixed_seg: label map of the
         fixed image, for Dice per label against the warped one (both needed for Dice).
         preprocessed: `preprocess_pair` of these images with this model's preprocessing, when
-        already computed. clock: a `Stopwatch` to add this call's stages to.
+        already computed. clock: a `Stopwatch` to add this call's stages to. refine: iterations
+        of instance optimisation after the network (network/refine.py; refine_settings: factor,
+        window, weight, learning_rate, diffeomorphic, squarings); progress(i) after each.
         Returns a `Result`.
         """
         import SimpleITK as sitk
@@ -295,10 +310,15 @@ class Model:
         expected = (self.image_size,) * 3 + (3,)
         if flow.shape != expected:
             raise cli.UserError('the model returned a flow of shape {}, expected {}'.format(flow.shape, expected))
+        refinement = None
+        if refine:
+            refiner = self.refiner(**refine_settings)
+            with clock.stage('refine'):
+                flow, refinement = refiner.refine(fixed_volume, moving_volume, flow, refine, progress)
         report = {'model': self.info, 'image_size': self.image_size,
                   'preprocessing': dict(self.preprocessing, percentiles=list(self.preprocessing['percentiles']),
                                         window=list(self.preprocessing['window'])),
-                  'default_value': default_value, 'field_dtype': field_dtype,
+                  'default_value': default_value, 'field_dtype': field_dtype, 'refinement': refinement,
                   'fixed_geometry': geometry_record(fixed), 'moving_geometry': geometry_record(moving),
                   'preprocessed_grids': {'fixed': _geometry_dict(fixed_geometry), 'moving': _geometry_dict(moving_geometry)},
                   'field_convention': 'u(x) = x_moving - x_fixed in mm, components along physical x, y, z (LPS, '
@@ -351,4 +371,4 @@ def load_model(source=None, image_size=None, rep=None, threads=2, tf_warp=False,
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     start = time.perf_counter()
     network = open_network()
-    return Model(network, options, time.perf_counter() - start)
+    return Model(network, options, time.perf_counter() - start, threads)

@@ -1,17 +1,19 @@
 """Instance optimisation (SPEC section 10): a few Adam steps on one pair after the network.
 
 The network runs once; then a residual displacement r, held on a grid coarser than the image by
-``factor`` (a power of 2) and upsampled linearly, is added to the network's composed flow and
-optimised for the pair:
+``factor`` (a power of 2), is optimised for the pair on that coarse grid: the images are averaged
+down by ``factor`` (so an iteration costs ~1/factor^3 of one at full resolution), the network's
+flow likewise (and divided by factor: coarse voxels), and
 
-    flow = network_flow + up(r)                      (default)
-    flow = phi + warp(network_flow, phi),  phi = exp(up(r))   (diffeomorphic: r is a stationary
-                                                      velocity, integrated by scaling and squaring,
-                                                      composed with the network's flow as cascades are)
+    flow_c = net_c + r                                (default)
+    flow_c = phi + warp(net_c, phi),  phi = exp(r)    (diffeomorphic: r is a stationary velocity,
+                                                       integrated by scaling and squaring, composed
+                                                       with the network's flow as cascades are)
 
-minimising 1 - mean LNCC(fixed, warp(moving, flow)) + weight * diffusion(up(r)). r starts at 0,
-so the first iterate is the network's own flow. Everything is in voxels of the fixed grid, images
-in 0..1, [B, X, Y, Z, C] like the rest of network/.
+minimises 1 - mean LNCC(fixed_c, warp(moving_c, flow_c)) + weight * diffusion(r). r starts at 0,
+so the first iterate is the network's own flow. The result at full resolution is the network's
+flow plus factor * up(r) (diffeomorphic: the composition with factor * up(phi)), up = linear
+upsampling. Everything is in voxels, images in 0..1, [B, X, Y, Z, C] like the rest of network/.
 
 LNCC over a cubic window of w voxels: the windowed sums S(a) of F, W, F^2, W^2 and F W (box sums
 by cumulative sums along each axis, zeros outside the volume) give cross = S(FW) - S(F) S(W) / n,
@@ -23,16 +25,12 @@ import time
 import numpy as np
 
 from .layers import upsample_linear2
+from .refine_config import RefineSettings
 from .spatial_transformer import warp
 from .tfv1 import tf
 
-DEFAULT_ITERATIONS = 50
-DEFAULT_FACTOR = 2
-DEFAULT_WINDOW = 7
-DEFAULT_WEIGHT = 1.0
-DEFAULT_LEARNING_RATE = 0.2
-DEFAULT_SQUARINGS = 7
 LNCC_EPS = 1e-5
+DEFAULTS = RefineSettings()
 
 
 def box_sum(x, width):
@@ -53,7 +51,7 @@ def box_sum(x, width):
     return x
 
 
-def lncc(fixed, warped, width=DEFAULT_WINDOW, eps=LNCC_EPS):
+def lncc(fixed, warped, width=DEFAULTS.window, eps=LNCC_EPS):
     """Mean local normalised cross-correlation cc in [0, 1] per sample: [B, X, Y, Z, 1] x 2 -> [B]."""
     n = float(width ** 3)
     sums = box_sum(tf.concat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], -1), width)
@@ -78,7 +76,7 @@ def diffusion(field):
     return tf.add_n(terms) / 3.0
 
 
-def integrate_velocity(velocity, squarings=DEFAULT_SQUARINGS):
+def integrate_velocity(velocity, squarings=DEFAULTS.squarings):
     """exp(v) by scaling and squaring: u = v / 2^K, then K times u <- u + warp(u, u).
     [B, X, Y, Z, 3] voxels -> the displacement of the flow at time 1 (exactly v for a constant v)."""
     u = velocity / float(2 ** squarings)
@@ -95,14 +93,21 @@ def upsample(field, factor):
     return field
 
 
-class Refiner:
-    """The refinement graph for one image size and setting, in a graph of its own; ``refine``
-    runs it on a pair. factor: coarse-grid factor (1, 2, 4, ...); window: LNCC width (odd);
-    weight: diffusion weight; learning_rate: Adam's, in voxels."""
+def downsample(volume, factor):
+    """Means over blocks of factor^3 voxels: [B, X, Y, Z, C] -> [B, X/f, Y/f, Z/f, C]."""
+    if factor == 1:
+        return volume
+    window = [1, factor, factor, factor, 1]
+    return tf.nn.avg_pool3d(volume, window, window, 'VALID')
 
-    def __init__(self, image_size, factor=DEFAULT_FACTOR, window=DEFAULT_WINDOW, weight=DEFAULT_WEIGHT,
-                 learning_rate=DEFAULT_LEARNING_RATE, diffeomorphic=False, squarings=DEFAULT_SQUARINGS,
-                 threads=None):
+
+class Refiner:
+    """The refinement graph for one image size and `RefineSettings`, in a graph of its own;
+    ``refine`` runs it on a pair."""
+
+    def __init__(self, image_size, factor=DEFAULTS.factor, window=DEFAULTS.window, weight=DEFAULTS.weight,
+                 learning_rate=DEFAULTS.learning_rate, diffeomorphic=DEFAULTS.diffeomorphic,
+                 squarings=DEFAULTS.squarings, threads=None):
         size = [int(s) for s in image_size]
         if factor < 1 or factor & (factor - 1) or any(s % factor for s in size):
             raise ValueError('refinement factor {} must be a power of 2 dividing the image size {}'.format(
@@ -119,15 +124,18 @@ class Refiner:
             self.network_flow = tf.placeholder(tf.float32, shape + [3], name='network_flow')
             coarse = [1] + [s // factor for s in size] + [3]
             self.residual = tf.Variable(tf.zeros(coarse), name='residual')
-            field = upsample(self.residual, factor)
+            network_coarse = downsample(self.network_flow, factor) / float(factor)
             if diffeomorphic:
-                phi = integrate_velocity(field, squarings)
-                self.flow = phi + warp(self.network_flow, phi)
+                phi = integrate_velocity(self.residual, squarings)
+                flow_coarse = phi + warp(network_coarse, phi)
+                phi_full = upsample(phi, factor) * float(factor)
+                self.flow = phi_full + warp(self.network_flow, phi_full)
             else:
-                self.flow = self.network_flow + field
-            warped = warp(self.moving, self.flow)
-            self.similarity = 1.0 - lncc(self.fixed, warped, window)[0]
-            self.loss = self.similarity + weight * diffusion(field)[0]
+                flow_coarse = network_coarse + self.residual
+                self.flow = self.network_flow + upsample(self.residual, factor) * float(factor)
+            warped = warp(downsample(self.moving, factor), flow_coarse)
+            self.similarity = 1.0 - lncc(downsample(self.fixed, factor), warped, window)[0]
+            self.loss = self.similarity + weight * diffusion(self.residual)[0]
             optimizer = tf.train.AdamOptimizer(learning_rate)
             self.step = optimizer.minimize(self.loss, var_list=[self.residual])
             self.reset = tf.variables_initializer([self.residual] + optimizer.variables())
