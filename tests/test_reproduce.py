@@ -173,7 +173,7 @@ def test_lpba40_preset_plans_seeds_and_all_pairs(tmp_path):
     evaluation on the atlas pairs and one on all pairs per run, and CPU-hour estimates."""
     args = reproduce.resolve_args(reproduce.build_parser().parse_args(
         ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'identity', 'ants_syn']))
-    assert (args.steps, args.lr, args.seeds, args.all_pairs, args.name) == (6000, 1e-3, [1, 2], True, 'lpba40')
+    assert (args.steps, args.lr, args.seeds, args.all_pairs, args.name) == (6000, 5e-4, [1, 2], True, 'lpba40')
     ctx = reproduce.Context(args)
     ctx.skipped_baselines = {}
     names = [s.name for s in reproduce.plan(ctx)]
