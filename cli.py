@@ -238,6 +238,10 @@ def refine_settings(args):
         raise UserError('--refine_lr {}: a positive learning rate'.format(args.refine_lr))
     if args.squarings < 0:
         raise UserError('--squarings {}: a number >= 0'.format(args.squarings))
+    if args.refine_factor < 1 or args.refine_factor & (args.refine_factor - 1):
+        raise UserError('--refine_factor {}: a power of 2'.format(args.refine_factor))
+    if args.refine_window < 3 or args.refine_window % 2 == 0:
+        raise UserError('--refine_window {}: an odd number of voxels, at least 3'.format(args.refine_window))
     return {'factor': args.refine_factor, 'window': args.refine_window, 'weight': args.refine_weight,
             'learning_rate': args.refine_lr, 'diffeomorphic': args.diffeomorphic, 'squarings': args.squarings}
 

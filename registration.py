@@ -271,10 +271,7 @@ class Model:
         key = tuple(sorted(settings.items()))
         if key not in self.refiners:
             from network.refine import Refiner
-            try:
-                self.refiners[key] = Refiner([self.image_size] * 3, threads=self.threads, **settings)
-            except ValueError as e:
-                raise cli.UserError(str(e))
+            self.refiners[key] = Refiner([self.image_size] * 3, threads=self.threads, **settings)
         return self.refiners[key]
 
     def register(self, fixed, moving, moving_seg=None, fixed_seg=None, default_value=0.0, field_dtype='float64',

@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from errors import ConfigError
+
 from .layers import upsample_linear2
 from .refine_config import RefineSettings
 from .spatial_transformer import warp
@@ -110,10 +112,10 @@ class Refiner:
                  squarings=DEFAULTS.squarings, threads=None):
         size = [int(s) for s in image_size]
         if factor < 1 or factor & (factor - 1) or any(s % factor for s in size):
-            raise ValueError('refinement factor {} must be a power of 2 dividing the image size {}'.format(
+            raise ConfigError('refinement factor {} must be a power of 2 dividing the image size {}'.format(
                 factor, 'x'.join(map(str, size))))
         if window < 3 or window % 2 == 0:
-            raise ValueError('LNCC window {} must be odd and at least 3'.format(window))
+            raise ConfigError('LNCC window {} must be odd and at least 3'.format(window))
         self.settings = {'factor': factor, 'window': window, 'weight': weight, 'learning_rate': learning_rate,
                          'diffeomorphic': diffeomorphic, 'squarings': squarings if diffeomorphic else None}
         self.graph = tf.Graph()

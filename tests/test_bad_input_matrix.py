@@ -114,6 +114,10 @@ CASES = [
     Case('predict-window-of-no-width', 'predict.py', given(*PREDICT, '--modality', 'ct', '--window', '50', '0'),
          '--window 50 0: need a finite LEVEL and a WIDTH > 0'),
     Case('predict-nan-margin', 'predict.py', given(*PREDICT, '--margin', 'nan'), '--margin nan'),
+    Case('predict-refine-factor-three', 'predict.py', given(*PREDICT, '--refine', '5', '--refine_factor', '3'),
+         '--refine_factor 3: a power of 2'),
+    Case('eval-even-refine-window', 'eval.py', given(*EVAL, '--refine', '5', '--refine_window', '4'),
+         '--refine_window 4: an odd number'),
 
     Case('convert-unreadable-nifti', CONVERTER, given(*CONVERT, '--images', 'garbage.nii.gz'),
          'garbage.nii.gz: cannot read image'),
