@@ -32,6 +32,16 @@ def error_lines(proc):
 
 
 @pytest.fixture(scope='session')
+def tiny_run(synthetic_spec, tmp_path_factory):
+    """A 2-step LDR run at 64^3 on the synthetic set: a model to test plumbing with, not accuracy."""
+    directory = tmp_path_factory.mktemp('tiny')
+    proc = run_script('train.py', '-b', 'LDR', '-n', '1', '-d', synthetic_spec, '--round', '2', '--epochs', '1',
+                      '--batch', '1', '--output', 'tiny', '--val_steps', '0', cwd=directory)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return directory / 'weights' / 'tiny'
+
+
+@pytest.fixture(scope='session')
 def synthetic_spec(tmp_path_factory):
     """A small synthetic liver-like data set at 64^3 (8 train, 2 val, 2 test scans): spec path."""
     from data_util.synthetic import make_synthetic

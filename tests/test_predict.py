@@ -206,16 +206,6 @@ def test_failure_leaves_nothing_and_force_replaces(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == sorted(before + ['out'])
 
 
-@pytest.fixture(scope='module')
-def tiny_run(synthetic_spec, tmp_path_factory):
-    """A 2-step LDR run at 64^3 (registration quality is not what these tests check)."""
-    directory = tmp_path_factory.mktemp('tiny')
-    proc = run_script('train.py', '-b', 'LDR', '-n', '1', '-d', synthetic_spec, '--round', '2', '--epochs', '1',
-                      '--batch', '1', '--output', 'tiny', '--val_steps', '0', cwd=directory)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return directory / 'weights' / 'tiny'
-
-
 @pytest.mark.slow
 def test_lpba40_pair_writes_every_output(tiny_run, tmp_path):
     if not os.path.isdir(LPBA40):

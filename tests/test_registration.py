@@ -5,17 +5,11 @@ import SimpleITK as sitk
 
 import cli
 import registration
-from conftest import run_script
 
 
-@pytest.fixture(scope='module')
-def run(synthetic_spec, tmp_path_factory):
-    """A 2-step LDR run at 64^3 (what these tests check is the plumbing, not the accuracy)."""
-    directory = tmp_path_factory.mktemp('api')
-    proc = run_script('train.py', '-b', 'LDR', '-n', '1', '-d', synthetic_spec, '--round', '2', '--epochs', '1',
-                      '--batch', '1', '--output', 'api', '--val_steps', '0', cwd=directory)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return str(directory / 'weights' / 'api')
+@pytest.fixture
+def run(tiny_run):
+    return str(tiny_run)
 
 
 def _pair():

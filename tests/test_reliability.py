@@ -70,19 +70,25 @@ def test_exploding_training_stops_with_one_line_and_keeps_checkpoints(synthetic_
     assert 'last good checkpoint' in lines[0] and kept and max(kept) < 40
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_continues_from_the_newest_complete_checkpoint(synthetic_spec, tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '-b', 'LDR', '-d', synthetic_spec, '--batch', '1',
-           '--round', '1000', '--epochs', '1', '--output', 'killed', '--val_steps', '0', '--save_steps', '3',
-           '--print_steps', '1', '--seed', '2']
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run_dir = tmp_path / 'weights' / 'killed'
+def _train_then_kill(tmp_path, run, step, flags):
+    """Start train.py --output RUN with flags, SIGKILL it once model-STEP is complete; the run dir."""
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '--output', run] + flags
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / 'weights' / run
     deadline = time.time() + 300
-    while time.time() < deadline and not (run_dir / 'model-6.complete').exists():
-        time.sleep(0.2)
+    while time.time() < deadline and not (run_dir / 'model-{}.complete'.format(step)).exists():
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return run_dir
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_continues_from_the_newest_complete_checkpoint(synthetic_spec, tmp_path):
+    run_dir = _train_then_kill(tmp_path, 'killed', 6, [
+        '-b', 'LDR', '-d', synthetic_spec, '--batch', '1', '--round', '1000', '--epochs', '1', '--val_steps', '0',
+        '--save_steps', '3', '--print_steps', '1', '--seed', '2'])
     kept = cli.list_checkpoints(str(run_dir))
     assert kept and min(kept) >= 3, 'no complete checkpoint before the kill'
     newest = max(kept)
@@ -98,17 +104,10 @@ def test_kill_9_then_resume_continues_from_the_newest_complete_checkpoint(synthe
 def test_bare_resume_keeps_every_setting_of_the_run(synthetic_spec, tmp_path):
     """A run started with non-default flags, killed, and resumed with -c alone goes on with its
     own batch, schedule, learning rate, seed and checkpoint interval (not train.py's defaults)."""
+    run_dir = _train_then_kill(tmp_path, 'settings', 4, [
+        '-b', 'LDR', '-d', synthetic_spec, '--batch', '1', '--round', '200', '--epochs', '0.05', '--lr', '5e-4',
+        '--val_steps', '0', '--save_steps', '4', '--print_steps', '1', '--seed', '3', '--no_augment'])
     env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '-b', 'LDR', '-d', synthetic_spec, '--batch', '1',
-           '--round', '200', '--epochs', '0.05', '--lr', '5e-4', '--output', 'settings', '--val_steps', '0',
-           '--save_steps', '4', '--print_steps', '1', '--seed', '3', '--no_augment']
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run_dir = tmp_path / 'weights' / 'settings'
-    deadline = time.time() + 300
-    while time.time() < deadline and not (run_dir / 'model-4.complete').exists():
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     newest = max(cli.list_checkpoints(str(run_dir)))
     assert newest in (4, 8), newest
     resumed = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), '-c', str(run_dir)], cwd=tmp_path,
