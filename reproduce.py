@@ -86,7 +86,7 @@ PRESETS = {
     'lpba40': {'dataset': os.path.join(ROOT, 'datasets', 'lpba.json'),
                'lpba40': LPBA40_DIR if os.path.isdir(LPBA40_DIR) else None, 'name': 'lpba40',
                'steps': 6000, 'teacher_steps': 8000, 'batch': 1, 'lr': 5e-4, 'teacher_lr': 1e-4, 'val_steps': 500,
-               'seeds': [1, 2], 'seed': 1, 'all_pairs': True,
+               'seeds': [1, 2], 'seed': 1, 'all_pairs': True, 'refine': 25,
                'train_flags': ['--data_args', "train_pairs='all'", '--augment_affine', '10', '0.05', '4'],
                'seconds_per_step': {'ldr': 0.30, 'teacher': 0.49, 'aldk': 0.95, 'l2': 0.75, 'voxelmorph': 0.45}},
 }
@@ -95,6 +95,7 @@ ECHO_PREFIXES = ('step ', 'validation at', 'Finished', 'Graph built', 'Distillat
 FIGURE_PAIRS = 4
 SAVE_STEPS = 500          # a training stage cut off by the end of a session loses at most this many steps
 ALL_PAIRS_BASELINES = ('identity', 'ants_syn')   # ANTs SyNCC and Elastix would take hours on 72 pairs
+REFINED = ('ldr', 'aldk')                           # the students --refine evaluates with refinement too
 
 
 class Context:
@@ -206,21 +207,25 @@ def train_stage(ctx, method, n, seed):
                  method=method, cascades=n, run=run, steps=steps, seed=seed, cpu_hours=hours or None)
 
 
-def eval_stage(ctx, method, n, seed, all_pairs=False):
-    """eval.py on the subset's pairs (all_pairs: every ordered pair among its scans, despite an atlas)."""
+def eval_stage(ctx, method, n, seed, all_pairs=False, refine=0):
+    """eval.py on the subset's pairs (all_pairs: every ordered pair among its scans, despite an
+    atlas; refine: that many iterations of instance optimisation after the network)."""
     a = ctx.args
     run = run_name(ctx, method, n, seed)
     command = script('eval.py', '-c', os.path.join('weights', run), '-d', ctx.spec, '-v', a.subset,
                      '--eval_output_dir', 'evaluate', '--force')
     if a.paired:
         command.append('--paired')
+    if refine:
+        command += ['--refine', str(refine)]
     if all_pairs:
         command.append('--all_pairs')
-    suffix = '-all_pairs' if all_pairs else ''
+    suffix = ('-refine{}'.format(refine) if refine else '') + ('-all_pairs' if all_pairs else '')
     return Stage('eval-' + run + suffix, 'eval', command, [os.path.join('evaluate', '{}-{}{}-{}.json'.format(
         run, a.teacher_steps if method == 'teacher' else a.steps, suffix, a.subset))],
-        'evaluate {} on {}{}'.format(run, a.subset, ' (all pairs)' if all_pairs else ''),
-        method=method, cascades=n, run=run, seed=seed, all_pairs=all_pairs)
+        'evaluate {} on {}{}{}'.format(run, a.subset, ' (all pairs)' if all_pairs else '',
+                                       ' with {} refinement iterations'.format(refine) if refine else ''),
+        method=method, cascades=n, run=run, seed=seed, all_pairs=all_pairs, refine=refine)
 
 
 def baseline_stage(ctx, method, all_pairs=False):
@@ -310,6 +315,8 @@ def plan(ctx):
                 stages.append(eval_stage(ctx, method, n, seed))
                 if a.all_pairs:
                     stages.append(eval_stage(ctx, method, n, seed, all_pairs=True))
+                if a.refine and method in REFINED:
+                    stages.append(eval_stage(ctx, method, n, seed, refine=a.refine))
             if method == 'teacher' and a.teacher_flows == 'offline' and any(LEARNED[m][2] for m in a.methods):
                 stages.append(flows_stage(ctx, n))
     for method in a.baselines:
@@ -442,14 +449,19 @@ def method_entries(ctx, stages, records):
             entry.update({'status': 'not installed', 'reason': ctx.skipped_baselines[method]})
         entries[method] = add_evaluations(ctx, entry, evaluations, records)
     for stage in stages:
-        if stage.kind == 'train':
-            key = '{}-{}'.format(stage.info['method'], stage.info['cascades'])
-            if key not in entries:
-                evaluations = [s for s in stages if s.kind == 'eval' and s.info['method'] == stage.info['method']
-                               and s.info['cascades'] == stage.info['cascades']]
-                entry = {'label': LEARNED[stage.info['method']][0], 'method': stage.info['method'],
-                         'cascades': stage.info['cascades'], 'kind': 'learned', 'status': 'pending'}
-                entries[key] = add_evaluations(ctx, entry, evaluations, records)
+        if stage.kind != 'train':
+            continue
+        method, n = stage.info['method'], stage.info['cascades']
+        for refine in sorted({s.info.get('refine', 0) for s in stages if s.kind == 'eval' and s.info['method'] == method}):
+            key = '{}{}-{}'.format(method, '+refine' if refine else '', n)
+            if key in entries:
+                continue
+            evaluations = [s for s in stages if s.kind == 'eval' and s.info['method'] == method
+                           and s.info['cascades'] == n and s.info.get('refine', 0) == refine]
+            label = LEARNED[method][0] + (' + {} refinement iterations'.format(refine) if refine else '')
+            entry = {'label': label, 'method': method, 'cascades': n, 'kind': 'learned', 'status': 'pending',
+                     'refine': refine}
+            entries[key] = add_evaluations(ctx, entry, evaluations, records)
     return entries
 
 
@@ -843,6 +855,9 @@ def build_parser():
     p.add_argument('--all_pairs', action='store_true',
                    help='also evaluate on every ordered pair among the subset\'s scans (eval.py --all_pairs), '
                         'e.g. the 72 inter-subject pairs of LPBA40\'s test scans')
+    p.add_argument('--refine', type=int, default=0, metavar='N',
+                   help='also evaluate the LDR and LDR + ALDK students with N iterations of instance optimisation '
+                        '(eval.py --refine N; rows "<method> + N refinement iterations")')
     p.add_argument('--preset', choices=sorted(PRESETS),
                    help='a named recipe filling every setting not given (see PRESETS): lpba40 = the LPBA40 '
                         'protocol at 128^3, 1 cascade, every method at 2 seeds, all-pairs evaluation, results in '
@@ -859,7 +874,7 @@ def build_parser():
 
 CONFIG_KEYS = ('demo', 'dataset', 'steps', 'teacher_steps', 'batch', 'lr', 'teacher_lr', 'subset', 'paired', 'teacher_flows',
                'student_net_args', 'seed', 'image_size', 'demo_scans', 'demo_test', 'threads', 'seeds', 'all_pairs',
-               'train_flags')
+               'train_flags', 'refine')
 
 
 def resolve_args(args):

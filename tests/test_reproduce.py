@@ -179,7 +179,10 @@ def test_lpba40_preset_plans_seeds_and_all_pairs(tmp_path):
     names = [s.name for s in reproduce.plan(ctx)]
     assert 'teacher-1' in names and 'teacher-1-s1' not in names
     assert {'ldr-1-s1', 'ldr-1-s2', 'aldk-1-s2', 'eval-aldk-1-s2', 'eval-aldk-1-s2-all_pairs',
-            'baseline-ants_syn-all_pairs'} <= set(names)
+            'eval-ldr-1-s1-refine25', 'baseline-ants_syn-all_pairs'} <= set(names)
+    assert 'eval-teacher-1-refine25' not in names
+    entries = reproduce.method_entries(ctx, reproduce.plan(ctx), {})
+    assert entries['ldr+refine-1']['label'] == 'LDR + 25 refinement iterations' and entries['ldr-1']['refine'] == 0
     train = {s.name: s for s in reproduce.plan(ctx) if s.kind == 'train'}
     assert train['ldr-1-s2'].command[train['ldr-1-s2'].command.index('--seed') + 1] == '2'
     assert "train_pairs='all'" in train['teacher-1'].command
