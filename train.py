@@ -185,7 +185,7 @@ def build_framework(args, net_args, image_size, dataset, devices):
     from network.framework import Framework
     if not (args.aldk or args.distill != 'none'):
         return Framework(net_args, image_size, dataset.segmentation_class_value, devices, augment=not args.no_augment,
-                         affine_augment=affine_range(args))
+                         affine_augment=affine_range(args), augment_seed=args.seed)
     from network.aldk import DistillFramework
     teacher = load_teacher(args.teacher, image_size) if args.teacher else None
     if args.pretrained_flow_path and not (args.no_augment and args.augment_affine is None):
@@ -196,7 +196,7 @@ def build_framework(args, net_args, image_size, dataset, devices):
                                  stored_flows=bool(args.pretrained_flow_path), beta=args.beta, gamma=args.gamma,
                                  lamb=args.lamb, critic_every=args.critic_every,
                                  critic_lr_factor=args.critic_lr_factor, critic_units=args.critic_units,
-                                 affine_augment=affine_range(args))
+                                 affine_augment=affine_range(args), augment_seed=args.seed)
     source = ('teacher {} ({:,} parameters, frozen, not saved)'.format(args.teacher, teacher.parameter_count)
               if teacher else 'teacher flows of {}'.format(args.pretrained_flow_path))
     print('Distillation: {}, {}, beta {} gamma {} lamb {}{}'.format(
@@ -246,6 +246,10 @@ def main(argv=None):
             setattr(args, k, v)
     check_distill_args(args)
     check_values(args)
+    if args.seed is None and not resuming:
+        # every new run is seeded (and the seed stored), so that a resumed run replays its data
+        # order and augmentation exactly
+        args.seed = int.from_bytes(os.urandom(4), 'little') % 2 ** 31
     if args.augment_affine is not None:
         if args.no_augment:
             raise cli.UserError('--no_augment turns augmentation off; it cannot go with --augment_affine')
@@ -318,9 +322,9 @@ def main(argv=None):
                 cli.write_json(os.path.join(run_dir, 'args.json'), stored)
                 writer = tf.summary.FileWriter(log_dir, sess.graph if step == 0 else None)
             total = int(round(args.epochs * args.round))
-            # a resumed run continues with a fresh data order (seed + step), not a replay of the first pairs
-            generator = dataset.generator(train_scheme, batch_size=args.batch, loop=True,
-                                          seed=None if args.seed is None else args.seed + step)
+            # a resumed run goes on with the order the uninterrupted one would have drawn
+            generator = dataset.generator(train_scheme, batch_size=args.batch, loop=True, seed=args.seed,
+                                          skip=step if resuming else 0)
             if store is not None:
                 from data_util.flow_store import with_teacher_flows
                 generator = with_teacher_flows(generator, store, args.batch)

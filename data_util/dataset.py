@@ -588,7 +588,7 @@ class Dataset:
         batch['id2'] = np.array([b for _, b in pairs], dtype=str)
         return batch
 
-    def generator(self, subset, batch_size=None, loop=False, shuffle=None, seed=None):
+    def generator(self, subset, batch_size=None, loop=False, shuffle=None, seed=None, skip=0):
         """Yields batches of pairs of a scheme key (1 = training, 2 = validation, or a named
         scheme) or a subset name.
 
@@ -603,7 +603,8 @@ class Dataset:
         each batch element picks one of the scheme's
         subsets with probability proportional to its fraction and takes that subset's next
         pair; a subset's pairs are reshuffled at every pass (shuffle defaults to loop).
-        `seed` makes the order reproducible.
+        `seed` makes the order reproducible; with loop=True, `skip` batches of that order are
+        passed over without reading any scan (a resumed training run goes on where it stopped).
         """
         batch_size = self.batch_size if batch_size is None else batch_size
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -622,14 +623,17 @@ class Dataset:
         for (name, _), pairs in zip(fractions, pair_lists):
             if not pairs:
                 raise DataError('subset {!r} of {!r} has no pairs'.format(name, subset))
-        return self._endless_batches(pair_lists, [f for _, f in fractions], batch_size,
-                                     shuffle, rng)
+        stream = self._endless_pairs(pair_lists, [f for _, f in fractions], batch_size, shuffle, rng)
+        for _ in range(skip):
+            next(stream)
+        return (self._batch(pairs) for pairs in stream)
 
     def _finite_batches(self, pairs, batch_size):
         for start in range(0, len(pairs), batch_size):
             yield self._batch(pairs[start:start + batch_size])
 
-    def _endless_batches(self, pair_lists, fractions, batch_size, shuffle, rng):
+    def _endless_pairs(self, pair_lists, fractions, batch_size, shuffle, rng):
+        """Endless lists of batch_size pairs (only the draws; `_batch` reads the scans)."""
         probabilities = np.asarray(fractions, np.float64) / np.sum(fractions)
 
         def cycle(pairs):
@@ -641,4 +645,4 @@ class Dataset:
         streams = [cycle(pairs) for pairs in pair_lists]
         while True:
             choices = rng.choice(len(streams), size=batch_size, p=probabilities)
-            yield self._batch([next(streams[c]) for c in choices])
+            yield [next(streams[c]) for c in choices]

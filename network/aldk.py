@@ -246,7 +246,8 @@ class DistillFramework(Framework):
     def __init__(self, net_args, image_size, segmentation_class_value=None, devices=('/cpu:0',),
                  augment=True, method='aldk', teacher=None, stored_flows=False, beta=0.1, gamma=0.3,
                  lamb=0.1, critic_every=DEFAULT_CRITIC_EVERY, critic_lr_factor=DEFAULT_CRITIC_LR_FACTOR,
-                 critic_units=CRITIC_UNITS, critic_channels=CRITIC_CHANNELS, scope='rcn', affine_augment=None):
+                 critic_units=CRITIC_UNITS, critic_channels=CRITIC_CHANNELS, scope='rcn', affine_augment=None,
+                 augment_seed=None):
         if method not in METHODS:
             raise ConfigError('unknown distillation method {!r} (choose from {})'.format(method, ', '.join(METHODS)))
         if (teacher is None) == (not stored_flows):
@@ -270,7 +271,8 @@ class DistillFramework(Framework):
         self.teacher_flow_feed = (tf.placeholder(tf.float32, [None] + list(image_size) + [3], name='teacher_flow')
                                   if stored_flows else None)
         super().__init__(net_args, image_size, segmentation_class_value=segmentation_class_value, devices=devices,
-                         augment=augment, validation=False, scope=scope, affine_augment=affine_augment)
+                         augment=augment, validation=False, scope=scope, affine_augment=affine_augment,
+                         augment_seed=augment_seed)
 
     @property
     def training_state(self):

@@ -38,9 +38,18 @@ def bspline_basis(size, control=5):
     return cubic_bspline((x - t) / h).astype(np.float32)
 
 
-def random_ffd(batch, sizes, control=5, amplitude=0.4, power=3, seed=None):
-    """Random dense B-spline flow [batch, X, Y, Z, 3] (voxels) for image sizes (X, Y, Z)."""
-    u = tf.random_uniform(tf.stack([batch, control, control, control, 3]), -1.0, 1.0, seed=seed)
+def uniform(shape, seed=None, key=None, draw=0):
+    """U(-1, 1) of a shape tensor: stateless from ``key`` (int64 [2]) and ``draw`` (so that the
+    same key gives the same numbers in any session, e.g. after a resume), else TensorFlow's
+    stateful draw with the op seed ``seed``."""
+    if key is None:
+        return tf.random_uniform(shape, -1.0, 1.0, seed=seed)
+    return tf.random.stateless_uniform(shape, key + tf.constant([0, draw], tf.int64), minval=-1.0, maxval=1.0)
+
+
+def random_ffd(batch, sizes, control=5, amplitude=0.4, power=3, seed=None, key=None):
+    """Random dense B-spline flow [batch, X, Y, Z, 3] (voxels) for image sizes (X, Y, Z); key: see `uniform`."""
+    u = uniform(tf.stack([batch, control, control, control, 3]), seed, key)
     scale = tf.constant([amplitude * (n // 4) for n in sizes], tf.float32)
     coeffs = tf.sign(u) * tf.abs(u) ** power * scale
     bx, by, bz = [tf.constant(bspline_basis(n, control)) for n in sizes]
@@ -61,12 +70,13 @@ def rotation_matrices(angles):
     return tf.matmul(tf.matmul(rotation(0), rotation(1)), rotation(2))
 
 
-def random_affine_flow(batch, sizes, ranges, seed=None):
+def random_affine_flow(batch, sizes, ranges, seed=None, key=None):
     """Random affine flow [batch, X, Y, Z, 3] (voxels): (R S - I)(p - c) + t with R of
-    `rotation_matrices`, S = diag(scales), t the shift; ranges an `AffineRange`."""
-    angles = tf.random_uniform(tf.stack([batch, 3]), -1.0, 1.0, seed=seed) * np.deg2rad(ranges.degrees)
-    scales = tf.exp(tf.random_uniform(tf.stack([batch, 3]), -1.0, 1.0, seed=seed) * ranges.scale)
-    shift = tf.random_uniform(tf.stack([batch, 3]), -1.0, 1.0, seed=seed) * ranges.shift
+    `rotation_matrices`, S = diag(scales), t the shift; ranges an `AffineRange`; key: see `uniform`."""
+    shape = tf.stack([batch, 3])
+    angles = uniform(shape, seed, key, 1) * np.deg2rad(ranges.degrees)
+    scales = tf.exp(uniform(shape, None if seed is None else seed + 1, key, 2) * ranges.scale)
+    shift = uniform(shape, None if seed is None else seed + 2, key, 3) * ranges.shift
     matrix = rotation_matrices(angles) * scales[:, None, :] - tf.eye(3)[None]
     return affine_flow(matrix, shift, sizes)
 
@@ -83,14 +93,15 @@ def invert_points(points, flow, iterations=5):
     return tf.where(tf.tile(missing, [1, 1, 3]), points, p)
 
 
-def augment_moving(moving, seg, points, affine=None, seed=None):
+def augment_moving(moving, seg, points, affine=None, seed=None, key=None):
     """Deform the moving image (trilinear), its segmentation (nearest) and its landmarks alike.
 
     moving, seg: [B,X,Y,Z,1]; points [B,K,3]; affine: an `AffineRange` to add a random affine
-    map to the B-spline deformation, or None. Returns the three deformed tensors.
+    map to the B-spline deformation, or None; key: int64 [2] for stateless draws (see `uniform`).
+    Returns the three deformed tensors.
     """
     batch, sizes = tf.shape(moving)[0], moving.shape.as_list()[1:4]
-    flow = random_ffd(batch, sizes, seed=seed)
+    flow = random_ffd(batch, sizes, seed=seed, key=key)
     if affine is not None:
-        flow += random_affine_flow(batch, sizes, affine, seed=seed)
+        flow += random_affine_flow(batch, sizes, affine, seed=seed, key=key)
     return warp(moving, flow), warp_nearest(seg, flow), invert_points(points, flow)

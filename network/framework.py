@@ -38,17 +38,20 @@ class Framework:
     segmentation_class_value: {name: value} or None (binary 0/255 masks);
     devices: tower devices (the batch is split evenly across them); augment: random B-spline
     deformation of the moving image during training; affine_augment: an
-    ``augment.AffineRange`` adding a random affine map to it, or None.
+    ``augment.AffineRange`` adding a random affine map to it, or None; augment_seed: an int
+    making the augmentation a function of (augment_seed, global step), so that a resumed run
+    draws what the uninterrupted one would have drawn (None: TensorFlow's stateful draws).
     """
 
     def __init__(self, net_args, image_size, segmentation_class_value=None, devices=('/cpu:0',),
-                 augment=True, validation=False, scope='rcn', affine_augment=None):
+                 augment=True, validation=False, scope='rcn', affine_augment=None, augment_seed=None):
         self.image_size = list(image_size)
         self.devices = list(devices)
         self.class_names = list(segmentation_class_value) if segmentation_class_value else None
         self.class_values = list(segmentation_class_value.values()) if segmentation_class_value else None
         self.augment = augment
         self.affine_augment = affine_augment
+        self.augment_seed = augment_seed
         self.net = RecursiveCascade(scope, **net_args)
         if any(s % self.net.stride for s in self.image_size):
             raise ConfigError('image size {} is not divisible by {}, the stride of this network'.format(
@@ -102,8 +105,12 @@ class Framework:
         for i in range(n):
             m = moving[i]
             if self.augment:
+                key = None
+                if self.augment_seed is not None:
+                    key = tf.stack([tf.constant(self.augment_seed, tf.int64),
+                                    tf.cast(self.global_step, tf.int64) * 64 + 8 * i])
                 with tf.device(self.devices[i]):
-                    m, _, _ = augment_moving(m, seg[i], pts[i], self.affine_augment)
+                    m, _, _ = augment_moving(m, seg[i], pts[i], self.affine_augment, key=key)
             towers.append((fixed[i], m))
         return towers
 
