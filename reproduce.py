@@ -393,6 +393,7 @@ def run_stage(ctx, stage):
         try:
             for line in proc.stdout:
                 log.write(line)
+                log.flush()     # the log of a stage hours long is read while it runs
                 if echo(line):
                     print('    [{}] {}'.format(ctx.elapsed(), line.strip()), flush=True)
             code = proc.wait()
