@@ -227,13 +227,16 @@ def folding_fraction(field, reference):
     for k0 in range(0, nz, step):
         k1 = min(k0 + step, nz)
         lo, hi = max(k0 - 1, 0), min(k1 + 1, nz)
-        slab = field[lo:hi]
-        d_k = np.gradient(slab, axis=0) if hi - lo > 1 else np.zeros_like(slab)
-        d_j, d_i = np.gradient(slab, axis=1), np.gradient(slab, axis=2)
         keep = slice(k0 - lo, k0 - lo + (k1 - k0))
-        du_dindex = np.stack([d_i[keep], d_j[keep], d_k[keep]], -1)   # [..., component, index axis]
-        jacobian = np.eye(3) + du_dindex @ to_index
-        folded += int(np.count_nonzero(np.linalg.det(jacobian) <= 0))
+        slab = field[lo:hi]
+        # d[a][c]: derivative of component c along index axis a (i, j, k = array axes 2, 1, 0)
+        d = [np.gradient(slab, axis=2)[keep], np.gradient(slab, axis=1)[keep],
+             np.gradient(slab, axis=0)[keep] if hi - lo > 1 else np.zeros_like(slab[keep])]
+        jacobian = [[(1.0 if c == e else 0.0) + sum(d[a][..., c] * to_index[a, e] for a in range(3))
+                     for e in range(3)] for c in range(3)]
+        (a00, a01, a02), (a10, a11, a12), (a20, a21, a22) = jacobian
+        det = a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20) + a02 * (a10 * a21 - a11 * a20)
+        folded += int(np.count_nonzero(det <= 0))
     return folded / float(np.prod(field.shape[:3]))
 
 
