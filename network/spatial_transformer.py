@@ -8,6 +8,8 @@
 Two implementations sit behind ``warp``: the pure-TF gather warp below, and the compiled
 op of ``network.ops`` (when built). ``set_warp_impl`` / env ``LDR_WARP_IMPL`` choose:
 'auto' (the op when it can be loaded, else pure TF), 'tf', or 'op' (error if unavailable).
+The compiled op has CPU kernels only: a warp built under a GPU device scope (``-g 0,1``
+towers) uses the pure-TF warp there, whatever the choice, so that it runs on the GPU.
 """
 import os
 
@@ -44,10 +46,15 @@ def warp(image, flow, padding='border'):
     """Warp ``image`` [B,X,Y,Z,C] by ``flow`` [B,X,Y,Z,3] (voxels), trilinear; see module doc."""
     if padding not in PADDINGS:
         raise ConfigError('unknown warp padding {!r} (choose from {})'.format(padding, ', '.join(PADDINGS)))
-    if warp_impl() == 'op':
+    if warp_impl() == 'op' and not on_gpu():
         from . import ops
         return ops.warp_op(image, flow, padding)
     return warp_tf(image, flow, padding)
+
+
+def on_gpu():
+    """Whether ops built here now are placed on a GPU (the device scope of the default graph)."""
+    return 'GPU' in tf.no_op(name='device_probe').device.upper()
 
 
 def _corner_weights(coords, size, padding):

@@ -75,3 +75,4 @@ def test_bad_padding_and_impl_rejected():
         st.warp(tf.zeros([1, 2, 2, 2, 1]), tf.zeros([1, 2, 2, 2, 3]), 'reflect')
     with pytest.raises(ValueError, match='implementation'):
         st.set_warp_impl('cuda')
+

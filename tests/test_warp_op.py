@@ -14,6 +14,7 @@ from network import ops
 from network import spatial_transformer as st
 from network.ops import build
 from network.tfv1 import tf
+from tests.helpers import warp_reference
 
 PADDINGS = ('border', 'zeros')
 
@@ -340,3 +341,23 @@ def test_kernels_stay_inside_their_tensors_under_address_sanitizer(library, tmp_
     assert not findings, '\n'.join(findings + result.stderr.splitlines()[-30:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == 'checked 75 cases'
+
+
+def test_gpu_placed_warp_falls_back_to_pure_tensorflow(library):
+    """The compiled op is CPU-only: under a GPU device scope the warp is built from TensorFlow
+    ops (and runs, with soft placement, on this CPU-only machine); under a CPU scope, the op."""
+    st.set_warp_impl('op')
+    rng = np.random.default_rng(0)
+    image, flow = rng.random((1, 8, 8, 8, 1)), rng.normal(0, 1.5, (1, 8, 8, 8, 3))
+    results = {}
+    for device in ('/cpu:0', '/gpu:0'):
+        with tf.Graph().as_default() as graph:
+            with tf.device(device):
+                warped = st.warp(tf.constant(image, tf.float32), tf.constant(flow, tf.float32))
+            types = {op.type for op in graph.get_operations()}
+            with tf.Session(config=tf.ConfigProto(allow_soft_placement=True)) as sess:
+                results[device] = sess.run(warped)
+        assert ('LdrWarp' in types) == (device == '/cpu:0'), (device, sorted(types))
+    np.testing.assert_allclose(results['/gpu:0'], results['/cpu:0'], atol=1e-5)
+    np.testing.assert_allclose(results['/cpu:0'], warp_reference(image, flow), atol=1e-4)
+    st.set_warp_impl('auto')
