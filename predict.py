@@ -416,8 +416,11 @@ def predict_batch(args, pairs, network):
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     os.makedirs(args.output, exist_ok=True)
     todo = [p for p in pairs if not os.path.isfile(os.path.join(args.output, p.id, REPORT))]
-    records = {p.id: {'id': p.id, 'status': 'done before', 'report': os.path.join(p.id, REPORT)}
-               for p in pairs if p not in todo}
+    records = {}
+    for pair in pairs:
+        if pair not in todo:
+            with open(os.path.join(args.output, pair.id, REPORT)) as f:
+                records[pair.id] = dict(summary_record(pair, json.load(f)), status='done before')
     start = time.perf_counter()
     model = registration.Model(open_network(), options, threads=args.threads) if todo else None
     load_seconds = time.perf_counter() - start

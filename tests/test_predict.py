@@ -332,6 +332,8 @@ def test_batch_mode_loads_once_skips_done_pairs_and_reports_failures(tiny_run, t
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / 'cohort' / 'summary.json').read_text())
     assert (summary['registered'], summary['skipped']) == (1, 2)
+    assert [r['status'] for r in summary['pairs']] == ['done before', 'done before', 'registered']
+    assert all(0 <= r['dice'] <= 1 for r in summary['pairs'])     # the summary covers the pairs done before
     proc = run_script('predict.py', '-c', tiny_run, '--pairs', 'pairs.csv', '-o', 'listed', cwd=tmp_path)
     lines = error_lines(proc)
     assert proc.returncode == 2 and lines[0].startswith('bad: failed: ') and len(lines) == 2, proc.stderr
