@@ -341,3 +341,25 @@ def test_batch_mode_loads_once_skips_done_pairs_and_reports_failures(tiny_run, t
     summary = json.loads((tmp_path / 'listed' / 'summary.json').read_text())
     assert [r['status'] for r in summary['pairs']] == ['registered', 'failed']
     assert 'cannot read image' in summary['pairs'][1]['error'] and not (tmp_path / 'listed' / 'bad').exists()
+
+
+@pytest.mark.slow
+def test_batch_on_a_local_dask_cluster_matches_the_serial_run(tiny_run, tmp_path):
+    pytest.importorskip('distributed')
+    (tmp_path / 'scans').mkdir()
+    _blob(tmp_path / 'atlas.nii.gz', 0, tmp_path / 'atlas_seg.nii.gz')
+    for i, shift in enumerate((2.0, -3.0, 4.0)):
+        _blob(tmp_path / 'scans' / 'case{}.nii.gz'.format(i), shift, tmp_path / 'scans' / 'case{}_seg.nii.gz'.format(i))
+    args = ['-c', tiny_run, '--fixed', 'atlas.nii.gz', '--fixed_seg', 'atlas_seg.nii.gz', '--moving',
+            'scans/*[0-9].nii.gz', '--moving_seg', 'scans/{id}_seg.nii.gz', '--outputs', 'warped,field']
+    for name, extra in (('serial', []), ('dask', ['--workers', '2'])):
+        proc = run_script('predict.py', *args, '-o', name, *extra, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    serial, spread = [json.loads((tmp_path / name / 'summary.json').read_text()) for name in ('serial', 'dask')]
+    assert spread['workers'] == 2 and spread['registered'] == 3
+    for a, b in zip(serial['pairs'], spread['pairs']):
+        assert a['id'] == b['id'] and abs(a['dice'] - b['dice']) < 1e-6
+        for output in ('warped.nii.gz', 'field.nii.gz'):
+            first, second = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / a['id'] / output)))
+                             for name in ('serial', 'dask')]
+            np.testing.assert_allclose(first, second, atol=1e-4)
