@@ -2,6 +2,8 @@
 
     python predict.py -c weights/RUN --fixed F.nii.gz --moving M.nii.gz -o OUTDIR
                       [--moving_seg MS.nii.gz] [--fixed_seg FS.nii.gz] [--modality mr|ct]
+    python predict.py --fixed ATLAS --moving 'scans/*.nii.gz' -o COHORT [--workers N | --dask ADDRESS]
+    python predict.py --pairs pairs.csv -o COHORT            # batch mode (cohort.py)
     python predict.py -c weights/RUN --export EXPORT_DIR     # frozen inference graph
     python predict.py -c EXPORT_DIR --fixed F --moving M -o OUTDIR   # run from the export
 
