@@ -273,6 +273,7 @@ def write_atomic(path, data, mode='w'):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        plain_permissions(tmp)
         os.replace(tmp, path)
     except OSError as e:
         os.remove(tmp) if os.path.exists(tmp) else None
@@ -281,6 +282,14 @@ def write_atomic(path, data, mode='w'):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def plain_permissions(path, directory=False):
+    """Give a file made by tempfile (0600, a directory 0700) the permissions a plain open() or
+    mkdir would have given it under the process's umask, so that results are not left private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
 def write_json(path, obj):

@@ -67,9 +67,7 @@ def staging_directory(path):
     parent = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
     staging = tempfile.mkdtemp(prefix='.' + name + '.', suffix='.tmp', dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)
+    cli.plain_permissions(staging, directory=True)
     try:
         yield staging
         old = None

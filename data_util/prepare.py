@@ -718,9 +718,7 @@ def _temporary_path(path):
     handle, temporary = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.',
                                          suffix='.tmp', dir=os.path.dirname(os.path.abspath(path)))
     os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
+    cli.plain_permissions(temporary)
     return temporary
 
 

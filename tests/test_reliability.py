@@ -275,3 +275,13 @@ def test_resumed_run_follows_the_uninterrupted_loss_curve(synthetic_spec, tmp_pa
     assert sorted(expected) == sorted(got) == list(range(1, 13))
     np.testing.assert_allclose([got[s] for s in range(7, 13)], [expected[s] for s in range(7, 13)], rtol=2e-3)
     assert len({round(expected[s], 4) for s in range(7, 13)}) > 1      # the steps differ: a real curve
+
+
+def test_results_get_the_permissions_of_a_plain_write(tmp_path):
+    """Written through a temp file (mkstemp: 0600) but left as open() would leave them under the umask."""
+    previous = os.umask(0o022)
+    try:
+        cli.write_json(str(tmp_path / 'result.json'), {'dice': 0.7})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / 'result.json').stat().st_mode & 0o777 == 0o644
