@@ -10,7 +10,6 @@ import fcntl
 import json
 import math
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -62,10 +61,6 @@ def positive_float(text):
 
 
 from errors import ConfigError, UserError  # noqa: E402  (re-exported: the scripts raise cli.UserError)
-
-
-class DamagedCheckpoint(UserError):
-    """A checkpoint whose files exist but cannot be restored (truncated, overwritten, ...)."""
 
 
 def fail(message):
@@ -294,145 +289,3 @@ def plain_permissions(path, directory=False):
 
 def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2, default=float) + '\n')
-
-
-CHECKPOINT_RE = re.compile(r'model-(\d+)\.index$')
-COMPLETE_SUFFIX = '.complete'
-
-
-def save_checkpoint(saver, sess, run_dir, step):
-    """Save ``model-<step>`` and then, atomically, its ``.complete`` marker.
-
-    A kill or a full disk during the save leaves a checkpoint without a marker, which
-    ``list_checkpoints`` ignores, so the previous one stays the newest usable checkpoint.
-    Returns the checkpoint prefix.
-    """
-    prefix = saver.save(sess, os.path.join(run_dir, 'model'), global_step=step, write_meta_graph=False)
-    write_atomic(prefix + COMPLETE_SUFFIX, '{}\n'.format(step))
-    for name in os.listdir(run_dir):
-        stale = name.endswith(COMPLETE_SUFFIX) and not os.path.exists(
-            os.path.join(run_dir, name[:-len(COMPLETE_SUFFIX)] + '.index'))
-        if stale:
-            os.remove(os.path.join(run_dir, name))
-    return prefix
-
-
-def list_checkpoints(directory):
-    """{step: prefix} of the complete checkpoints in a run directory.
-
-    Where any checkpoint carries a ``.complete`` marker (ours do), only marked ones count;
-    otherwise (e.g. a checkpoint of the original code) an index plus a data file suffice.
-    """
-    names = set(os.listdir(directory))
-    found = {}
-    for name in names:
-        m = CHECKPOINT_RE.match(name)
-        if m:
-            base = name[:-len('.index')]
-            if any(f.startswith(base + '.data-') for f in names):
-                found[int(m.group(1))] = base
-    marked = {step: base for step, base in found.items() if base + COMPLETE_SUFFIX in names}
-    return {step: os.path.join(directory, base) for step, base in (marked or found).items()}
-
-
-def resolve_checkpoint(spec):
-    """'DIR', 'DIR:STEP' or a checkpoint prefix -> (run_dir, checkpoint_prefix, step).
-
-    A bare name is looked up under weights/. DIR picks the newest complete checkpoint; STEP the
-    one closest to STEP (as the original's eval.py).
-    """
-    step = None
-    m = re.match(r'^(.*):(\d+)$', spec)
-    if m:
-        spec, step = m.group(1), int(m.group(2))
-    if not os.path.exists(spec) and os.path.isdir(os.path.join('weights', spec)):
-        spec = os.path.join('weights', spec)
-    if os.path.isdir(spec):
-        found = list_checkpoints(spec)
-        if not found:
-            raise UserError('no checkpoint (model-N.index + data) in {}'.format(spec))
-        best = max(found) if step is None else min(found, key=lambda s: abs(s - step))
-        return spec, found[best], best
-    if os.path.exists(spec + '.index'):
-        m = re.search(r'model-(\d+)$', spec)
-        return os.path.dirname(spec) or '.', spec, int(m.group(1)) if m else None
-    raise UserError('checkpoint not found: {}'.format(spec))
-
-
-def load_run_args(run_dir):
-    """The args.json a training run wrote into its directory."""
-    path = os.path.join(run_dir, 'args.json')
-    try:
-        with open(path) as f:
-            run_args = json.load(f)
-    except FileNotFoundError:
-        raise UserError('{} is missing: not a run directory of train.py'.format(path))
-    except json.JSONDecodeError as e:
-        raise UserError('{} is not valid JSON ({})'.format(path, e))
-    if not isinstance(run_args, dict):
-        raise UserError('{} holds a {}, not the settings of a train.py run'.format(path, type(run_args).__name__))
-    missing = [k for k in ('base_network', 'n_cascades', 'image_size') if k not in run_args]
-    if missing:
-        raise UserError('{} lacks {}: not the args.json of a train.py run'.format(path, ', '.join(missing)))
-    return run_args
-
-
-def run_net_args(run_args, rep=None, extra=None):
-    """RecursiveCascade kwargs of a train.py run from its args.json: its base network, cascades,
-    repeats (``rep`` if given) and net_args, the options in ``extra`` overriding the latter."""
-    from network.cascade import make_net_args
-    options = parse_kwargs(run_args.get('net_args', ''), 'the run\'s net_args')
-    options.update(extra or {})
-    return make_net_args(run_args['base_network'], run_args['n_cascades'], rep or run_args.get('rep', 1), options)
-
-
-def load_model(checkpoint, image_size=None, class_values=None, rep=None, flow_multiplier=None,
-               net_args_override='', threads=None):
-    """Build an evaluation Framework for a train.py checkpoint and restore it.
-
-    checkpoint: 'DIR', 'DIR:STEP' or a prefix. Returns (session, framework, run_args, prefix).
-    The graph, a new one of its own (so that a process may hold several models), holds the
-    registration network only (no optimiser, critic or teacher).
-    threads: size of the session's intra- and inter-op thread pools (None = TensorFlow's choice).
-    """
-    from network.framework import Framework, session_config
-    from network.tfv1 import tf
-    run_dir, prefix, _ = resolve_checkpoint(checkpoint)
-    run_args = load_run_args(run_dir)
-    extra = parse_kwargs(net_args_override, '--net_args')
-    if flow_multiplier is not None:
-        extra['flow_multiplier'] = flow_multiplier
-    net_args = run_net_args(run_args, rep, extra)
-    size = image_size or run_args['image_size']
-    graph = tf.Graph()
-    with graph.as_default():
-        framework = Framework(net_args, size, class_values, validation=True)
-        sess = tf.Session(graph=graph, config=session_config(framework.devices, threads))
-        restore_variables(sess, prefix, framework.net.variables)
-    return sess, framework, run_args, prefix
-
-
-def restore_variables(sess, prefix, variables):
-    """Restore ``variables`` from checkpoint ``prefix``; UserError naming it if they do not fit."""
-    from network.tfv1 import tf
-    try:
-        stored = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-    except (tf.errors.OpError, ValueError) as e:
-        raise UserError('cannot read checkpoint {}: {}'.format(prefix, str(e).splitlines()[0]))
-    bad = [v.op.name for v in variables if stored.get(v.op.name) != v.shape.as_list()]
-    if bad:
-        raise UserError('checkpoint {} does not fit this network: {} of {} variables missing or of another shape '
-                        '(e.g. {})'.format(prefix, len(bad), len(variables), bad[0]))
-    try:
-        tf.train.Saver(variables).restore(sess, prefix)
-    except tf.errors.OpError as e:
-        raise DamagedCheckpoint('checkpoint {} is damaged: its files {}.index / {}.data-* cannot be read ({}: {})'.format(
-            prefix, os.path.basename(prefix), os.path.basename(prefix), type(e).__name__, op_error_reason(e)))
-
-
-def op_error_reason(error):
-    """The line of a TensorFlow OpError's message that says what went wrong (not where)."""
-    lines = [line.strip() for line in str(error.message).splitlines() if line.strip()]
-    reasons = [line for line in lines if not line.endswith(':') and not line.startswith(('File ', 'Node:', '[['))
-               and not line.startswith('Detected at node')]
-    return reasons[0] if reasons else (lines[0] if lines else 'no detail')

@@ -1,8 +1,8 @@
 """The one root of the errors a user can cause (a flag, a file, a data set, a model directory).
 
-Every module raises its own subclass (data_util.dataset.DataError, data_util.prepare.PrepareError,
+Every module raises its own subclass (data_util.dataset.DataError, data_util.images.PrepareError,
 data_util.geometry.GeometryError, data_util.flow_store.FlowStoreError, network.export.ExportError,
-cli.DamagedCheckpoint) or UserError itself; the scripts' entry point (cli.run) turns exactly
+runs.DamagedCheckpoint) or UserError itself; the scripts' entry point (cli.run) turns exactly
 these into one line ``error: ...`` and exit status 2. Anything else is a programming error and
 shows its traceback.
 """

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 import cli
+import runs
 from evaluation import overlap_values, pair_record, report_text, summarize
 
 
@@ -91,12 +92,20 @@ def evaluate(sess, framework, dataset, subset, batch_size, refine=0, refiner=Non
     return records
 
 
+def net_overrides(args):
+    """--net_args and --flow_multiplier as a dict of net_args overriding the run's."""
+    extra = cli.parse_kwargs(args.net_args, '--net_args')
+    if args.flow_multiplier is not None:
+        extra['flow_multiplier'] = args.flow_multiplier
+    return extra
+
+
 def write_flows(args, prefix, dataset, subsets):
     """--writing_flow: store the teacher's flow of every pair of ``subsets`` that the store lacks."""
     from data_util.flow_store import FlowStoreWriter
     from network.aldk import check_teacher_net
-    sess, framework, _, prefix = cli.load_model(
-        prefix, dataset.image_size, dataset.segmentation_class_value, args.rep, args.flow_multiplier, args.net_args)
+    sess, framework, _ = runs.load_framework(prefix, dataset.image_size, dataset.segmentation_class_value, args.rep,
+                                             net_overrides(args))
     check_teacher_net(framework.net, prefix)
     teacher = ' '.join([os.path.abspath(prefix)] + ['{}={}'.format(k, v) for k, v in (
         ('rep', args.rep), ('flow_multiplier', args.flow_multiplier), ('net_args', args.net_args)) if v])
@@ -143,10 +152,10 @@ def main(argv=None):
         os.environ.setdefault('CUDA_VISIBLE_DEVICES', args.gpu)
     from data_util.dataset import Dataset
 
-    run_dir, prefix, step = cli.resolve_checkpoint(args.checkpoint)
-    run_args = cli.load_run_args(run_dir)
-    dataset_path = args.dataset or run_args.get('dataset')
-    data_args = cli.parse_kwargs(args.data_args or run_args.get('data_args', ''), '--data_args')
+    run = runs.open_run(args.checkpoint)
+    prefix = run.prefix
+    dataset_path = args.dataset or run.config.get('dataset')
+    data_args = cli.parse_kwargs(args.data_args or run.config.get('data_args', ''), '--data_args')
     if args.paired:
         data_args['paired'] = True
     if args.all_pairs:
@@ -162,7 +171,7 @@ def main(argv=None):
         with cli.exclusive_output(args.writing_flow, 'flow store'):
             return write_flows(args, prefix, dataset, subsets)
 
-    prefix_name = '{}-{}'.format(os.path.basename(os.path.normpath(run_dir)), step)
+    prefix_name = '{}-{}'.format(run.name, run.step)
     if args.rep:
         prefix_name += '-rep{}'.format(args.rep)
     if args.name:
@@ -186,8 +195,7 @@ def main(argv=None):
 
         spatial_transformer = select_warp(args)
         seg_values = dataset.segmentation_class_value
-        sess, framework, run_args, prefix = cli.load_model(
-            prefix, dataset.image_size, seg_values, args.rep, args.flow_multiplier, args.net_args)
+        sess, framework, _ = runs.load_framework(prefix, dataset.image_size, seg_values, args.rep, net_overrides(args))
         print('Evaluating {} ({:,} parameters, warp: {})'.format(prefix, framework.parameter_count,
                                                                   spatial_transformer.warp_impl()))
         refiner = None
@@ -199,7 +207,7 @@ def main(argv=None):
             summary, per_class = summarize(records, framework.class_names)
             cli.write_atomic(base + '.txt', report_text(records, summary))
             cli.write_json(base + '.json', {
-                'checkpoint': prefix, 'dataset': dataset_path, 'subset': subset, 'rep': args.rep or run_args.get('rep', 1),
+                'checkpoint': prefix, 'dataset': dataset_path, 'subset': subset, 'rep': args.rep or run.config.rep,
                 'parameters': framework.parameter_count, 'warp': spatial_transformer.warp_impl(),
                 'refinement': dict(refine_options, iterations=args.refine) if args.refine else None,
                 'summary': summary, 'per_class': per_class, 'pairs': records})

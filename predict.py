@@ -55,6 +55,7 @@ import sys
 import cli
 import cohort
 import registration
+import runs
 
 
 
@@ -192,21 +193,18 @@ def _export(args):
     from network.export import META_FILE, ExportError, freeze, write_export
     from registration import cubic_size
     cohort.check_output_dir(args.export, args.force, META_FILE)
-    run_dir, prefix, step = cli.resolve_checkpoint(args.checkpoint)
-    run_args = cli.load_run_args(run_dir)
-    size = args.image_size or cubic_size(run_args.get('image_size'), 'the checkpoint\'s')
+    run = runs.open_run(args.checkpoint)
+    size = args.image_size or cubic_size(run.config.image_size, 'the checkpoint\'s')
     from network import spatial_transformer
     spatial_transformer.set_warp_impl(args.export_warp)
-    sess, framework, run_args, prefix = cli.load_model(prefix, [size] * 3, rep=args.rep, threads=args.threads)
+    sess, framework, _ = runs.load_framework(run.prefix, [size] * 3, rep=args.rep, threads=args.threads)
     graph_def = freeze(sess, framework.outputs['flow'])
-    meta = {'image_size': [size] * 3, 'base_network': run_args.get('base_network'),
-            'n_cascades': run_args.get('n_cascades'), 'rep': args.rep or run_args.get('rep', 1),
-            'net_args': run_args.get('net_args', ''), 'parameters': framework.parameter_count,
-            'warp': spatial_transformer.warp_impl(), 'checkpoint': os.path.abspath(prefix), 'step': step,
-            'preprocessing': run_args.get('preprocessing'),
-            'flow': 'float32 [B, N, N, N, 3], voxels of the fixed grid, channel k along array axis k; '
-                    'warped(p) = moving(p + flow(p))',
-            'inputs_range': 'float32 [B, N, N, N, 1] in 0..255 (preprocessed uint8 volumes)'}
+    meta = dict(run.config.describe(), image_size=[size] * 3, rep=args.rep or run.config.rep,
+                parameters=framework.parameter_count, warp=spatial_transformer.warp_impl(),
+                checkpoint=os.path.abspath(run.prefix), step=run.step, preprocessing=run.config.preprocessing,
+                flow='float32 [B, N, N, N, 3], voxels of the fixed grid, channel k along array axis k; '
+                     'warped(p) = moving(p + flow(p))',
+                inputs_range='float32 [B, N, N, N, 1] in 0..255 (preprocessed uint8 volumes)')
     sess.close()
     try:
         with cohort.staging_directory(args.export) as staging:
@@ -215,7 +213,7 @@ def _export(args):
         raise cli.UserError(str(e))
     size_bytes = os.path.getsize(os.path.join(args.export, meta['graph']))
     print('Exported {} ({:,} parameters, warp {}) to {}: {} {:.2f} MB'.format(
-        prefix, meta['parameters'], meta['warp'], args.export, meta['graph'], size_bytes / 1e6))
+        run.prefix, meta['parameters'], meta['warp'], args.export, meta['graph'], size_bytes / 1e6))
     return meta
 
 

@@ -13,7 +13,7 @@
 The registration contract, stated once (all geometry in physical space, mm, LPS, as SimpleITK
 reads the images):
 1. both images are preprocessed on their own, from the images alone, with the preprocessing the
-   model's training data went through (`data_util.prepare.preprocess`; recorded with the
+   model's training data went through (`data_util.images.preprocess`; recorded with the
    model); label maps never enter it;
 2. the network predicts a flow [N, N, N, 3] in voxels of the FIXED preprocessed grid, sampling
    the MOVING preprocessed grid: moving_grid_position = p + flow(p);
@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 import cli
+import runs
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'lpba40-ldr')
 PREPROCESSING_KEYS = ('modality', 'percentiles', 'window', 'threshold', 'margin', 'field_of_view')
@@ -87,13 +88,11 @@ class CheckpointNetwork:
         from network import spatial_transformer
         if tf_warp:
             spatial_transformer.set_warp_impl('tf')
-        self.sess, self.framework, run_args, prefix = cli.load_model(
-            checkpoint, [image_size] * 3, rep=rep, threads=threads)
+        self.sess, self.framework, run = runs.load_framework(checkpoint, [image_size] * 3, rep=rep, threads=threads)
         self.image_size = image_size
-        self.info = {'kind': 'checkpoint', 'source': os.path.abspath(prefix), 'base_network': run_args.get('base_network'),
-                     'n_cascades': run_args.get('n_cascades'), 'rep': rep or run_args.get('rep', 1),
-                     'parameters': self.framework.parameter_count, 'warp': spatial_transformer.warp_impl(),
-                     'preprocessing': run_args.get('preprocessing')}
+        self.info = dict(run.config.describe(), kind='checkpoint', source=os.path.abspath(run.prefix),
+                         rep=rep or run.config.rep, parameters=self.framework.parameter_count,
+                         warp=spatial_transformer.warp_impl(), preprocessing=run.config.preprocessing)
 
     def flow(self, fixed, moving):
         """fixed, moving: [N, N, N] in 0..255 -> flow [N, N, N, 3] float32, voxels of the fixed grid."""
@@ -139,17 +138,16 @@ def resolve_network(source, image_size=None, rep=None, threads=None, tf_warp=Fal
         return size, lambda: ExportedNetwork(source, threads), meta.get('preprocessing')
     if source == DEFAULT_MODEL and not os.path.exists(source):
         raise cli.UserError('the shipped model {} is missing from this copy of the project; give -c RUN'.format(source))
-    run_dir, prefix, _ = cli.resolve_checkpoint(source)
-    run_args = cli.load_run_args(run_dir)
-    size = image_size or cubic_size(run_args.get('image_size'), 'the checkpoint\'s')
-    return (size, lambda: CheckpointNetwork(prefix, size, rep, threads, tf_warp), run_args.get('preprocessing'))
+    run = runs.open_run(source)
+    size = image_size or cubic_size(run.config.image_size, 'the checkpoint\'s')
+    return size, lambda: CheckpointNetwork(run.prefix, size, rep, threads, tf_warp), run.config.preprocessing
 
 
 def preprocessing_options(record, image_size, overrides=None):
-    """The `data_util.prepare.preprocess` options of a pair: each override given (not None)
+    """The `data_util.images.preprocess` options of a pair: each override given (not None)
     wins, then the model's record (what its training data went through), then the converter's
     defaults. UserError naming the option that cannot work."""
-    from data_util.prepare import PrepareError, check_options, preprocessing_record
+    from data_util.images import PrepareError, check_options, preprocessing_record
     options = preprocessing_record(image_size=image_size)
     if record:
         options.update({k: record[k] for k in PREPROCESSING_KEYS if k in record})
@@ -178,8 +176,8 @@ def image_from_array(array, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), dir
 def read_image(image, name):
     """An image argument (sitk.Image or a path) -> a checked 3-D scalar sitk.Image."""
     import SimpleITK as sitk
-    from data_util.prepare import PrepareError, check_finite
-    from data_util.prepare import read_image as read_file
+    from data_util.images import PrepareError, check_finite
+    from data_util.images import read_image as read_file
     try:
         if isinstance(image, sitk.Image):
             if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -195,7 +193,7 @@ def read_image(image, name):
 def read_label_map(label, image, name):
     """A label map argument on ``image``'s grid -> sitk.Image; UserError naming it otherwise."""
     import SimpleITK as sitk
-    from data_util.prepare import PrepareError, check_label_geometry
+    from data_util.images import PrepareError, check_label_geometry
     label = read_image(label, name)
     try:
         check_label_geometry(image, label, name)
@@ -210,10 +208,10 @@ def read_label_map(label, image, name):
 
 
 def preprocess_pair(fixed, moving, options):
-    """Both images (sitk.Image) on their own preprocessed grids (`data_util.prepare.preprocess`
+    """Both images (sitk.Image) on their own preprocessed grids (`data_util.images.preprocess`
     with `preprocessing_options`, no label maps): (fixed volume, moving volume, fixed Geometry,
     moving Geometry), volumes uint8 [N, N, N]; UserError when an image cannot be preprocessed."""
-    from data_util.prepare import PrepareError, preprocess
+    from data_util.images import PrepareError, preprocess
     try:
         fixed_volume, _, fixed_geometry = preprocess(fixed, None, **options)
         moving_volume, _, moving_geometry = preprocess(moving, None, **options)

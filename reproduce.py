@@ -58,6 +58,7 @@ import sys
 import time
 
 import cli
+import runs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 LEARNED = {  # key: (label, train.py arguments, uses the teacher)
@@ -346,7 +347,7 @@ def train_command(ctx, stage):
     run_dir = ctx.path('weights', stage.info['run'])
     if not os.path.isdir(run_dir):
         return stage.command, None
-    found = cli.list_checkpoints(run_dir)
+    found = runs.list_checkpoints(run_dir)
     if not found or not os.path.exists(os.path.join(run_dir, 'args.json')):
         shutil.rmtree(run_dir)
         shutil.rmtree(ctx.path('logs', stage.info['run']), ignore_errors=True)
@@ -359,7 +360,7 @@ def train_command(ctx, stage):
 
 def prune_checkpoints(run_dir):
     """Delete every checkpoint of a finished run but the newest; returns the newest step."""
-    found = cli.list_checkpoints(run_dir)
+    found = runs.list_checkpoints(run_dir)
     last = max(found)
     for step, prefix in found.items():
         if step != last:
@@ -797,7 +798,7 @@ def sections_main(argv):
     warped, warped_seg, labels = [], [], []
     for item in args.run:
         label, _, run_dir = item.partition('=')
-        sess, framework, _, _ = cli.load_model(run_dir, dataset.image_size, dataset.segmentation_class_value)
+        sess, framework, _ = runs.load_framework(run_dir, dataset.image_size, dataset.segmentation_class_value)
         with sess.graph.as_default():
             seg = tf.placeholder(tf.float32, [None] + dataset.image_size + [1])
             seg_warp = warp_nearest(seg, framework.outputs['flow'])

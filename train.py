@@ -15,6 +15,7 @@ import sys
 import time
 
 import cli
+import runs
 
 
 def build_parser():
@@ -73,8 +74,6 @@ def build_parser():
     return p
 
 
-ARCH_DEFAULTS = {'base_network': 'VTN', 'n_cascades': 1, 'rep': 1, 'dataset': 'datasets/liver.json'}
-ARCH_KEYS = ('base_network', 'n_cascades', 'rep', 'net_args', 'image_size')
 LR_FACTORS = [1, 1, 1, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64]
 FINETUNE_LR_FACTORS = [1 / 20, 1 / 20, 1 / 20, 1 / 40, 1 / 80]
 
@@ -85,10 +84,6 @@ def learning_rate(args, step):
     return args.lr * factors[min(step // args.round, len(factors) - 1)]
 
 
-NOT_RESUMED = ('checkpoint', 'gpu', 'debug', 'output', 'name', 'clear_steps', 'finetune', 'resume_dir',
-               'preprocessing')
-
-
 def given_flags(parser, argv):
     """The destinations of the options present on the command line (argv), abbreviations included."""
     for action in parser._actions:
@@ -96,34 +91,11 @@ def given_flags(parser, argv):
     return set(vars(parser.parse_args(argv)))
 
 
-def restore_settings(args, run_args, given):
-    """Resuming a run: every setting it was started with that this command line does not give
-    again (batch, round, epochs, lr, seed, save_steps, distillation flags, ...) comes back."""
-    for key, value in run_args.items():
-        if key not in given and key not in NOT_RESUMED and hasattr(args, key):
-            setattr(args, key, value)
-
-
-def merge_run_args(args, run_args):
-    """Take the architecture of the checkpoint's run; refuse explicit flags that contradict it."""
-    for key in ARCH_KEYS:
-        given, stored = getattr(args, key), run_args.get(key)
-        if key == 'net_args':
-            given = given or None
-        if given is not None and stored is not None and given != stored:
-            raise cli.UserError('--{} {} contradicts the checkpoint run ({}); architecture flags must match'.format(
-                key, given, stored))
-        if stored is not None:
-            setattr(args, key, stored)
-    if args.dataset is None:
-        args.dataset = run_args.get('dataset')
-
-
-def run_paths(args, resuming):
-    """(weights dir, logs dir) of this run: the resumed run's, or weights/<--output or a timestamp>."""
-    if resuming and args.output is None:
-        run_dir = args.resume_dir
-        name = os.path.basename(os.path.normpath(run_dir))
+def run_paths(args, resumed):
+    """(weights dir, logs dir) of this run: the resumed run's (``resumed``, a runs.Run, without
+    --output), or weights/<--output or a timestamp>."""
+    if resumed and args.output is None:
+        run_dir, name = resumed.directory, resumed.name
     else:
         name = args.output or datetime.datetime.now().strftime('%b%d-%H%M%S')
         if args.name:
@@ -166,12 +138,8 @@ def check_distill_args(args):
 def load_teacher(spec, image_size):
     """The frozen teacher RCN of a train.py run (network.aldk.Teacher), from its args.json."""
     from network.aldk import Teacher
-    from network.cascade import make_net_args
-    run_dir, prefix, _ = cli.resolve_checkpoint(spec)
-    run = cli.load_run_args(run_dir)
-    extra = cli.parse_kwargs(run.get('net_args', ''), "the teacher run's net_args")
-    net_args = make_net_args(run.get('base_network', 'VTN'), run.get('n_cascades', 1), run.get('rep', 1), extra)
-    return Teacher(net_args, prefix, run.get('image_size') or image_size)
+    run = runs.open_run(spec)
+    return Teacher(run.config.cascade_args(), run.prefix, run.config.image_size or image_size)
 
 
 def affine_range(args):
@@ -234,16 +202,18 @@ def main(argv=None):
 
     devices = cli.parse_devices(args.gpu)
     resuming = False
+    start = None
     if args.checkpoint:
-        args.resume_dir, checkpoint, ckpt_step = cli.resolve_checkpoint(args.checkpoint)
-        run_args = cli.load_run_args(args.resume_dir)
-        merge_run_args(args, run_args)
+        start = runs.open_run(args.checkpoint)
+        start.config.apply_architecture(args)
         resuming = not (args.finetune or args.clear_steps)
         if resuming and args.output is None:
-            restore_settings(args, run_args, given_flags(build_parser(), argv))
-    for k, v in ARCH_DEFAULTS.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+            start.config.apply_settings(args, given_flags(build_parser(), argv))
+    for key, value in runs.ARCH_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.dataset is None:
+        args.dataset = runs.DEFAULT_DATASET
     check_distill_args(args)
     check_values(args)
     if args.seed is None and not resuming:
@@ -278,7 +248,7 @@ def main(argv=None):
     store = open_flow_store(args.pretrained_flow_path, dataset, train_scheme, image_size) \
         if args.pretrained_flow_path else None
 
-    run_dir, log_dir = (None, None) if args.debug else run_paths(args, resuming)
+    run_dir, log_dir = (None, None) if args.debug else run_paths(args, start if resuming else None)
     with contextlib.ExitStack() as owned:
         if run_dir:
             owned.enter_context(cli.made_directory(os.path.dirname(run_dir) or '.'))
@@ -310,16 +280,14 @@ def main(argv=None):
             if getattr(framework, 'teacher', None) is not None:
                 framework.teacher.restore(sess)
             step = 0
-            if args.checkpoint:
-                checkpoint, ckpt_step = restore(sess, framework, fallbacks(args.checkpoint, checkpoint, ckpt_step),
-                                                full=resuming)
+            if start:
+                checkpoint, ckpt_step = restore(sess, framework, runs.fallbacks(args.checkpoint, start), full=resuming)
                 step = (ckpt_step or 0) if resuming else 0
                 sess.run(framework.global_step.assign(step))
                 print('Restored {} at step {}'.format(checkpoint, step))
             if run_dir:
                 os.makedirs(run_dir, exist_ok=True)
-                stored = {k: v for k, v in vars(args).items() if k != 'resume_dir'}
-                cli.write_json(os.path.join(run_dir, 'args.json'), stored)
+                runs.RunConfig.from_flags(args).save(run_dir)
                 writer = tf.summary.FileWriter(log_dir, sess.graph if step == 0 else None)
             total = int(round(args.epochs * args.round))
             # a resumed run goes on with the order the uninterrupted one would have drawn
@@ -369,7 +337,7 @@ def check_finite(scalars, step, run_dir):
     """Stop with one line naming the step and every non-finite loss term; checkpoints are kept."""
     bad = sorted(k for k, v in scalars.items() if isinstance(v, float) and not math.isfinite(v))
     if bad:
-        kept = cli.list_checkpoints(run_dir) if run_dir else {}
+        kept = runs.list_checkpoints(run_dir) if run_dir else {}
         raise cli.UserError('non-finite {} at step {}; training stopped{}'.format(
             ', '.join('{}={}'.format(k, scalars[k]) for k in bad), step,
             ', last good checkpoint {}'.format(kept[max(kept)]) if kept else ', no checkpoint written yet'))
@@ -378,22 +346,12 @@ def check_finite(scalars, step, run_dir):
 def save(saver, sess, run_dir, step):
     """Checkpoint with its completion marker; a failed save (e.g. a full disk) stops the run."""
     try:
-        cli.save_checkpoint(saver, sess, run_dir, step)
+        runs.save_checkpoint(saver, sess, run_dir, step)
     except Exception as e:
-        kept = cli.list_checkpoints(run_dir)
+        kept = runs.list_checkpoints(run_dir)
         raise cli.UserError('could not save the checkpoint of step {} ({}); {}'.format(
             step, str(e).splitlines()[0] if str(e) else type(e).__name__,
             'the previous checkpoint {} is kept'.format(kept[max(kept)]) if kept else 'no earlier checkpoint'))
-
-
-def fallbacks(spec, checkpoint, step):
-    """[(prefix, step)] to try, newest first: for a run directory given alone, its complete
-    checkpoints from the chosen one down (a damaged newest one falls back to the one before);
-    for DIR:STEP or a prefix, that checkpoint only."""
-    if not os.path.isdir(spec) and not os.path.isdir(os.path.join('weights', spec)):
-        return [(checkpoint, step)]
-    found = cli.list_checkpoints(os.path.dirname(checkpoint))
-    return [(found[s], s) for s in sorted(found, reverse=True) if step is None or s <= step]
 
 
 def restore(sess, framework, candidates, full):
@@ -403,14 +361,8 @@ def restore(sess, framework, candidates, full):
     variables = framework.net.variables
     if full:
         variables = variables + framework.training_state
-    for index, (prefix, step) in enumerate(candidates):
-        try:
-            cli.restore_variables(sess, prefix, variables)
-            return prefix, step
-        except cli.DamagedCheckpoint as e:
-            if index == len(candidates) - 1:
-                raise
-            print('warning: {}; trying the one before'.format(e), file=sys.stderr, flush=True)
+    return runs.restore_first(sess, variables, candidates,
+                              lambda message: print('warning: ' + message, file=sys.stderr, flush=True))
 
 
 if __name__ == '__main__':

@@ -28,6 +28,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import cli  # noqa: E402
+import runs  # noqa: E402
 
 
 def cosine(a, b):
@@ -36,21 +37,22 @@ def cosine(a, b):
     return float(np.sum(a * b) / norm) if norm > 0 else 0.0
 
 
-def alignment(student, critic_args, critic_prefix, dataset, store, subsets):
+def alignment(student, critic_run, dataset, store, subsets):
     """Per-pair rows (cos adversarial, cos reconstruction, weighted norm ratio, EPE) of one student run."""
     from network.aldk import CRITIC_UNITS, DistillFramework
     from network.framework import session_config
     from network.tfv1 import tf
-    run_dir, prefix, _ = cli.resolve_checkpoint(student)
-    run_args = cli.load_run_args(run_dir)
-    if list(run_args['image_size']) != list(critic_args['image_size']):
+    critic = critic_run.config
+    run = runs.open_run(student)
+    if run.config.image_size != critic.image_size:
         raise cli.UserError('{} was trained at {} but the critic at {}'.format(
-            run_dir, 'x'.join(map(str, run_args['image_size'])), 'x'.join(map(str, critic_args['image_size']))))
+            run.directory, 'x'.join(map(str, run.config.image_size)), 'x'.join(map(str, critic.image_size))))
     rows = []
     with tf.Graph().as_default():
-        fw = DistillFramework(cli.run_net_args(run_args), run_args['image_size'], dataset.segmentation_class_value, augment=False,
-                              method='aldk', stored_flows=True, beta=critic_args['beta'], gamma=critic_args['gamma'],
-                              lamb=critic_args['lamb'], critic_units=critic_args.get('critic_units', CRITIC_UNITS))
+        fw = DistillFramework(run.config.cascade_args(), run.config.image_size, dataset.segmentation_class_value,
+                              augment=False, method='aldk', stored_flows=True, beta=critic.get('beta'),
+                              gamma=critic.get('gamma'), lamb=critic.get('lamb'),
+                              critic_units=critic.get('critic_units', CRITIC_UNITS))
         if fw.gamma == 0:
             raise cli.UserError('the critic run has gamma = 0: its student loss has no reconstruction term')
         phi_s = fw.tower_flows[0]['student']
@@ -58,8 +60,8 @@ def alignment(student, critic_args, critic_prefix, dataset, store, subsets):
         total = tf.gradients(fw.loss, phi_s)[0]  # gamma dL_rec + (1 - gamma) dL_adv
         with tf.Session(config=session_config(fw.devices)) as sess:
             sess.run(tf.global_variables_initializer())
-            cli.restore_variables(sess, prefix, fw.net.variables)
-            cli.restore_variables(sess, critic_prefix, fw.critic.variables)
+            runs.restore_variables(sess, run.prefix, fw.net.variables)
+            runs.restore_variables(sess, critic_run.prefix, fw.critic.variables)
             for subset in subsets:
                 for batch in dataset.generator(subset, batch_size=1):
                     phi_t = store.flow(batch['id1'][0], batch['id2'][0])
@@ -90,20 +92,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from data_util.dataset import Dataset
     from data_util.flow_store import FlowStore
-    critic_dir, critic_prefix, _ = cli.resolve_checkpoint(args.critic)
-    critic_args = cli.load_run_args(critic_dir)
-    if not critic_args.get('aldk'):
-        raise cli.UserError('{} is not an ALDK run (no --aldk in its args.json): it has no critic'.format(critic_dir))
+    critic_run = runs.open_run(args.critic)
+    if not critic_run.config.is_aldk:
+        raise cli.UserError('{} is not an ALDK run (no --aldk in its args.json): it has no critic'.format(
+            critic_run.directory))
     dataset = Dataset(args.dataset, batch_size=1)
     subsets = [s for s in args.subsets.split(',') if s]
-    print('Critic of {}; teacher flows {}; subsets {}'.format(critic_prefix, args.flows, ', '.join(subsets)))
+    print('Critic of {}; teacher flows {}; subsets {}'.format(critic_run.prefix, args.flows, ', '.join(subsets)))
     print()
     print('| student | pairs | cos(adversarial, to teacher) | cos(reconstruction, to teacher) '
           '| weighted norm adv / rec | EPE (voxels) |')
     print('|---|---:|---:|---:|---:|---:|')
-    with FlowStore(args.flows, critic_args['image_size']) as store:
+    with FlowStore(args.flows, critic_run.config.image_size) as store:
         for student in args.students:
-            rows = alignment(student, critic_args, critic_prefix, dataset, store, subsets)
+            rows = alignment(student, critic_run, dataset, store, subsets)
             print('| {} | {} | {} | {} | {:.3f} | {:.3f} |'.format(
                 student, len(rows), mean_std(rows[:, 0], 4), mean_std(rows[:, 1], 4), np.mean(rows[:, 2]),
                 np.mean(rows[:, 3])))

@@ -25,6 +25,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import cli  # noqa: E402
+import runs  # noqa: E402
 
 
 def main(argv=None):
@@ -44,8 +45,8 @@ def main(argv=None):
     from evaluation import nanmean, overlap_values, pair_record
     from network.refine import Refiner
     dataset = Dataset(args.dataset, batch_size=1)
-    sess, framework, _, prefix = cli.load_model(args.checkpoint, dataset.image_size,
-                                                dataset.segmentation_class_value)
+    sess, framework, run = runs.load_framework(args.checkpoint, dataset.image_size, dataset.segmentation_class_value)
+    prefix = run.prefix
     affine_flow = framework.outputs['stages'][0]['agg_flow']
     refiner = Refiner(dataset.image_size, **settings)
     values = overlap_values(dataset.segmentation_class_value, framework.class_names)

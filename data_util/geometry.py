@@ -307,3 +307,29 @@ def original_overlap(flow, fixed, moving, values):
     dice, jaccard = label_overlap(sitk.GetArrayViewFromImage(reference),
                                   sitk.GetArrayViewFromImage(warped), values)
     return [dice[str(v)] for v in values], [jaccard[str(v)] for v in values]
+
+
+def load_geometry(group):
+    """The `Geometry` stored in an HDF5 scan group; GeometryError if it has none."""
+    return Geometry.from_attrs(group.attrs)
+
+
+def preprocessed_grid_image(group, array=None):
+    """The preprocessed grid of an HDF5 scan group as a sitk.Image in the original physical
+    space: its `volume` (default) or the given array [X, Y, Z] / [X, Y, Z, C] on that grid
+    (e.g. a warped segmentation). Resample it onto ``load_geometry(group).original_reference()``
+    (see `grid_to_original`) to get the result on the original file's grid."""
+    if array is None:
+        array = group['volume'][...]
+    return grid_image(array, load_geometry(group))
+
+
+def grid_to_original(image, geometry, nearest=False, default_value=0.0):
+    """Resample a sitk.Image on the preprocessed grid back onto the original file's grid.
+
+    nearest=True for label maps, else linear (vector images component-wise). Points of the
+    original grid outside the preprocessed cube get default_value. Returns a sitk.Image with
+    the original size, spacing, origin and direction and the input's pixel type."""
+    interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    return sitk.Resample(image, geometry.original_reference(), sitk.Transform(), interpolator,
+                         float(default_value), image.GetPixelID())

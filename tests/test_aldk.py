@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-import cli
+import runs
 from conftest import ROOT
 from data_util.dataset import Dataset
 from data_util.flow_store import FlowStore, FlowStoreWriter, pair_key
@@ -60,7 +60,7 @@ def work(tmp_path_factory):
 
 
 def _teacher_prefix(work):
-    return cli.resolve_checkpoint(str(work / 'weights' / 'teacher'))[1]
+    return runs.resolve_checkpoint(str(work / 'weights' / 'teacher'))[1]
 
 
 def _batch(work, subset='val', index=0):
@@ -244,7 +244,7 @@ def test_writing_flow_round_trip_resume_and_online_agreement(work, store, online
     import eval as eval_script
     batch = _batch(work, 'val', 1)
     pair = (batch['id1'][0], batch['id2'][0])
-    sess, fw, _, _ = cli.load_model(str(work / 'weights' / 'teacher'), SIZE)
+    sess, fw, _ = runs.load_framework(str(work / 'weights' / 'teacher'), SIZE)
     teacher_flow = fw.register(sess, batch)[0]
     sess.close()
     with FlowStore(store, SIZE) as flows:
@@ -275,7 +275,7 @@ def test_aldk_run_logs_both_losses_and_saves_no_teacher(work, aldk_run):
     assert len(progress) == 2
     for key in ('loss', 'adversarial', 'critic_loss', 'wasserstein', 'gradient_penalty', 'teacher_epe'):
         assert ' {} '.format(key) in progress[-1] or '({} '.format(key) in progress[-1], key
-    prefix = cli.resolve_checkpoint(str(work / 'weights' / 'student'))[1]
+    prefix = runs.resolve_checkpoint(str(work / 'weights' / 'student'))[1]
     scopes = {name.split('/')[0] for name in tf.train.load_checkpoint(prefix).get_variable_to_shape_map()}
     assert {'rcn', 'critic', 'critic_optimizer', 'global_step'} <= scopes and 'teacher' not in scopes
     tags = set()
@@ -286,7 +286,7 @@ def test_aldk_run_logs_both_losses_and_saves_no_teacher(work, aldk_run):
 
 
 def test_student_inference_graph_holds_only_the_student(work, aldk_run):
-    sess, fw, _, _ = cli.load_model(str(work / 'weights' / 'student'))
+    sess, fw, _ = runs.load_framework(str(work / 'weights' / 'student'))
     with sess.graph.as_default():
         names = [v.op.name for v in tf.global_variables()]
     sess.close()
@@ -351,7 +351,7 @@ def test_bad_inputs_end_in_one_error_line(work, aldk_run):
 def _flow_error(run, dataset, store, subsets):
     """Mean end-point error (voxels) of a student run's flows to the stored teacher flows."""
     errors = []
-    sess, fw, _, _ = cli.load_model(run)
+    sess, fw, _ = runs.load_framework(run)
     for subset in subsets:
         for batch in dataset.generator(subset, batch_size=1):
             teacher = store.flow(batch['id1'][0], batch['id2'][0])

@@ -101,7 +101,7 @@ class KnownFlow:
     info = {'kind': 'known affine (test)'}
 
     def __init__(self, paths, modality):
-        from data_util.prepare import read_image
+        from data_util.images import read_image
         options = registration.preprocessing_options(None, self.image_size, {'modality': modality})
         _, _, self.fixed_geometry, self.moving_geometry = registration.preprocess_pair(
             read_image(paths['fixed']), read_image(paths['moving']), options)
@@ -244,7 +244,7 @@ def test_export_runs_without_network_code(tiny_run, tmp_path):
         cli.run(lambda: predict.main({args!r}))
         print('loaded:', sorted(m for m in sys.modules if m in (
             'network.cascade', 'network.framework', 'network.subnets', 'network.aldk', 'network.losses', 'train')))
-        from data_util.prepare import read_image
+        from data_util.images import read_image
         options = registration.preprocessing_options(None, 64)
         fixed, moving, _, _ = registration.preprocess_pair(read_image({fixed!r}), read_image({moving!r}), options)
         frozen = registration.ExportedNetwork('exported').flow(fixed, moving)

@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import LPBA40, ROOT
-from data_util import geometry, prepare
+from data_util import geometry, images, prepare
+from data_util.geometry import grid_to_original, load_geometry, preprocessed_grid_image, to_array
 
 SIZE = 32
 SPACING = (0.9, 1.3, 2.2)
@@ -102,7 +103,7 @@ def test_hdf5_layout_and_spec(converted):
             assert volume.min() == 0 and volume.max() == 255
             assert segmentation.shape == (SIZE,) * 3 and segmentation.dtype == np.uint16
             assert set(np.unique(segmentation)) == {0, 5, 300}
-            geometry = prepare.load_geometry(group)
+            geometry = load_geometry(group)
             assert geometry.original_size == SHAPE
             np.testing.assert_allclose(geometry.original_spacing, SPACING, rtol=1e-5)
             np.testing.assert_allclose(geometry.original_origin, ORIGIN, atol=1e-4)
@@ -117,12 +118,12 @@ def test_hdf5_layout_and_spec(converted):
             # the crop: the whole body lies inside the grid, which spans its longest side
             # plus the margins (to within the voxel discretisation)
             source = sitk.ReadImage(group.attrs['source_image'])
-            body = np.argwhere(prepare.to_array(source) > 50)
-            inside = prepare.landmarks_to_voxels(_physical(body), geometry)
+            body = np.argwhere(to_array(source) > 50)
+            inside = images.landmarks_to_voxels(_physical(body), geometry)
             assert np.all(inside >= 0)
             step = geometry.grid_spacing[0]
             longest = np.max(inside.max(axis=0) - inside.min(axis=0)) * step
-            assert abs(longest + 2 * prepare.DEFAULT_MARGIN - SIZE * step) < 3.0
+            assert abs(longest + 2 * images.DEFAULT_MARGIN - SIZE * step) < 3.0
         assert 'point' not in h5['b'] and h5['a']['point'].shape == (3, 3)
     with open(converted['spec']) as f:
         spec = json.load(f)
@@ -138,19 +139,18 @@ def test_physical_point_maps_to_blob_voxel(converted):
     with h5py.File(converted['output'], 'r') as h5:
         for scan_id, (_, _, blob_mm) in converted['scans'].items():
             group = h5[scan_id]
-            geometry = prepare.load_geometry(group)
-            voxel = prepare.landmarks_to_voxels(blob_mm[None], geometry)[0]
+            geometry = load_geometry(group)
+            voxel = images.landmarks_to_voxels(blob_mm[None], geometry)[0]
             segmentation = group['segmentation'][...]
             assert np.linalg.norm(_centroid(segmentation == 5) - voxel) < 1.0
             # the blob is bright in the volume too, and sitk agrees on the grid geometry
-            grid = prepare.preprocessed_grid_image(group)
+            grid = preprocessed_grid_image(group)
             index = grid.TransformPhysicalPointToIndex(blob_mm.tolist())
             assert grid.GetPixel(index) > 200
             np.testing.assert_allclose(grid.TransformPhysicalPointToContinuousIndex(
                 blob_mm.tolist()), voxel, atol=1e-3)
         points = h5['a']['point'][...]
-        blob_voxel = prepare.landmarks_to_voxels(converted['scans']['a'][2][None],
-                                                 prepare.load_geometry(h5['a']))[0]
+        blob_voxel = images.landmarks_to_voxels(converted['scans']['a'][2][None], load_geometry(h5['a']))[0]
         np.testing.assert_allclose(points[0], blob_voxel, atol=1e-4)
         np.testing.assert_array_equal(points[1:], -1)
 
@@ -159,14 +159,14 @@ def test_grid_result_maps_back_to_original(converted):
     with h5py.File(converted['output'], 'r') as h5:
         for scan_id, (_, label_path, _) in converted['scans'].items():
             group = h5[scan_id]
-            geometry = prepare.load_geometry(group)
-            grid = prepare.preprocessed_grid_image(group, group['segmentation'][...])
-            back = prepare.grid_to_original(grid, geometry, nearest=True)
+            geometry = load_geometry(group)
+            grid = preprocessed_grid_image(group, group['segmentation'][...])
+            back = grid_to_original(grid, geometry, nearest=True)
             assert back.GetSize() == SHAPE
             np.testing.assert_allclose(back.GetOrigin(), geometry.original_origin)
             np.testing.assert_allclose(back.GetDirection(), geometry.original_direction)
-            mapped = prepare.to_array(back) == 5
-            original = prepare.to_array(sitk.ReadImage(label_path)) == 5
+            mapped = to_array(back) == 5
+            original = to_array(sitk.ReadImage(label_path)) == 5
             # blob centroids in original voxels (one voxel of 0.9..2.2 mm)
             assert np.all(np.abs(_centroid(mapped) - _centroid(original)) < 1.0)
             dice = 2 * np.sum(mapped & original) / (mapped.sum() + original.sum())
@@ -176,7 +176,7 @@ def test_grid_result_maps_back_to_original(converted):
 def test_displacement_field_between_grids(converted):
     """A flow on scan a's grid -> mm on a's original grid (data_util.geometry.displacement_field)."""
     with h5py.File(converted['output'], 'r') as h5:
-        fixed, moving = prepare.load_geometry(h5['a']), prepare.load_geometry(h5['b'])
+        fixed, moving = load_geometry(h5['a']), load_geometry(h5['b'])
     reference = fixed.original_reference()
     index = np.stack(np.meshgrid(*[np.arange(SIZE)] * 3, indexing='ij'), -1).astype(np.float64)
     # the flow that sends every fixed voxel to the same physical point of the moving grid
@@ -190,26 +190,26 @@ def test_displacement_field_between_grids(converted):
 
 def test_preprocess_on_single_file_matches_converter(converted):
     image_path, label_path, _ = converted['scans']['b']
-    volume, segmentation, geometry = prepare.preprocess(image_path, label_path, image_size=SIZE)
+    volume, segmentation, geometry = images.preprocess(image_path, label_path, image_size=SIZE)
     with h5py.File(converted['output'], 'r') as h5:
         np.testing.assert_array_equal(volume, h5['b']['volume'][...])
         np.testing.assert_array_equal(segmentation, h5['b']['segmentation'][...])
-        assert geometry == prepare.load_geometry(h5['b'])
+        assert geometry == load_geometry(h5['b'])
 
 
 def test_ct_window_roi_and_spacing(converted):
     image_path = converted['scans']['a'][0]
     with h5py.File(converted['output'], 'r') as h5:
-        direction = np.reshape(prepare.load_geometry(h5['a']).grid_direction, (3, 3))
+        direction = np.reshape(load_geometry(h5['a']).grid_direction, (3, 3))
     # an ROI box of 20 mm sides, axis-aligned in the grid frame (this scan is oblique)
     centre = _physical((np.asarray(SHAPE) - 1) / 2.0)
     roi = (centre + direction @ np.full(3, -10.0), centre + direction @ np.full(3, 10.0))
-    volume, segmentation, geometry = prepare.preprocess(
+    volume, segmentation, geometry = images.preprocess(
         image_path, image_size=16, modality='ct', window=(100.0, 200.0), roi=roi)
     assert segmentation is None and geometry.intensity_window == (0.0, 200.0)
     np.testing.assert_allclose(geometry.grid_spacing, 20.0 / 16)
     np.testing.assert_allclose(geometry.voxel_to_physical([[7.5, 7.5, 7.5]])[0], centre, atol=1e-6)
-    _, _, fixed = prepare.preprocess(image_path, image_size=16, spacing=3.0)
+    _, _, fixed = images.preprocess(image_path, image_size=16, spacing=3.0)
     np.testing.assert_allclose(fixed.grid_spacing, 3.0)
 
 
@@ -222,8 +222,8 @@ def test_label_map_never_changes_the_grid():
     label[1:6, 12:18, 12:18] = 7
     image = sitk.GetImageFromArray(intensity.transpose(2, 1, 0))
     label_image = sitk.GetImageFromArray(label.transpose(2, 1, 0))
-    volume, segmentation, geometry = prepare.preprocess(image, label_image, image_size=16)
-    alone, _, geometry_alone = prepare.preprocess(image, None, image_size=16)
+    volume, segmentation, geometry = images.preprocess(image, label_image, image_size=16)
+    alone, _, geometry_alone = images.preprocess(image, None, image_size=16)
     assert geometry == geometry_alone
     np.testing.assert_array_equal(volume, alone)
     # x over the body alone, plus 4 mm margins
@@ -242,18 +242,18 @@ def test_field_of_view_centres_on_the_centroid():
     shifted = sitk.Image(image)
     shift = np.array([7.3, -4.0, 11.5])
     shifted.SetOrigin(tuple(np.asarray(image.GetOrigin()) + shift))
-    volume, _, geometry = prepare.preprocess(image, image_size=16, field_of_view=48.0)
-    moved, _, moved_geometry = prepare.preprocess(shifted, image_size=16, field_of_view=48.0)
+    volume, _, geometry = images.preprocess(image, image_size=16, field_of_view=48.0)
+    moved, _, moved_geometry = images.preprocess(shifted, image_size=16, field_of_view=48.0)
     np.testing.assert_allclose(geometry.grid_spacing, 3.0)
     centroid = (np.array([8 + 29, 10 + 19, 6 + 19]) / 2.0) * image.GetSpacing()
     centre = np.asarray(geometry.grid_origin) + 1.5 * 15
     np.testing.assert_allclose(centre, centroid, atol=1e-6)
     np.testing.assert_allclose(np.subtract(moved_geometry.grid_origin, geometry.grid_origin), shift, atol=1e-6)
     np.testing.assert_array_equal(volume, moved)
-    with pytest.raises(prepare.PrepareError, match='field of view'):
-        prepare.preprocess(image, image_size=16, field_of_view=48.0, spacing=2.0)
-    with pytest.raises(prepare.PrepareError, match='field of view'):
-        prepare.preprocess(image, image_size=16, field_of_view=float('nan'))
+    with pytest.raises(images.PrepareError, match='field of view'):
+        images.preprocess(image, image_size=16, field_of_view=48.0, spacing=2.0)
+    with pytest.raises(images.PrepareError, match='field of view'):
+        images.preprocess(image, image_size=16, field_of_view=float('nan'))
 
 
 def _run_cli(args, cwd):
@@ -323,7 +323,7 @@ def test_lpba_spec_matches_builder():
     expected = prepare.build_spec('lpba', os.path.join(ROOT, 'datasets', 'lpba.h5'), path, ids,
                                   128, 'brain', prepare.LPBA40_ATLAS, prepare.LPBA40_SUBSETS,
                                   label_values=LPBA_LABELS, strict=False,
-                                  preprocessing=prepare.preprocessing_record(
+                                  preprocessing=images.preprocessing_record(
                                       field_of_view=prepare.LPBA40_FIELD_OF_VIEW))
     with open(path) as f:
         assert json.load(f) == expected
@@ -358,16 +358,16 @@ def test_lpba40_subset(tmp_path, capsys):
             # wide (~20 mm^3), so every one of the 56 structures keeps ~100+ voxels.
             values, counts = np.unique(segmentation, return_counts=True)
             assert list(values[1:]) == LPBA_LABELS and counts[1:].min() > 30
-            geometry = prepare.load_geometry(group)
+            geometry = load_geometry(group)
             assert geometry.original_size == (160, 192, 160)
             assert geometry.original_spacing == (1.0, 1.0, 1.0)
             assert geometry.grid_direction == tuple(np.eye(3).flatten())
             # labels mapped back onto the 1 mm grid agree with the source on most voxels
-            back = prepare.grid_to_original(
-                prepare.preprocessed_grid_image(group, segmentation), geometry, nearest=True)
+            back = grid_to_original(
+                preprocessed_grid_image(group, segmentation), geometry, nearest=True)
             source_image = sitk.ReadImage(group.attrs['source_label'])
-            source = prepare.to_array(source_image)
-            assert np.mean(prepare.to_array(back) == source) > 0.95
+            source = to_array(source_image)
+            assert np.mean(to_array(back) == source) > 0.95
             np.testing.assert_array_equal(group['original_segmentation'][...], source)
             assert geometry.grid_spacing == (3.0,) * 3    # the 192 mm field of view at 64^3
             # LPBA40 labels reach below the skull-stripped image (brainstem, cerebellum): the
@@ -375,4 +375,4 @@ def test_lpba40_subset(tmp_path, capsys):
             labelled = np.argwhere(source > 0)
             corners = [source_image.TransformIndexToPhysicalPoint([int(v) for v in c])
                        for c in (labelled.min(axis=0), labelled.max(axis=0))]
-            assert np.all(prepare.landmarks_to_voxels(corners, geometry) >= 0)
+            assert np.all(images.landmarks_to_voxels(corners, geometry) >= 0)

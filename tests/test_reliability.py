@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import cli
+import runs
 from tests.conftest import ROOT, error_lines, run_script
 
 
@@ -20,14 +21,14 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
         (tmp_path / 'model-{}.index'.format(step)).write_bytes(b'i')
         (tmp_path / 'model-{}.data-00000-of-00001'.format(step)).write_bytes(b'd')
     (tmp_path / 'model-5.complete').write_text('5\n')  # step 10 was interrupted before its marker
-    assert cli.list_checkpoints(str(tmp_path)) == {5: str(tmp_path / 'model-5')}
-    assert cli.resolve_checkpoint(str(tmp_path))[2] == 5
+    assert runs.list_checkpoints(str(tmp_path)) == {5: str(tmp_path / 'model-5')}
+    assert runs.resolve_checkpoint(str(tmp_path))[2] == 5
 
 
 def test_unmarked_checkpoints_of_the_original_code_still_count(tmp_path):
     (tmp_path / 'model-7.index').write_bytes(b'i')
     (tmp_path / 'model-7.data-00000-of-00001').write_bytes(b'd')
-    assert list(cli.list_checkpoints(str(tmp_path))) == [7]
+    assert list(runs.list_checkpoints(str(tmp_path))) == [7]
 
 
 def test_progress_into_a_log_is_plain_lines(monkeypatch):
@@ -67,7 +68,7 @@ def test_exploding_training_stops_with_one_line_and_keeps_checkpoints(synthetic_
                       '--lr', '1e30', '--output', 'boom', '--val_steps', '0', '--save_steps', '1', cwd=tmp_path)
     lines = error_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1 and 'non-finite' in lines[0], proc.stderr[-2000:]
-    kept = cli.list_checkpoints(str(tmp_path / 'weights' / 'boom'))
+    kept = runs.list_checkpoints(str(tmp_path / 'weights' / 'boom'))
     assert 'last good checkpoint' in lines[0] and kept and max(kept) < 40
 
 
@@ -90,7 +91,7 @@ def test_kill_9_then_resume_continues_from_the_newest_complete_checkpoint(synthe
     run_dir = _train_then_kill(tmp_path, 'killed', 6, [
         '-b', 'LDR', '-d', synthetic_spec, '--batch', '1', '--round', '1000', '--epochs', '1', '--val_steps', '0',
         '--save_steps', '3', '--print_steps', '1', '--seed', '2'])
-    kept = cli.list_checkpoints(str(run_dir))
+    kept = runs.list_checkpoints(str(run_dir))
     assert kept and min(kept) >= 3, 'no complete checkpoint before the kill'
     newest = max(kept)
     resumed = run_script('train.py', '-c', run_dir, '--epochs', str((newest + 2) / 1000), '--round', '1000',
@@ -109,7 +110,7 @@ def test_bare_resume_keeps_every_setting_of_the_run(synthetic_spec, tmp_path):
         '-b', 'LDR', '-d', synthetic_spec, '--batch', '1', '--round', '200', '--epochs', '0.05', '--lr', '5e-4',
         '--val_steps', '0', '--save_steps', '4', '--print_steps', '1', '--seed', '3', '--no_augment'])
     env = dict(os.environ, PYTHONPATH=ROOT)
-    newest = max(cli.list_checkpoints(str(run_dir)))
+    newest = max(runs.list_checkpoints(str(run_dir)))
     assert newest in (4, 8), newest
     resumed = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), '-c', str(run_dir)], cwd=tmp_path,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -127,7 +128,7 @@ def test_bare_resume_keeps_every_setting_of_the_run(synthetic_spec, tmp_path):
     stored = json.loads((run_dir / 'args.json').read_text())
     assert (stored['batch'], stored['round'], stored['epochs'], stored['save_steps'], stored['seed'],
             stored['lr'], stored['no_augment']) == (1, 200, 0.05, 4, 3, 5e-4, True)
-    assert sorted(cli.list_checkpoints(str(run_dir)))[-1] == 10
+    assert sorted(runs.list_checkpoints(str(run_dir)))[-1] == 10
 
 
 @pytest.mark.slow
@@ -223,7 +224,7 @@ def test_sigterm_stops_training_at_a_step_boundary_with_a_checkpoint(synthetic_s
     assert proc.returncode == 2 and len(lines) == 1 and 'Traceback' not in err, err[-2000:]
     step = int(lines[0].split('stopped by SIGTERM at step ')[1].split(';')[0])
     assert step >= 3 and 'checkpoint saved, resume with python train.py -c' in lines[0]
-    assert max(cli.list_checkpoints(str(tmp_path / 'weights' / 'term'))) == step
+    assert max(runs.list_checkpoints(str(tmp_path / 'weights' / 'term'))) == step
 
 
 @pytest.mark.slow
@@ -267,8 +268,8 @@ def test_resumed_run_follows_the_uninterrupted_loss_curve(synthetic_spec, tmp_pa
     straight = run_script('train.py', *flags, '--output', 'straight', cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-2000:]
     run_dir = _train_then_kill(tmp_path, 'cut', 6, flags)
-    assert max(cli.list_checkpoints(str(run_dir))) in (6, 12)
-    if max(cli.list_checkpoints(str(run_dir))) == 6:
+    assert max(runs.list_checkpoints(str(run_dir))) in (6, 12)
+    if max(runs.list_checkpoints(str(run_dir))) == 6:
         resumed = run_script('train.py', '-c', run_dir, cwd=tmp_path)
         assert resumed.returncode == 0 and 'at step 6' in resumed.stdout, resumed.stderr[-2000:]
     expected, got = _logged_losses(tmp_path / 'logs' / 'straight'), _logged_losses(tmp_path / 'logs' / 'cut')
