@@ -38,7 +38,7 @@ def cosine(a, b):
 
 def alignment(student, critic_args, critic_prefix, dataset, store, subsets):
     """Per-pair rows (cos adversarial, cos reconstruction, weighted norm ratio, EPE) of one student run."""
-    from network.aldk import CRITIC_UNITS, DistillFramework
+    from network.aldk import DEFAULTS, DistillFramework
     from network.framework import session_config
     from network.tfv1 import tf
     run_dir, prefix, _ = cli.resolve_checkpoint(student)
@@ -50,7 +50,8 @@ def alignment(student, critic_args, critic_prefix, dataset, store, subsets):
     with tf.Graph().as_default():
         fw = DistillFramework(cli.run_net_args(run_args), run_args['image_size'], dataset.segmentation_class_value, augment=False,
                               method='aldk', stored_flows=True, beta=critic_args['beta'], gamma=critic_args['gamma'],
-                              lamb=critic_args['lamb'], critic_units=critic_args.get('critic_units', CRITIC_UNITS))
+                              lamb=critic_args['lamb'],
+                              critic_units=critic_args.get('critic_units', DEFAULTS.critic_units))
         if fw.gamma == 0:
             raise cli.UserError('the critic run has gamma = 0: its student loss has no reconstruction term')
         phi_s = fw.tower_flows[0]['student']
