@@ -15,10 +15,8 @@ import sys
 import tempfile
 
 EXIT_USAGE = 2
-# network.subnets.BASE_NETWORKS' keys and network.aldk.Critic.UNITS, listed here so that
-# argument parsing needs no TensorFlow.
+# network.subnets.BASE_NETWORKS' keys, listed here so that argument parsing needs no TensorFlow.
 BASE_NETWORK_NAMES = ('VTN', 'VoxelMorph', 'LDR', 'LDROriginal')
-CRITIC_UNITS = ('normalized', 'rms', 'voxels')
 
 
 def parse_devices(flag):

@@ -16,9 +16,11 @@ import time
 
 import cli
 import runs
+from network.aldk_config import CRITIC_UNITS, DistillSettings
 
 
 def build_parser():
+    distill = DistillSettings()
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-b', '--base_network', default=None, choices=cli.BASE_NETWORK_NAMES,
                    help='VTN, VoxelMorph, LDR (paper architecture) or LDROriginal (default VTN)')
@@ -61,16 +63,20 @@ def build_parser():
                    help='online teacher: a VTN RCN run directory (or DIR:STEP / prefix), restored frozen into this graph')
     g.add_argument('--pretrained_flow_path', default=None,
                    help='offline teacher: flow store of eval.py --writing_flow (turns augmentation off)')
-    g.add_argument('--beta', type=float, default=0.1, help='distilled flow phi_d = beta phi_t + (1 - beta) phi_s')
-    g.add_argument('--gamma', type=float, default=0.3, help='student loss gamma L_rec + (1 - gamma) L_distill')
-    g.add_argument('--lamb', type=float, default=0.1, help='weight of the critic\'s gradient penalty')
-    g.add_argument('--critic_every', type=int, default=2,
-                   help='update the critic every N-th step, before that step\'s student update (student: every step)')
-    g.add_argument('--critic_lr_factor', type=float, default=1.0,
-                   help='critic learning rate = this x the student\'s (same schedule)')
-    g.add_argument('--critic_units', choices=cli.CRITIC_UNITS, default='normalized',
+    g.add_argument('--beta', type=float, default=distill.beta,
+                   help='distilled flow phi_d = beta phi_t + (1 - beta) phi_s (default %(default)s)')
+    g.add_argument('--gamma', type=float, default=distill.gamma,
+                   help='student loss gamma L_rec + (1 - gamma) L_distill (default %(default)s)')
+    g.add_argument('--lamb', type=float, default=distill.lamb,
+                   help='weight of the critic\'s gradient penalty (default %(default)s)')
+    g.add_argument('--critic_every', type=int, default=distill.critic_every,
+                   help='update the critic every N-th step, before that step\'s student update (student: every '
+                        'step; default %(default)s)')
+    g.add_argument('--critic_lr_factor', type=float, default=distill.critic_lr_factor,
+                   help='critic learning rate = this x the student\'s (same schedule; default %(default)s)')
+    g.add_argument('--critic_units', choices=CRITIC_UNITS, default=distill.critic_units,
                    help='metric of the gradient penalty, hence the scale of the adversarial gradient '
-                        '(network.aldk.Critic)')
+                        '(network.aldk.Critic; default %(default)s)')
     return p
 
 

@@ -39,7 +39,7 @@ def cosine(a, b):
 
 def alignment(student, critic_run, dataset, store, subsets):
     """Per-pair rows (cos adversarial, cos reconstruction, weighted norm ratio, EPE) of one student run."""
-    from network.aldk import CRITIC_UNITS, DistillFramework
+    from network.aldk import DEFAULTS, DistillFramework
     from network.framework import session_config
     from network.tfv1 import tf
     critic = critic_run.config
@@ -52,7 +52,7 @@ def alignment(student, critic_run, dataset, store, subsets):
         fw = DistillFramework(run.config.cascade_args(), run.config.image_size, dataset.segmentation_class_value,
                               augment=False, method='aldk', stored_flows=True, beta=critic.get('beta'),
                               gamma=critic.get('gamma'), lamb=critic.get('lamb'),
-                              critic_units=critic.get('critic_units', CRITIC_UNITS))
+                              critic_units=critic.get('critic_units', DEFAULTS.critic_units))
         if fw.gamma == 0:
             raise cli.UserError('the critic run has gamma = 0: its student loss has no reconstruction term')
         phi_s = fw.tower_flows[0]['student']

@@ -31,16 +31,21 @@ Choices (not fixed by the paper):
     critic's learning rate is ``critic_lr_factor`` (default 1) times the student's.
   - Towers: each tower's adversarial / distillation term is its own batch mean divided by the
     number of towers, so the towers' terms sum to the batch mean exactly like the summed RCN
-    losses; critic terms are averaged over towers.
+    losses; critic terms are averaged over towers. Gradients are averaged over towers, so with
+    n towers the student's gradient is 1/n of one device's and the critic's equals one
+    device's (tests/test_towers.py).
   - Offline mode feeds phi_t through the placeholder ``teacher_flow`` [B, X, Y, Z, 3]; its
     flows belong to un-augmented pairs, so the framework refuses augmentation in that mode.
 """
+import dataclasses
+
 import numpy as np
 
 from errors import ConfigError
 
+from .aldk_config import CRITIC_UNITS, DistillSettings
 from .cascade import RecursiveCascade
-from .framework import Framework, average_gradients
+from .framework import Framework, Tower, average_gradients
 from .layers import conv3d
 from .module import Module, count_parameters
 from .subnets import VTNAffineStem
@@ -50,9 +55,7 @@ METHODS = ('aldk', 'l2')
 CRITIC_CHANNELS = (16, 32, 64, 128, 256)
 CRITIC_SLOPE = 0.2
 CRITIC_ADAM = {'beta1': 0.5, 'beta2': 0.9}
-CRITIC_UNITS = 'normalized'
-DEFAULT_CRITIC_EVERY = 2
-DEFAULT_CRITIC_LR_FACTOR = 1.0
+DEFAULTS = DistillSettings()
 GP_EPS = 1e-12
 
 
@@ -70,14 +73,17 @@ class Critic(Module):
     ``to_units`` and ``gradient_penalty``), hence the scale of D and of the adversarial gradient:
       'normalized' (default): the L2 distance of two fields is their RMS displacement difference
           as a fraction of the half-extent, independent of the image size and resolution;
-      'rms': their RMS displacement difference in voxels (~32x 'normalized' at 64^3);
-      'voxels': the raw L2 norm over all X Y Z voxels (~900x 'rms' at 64^3).
-    With 'voxels' or 'rms' and lamb = 0.1 the adversarial gradient swamped the reconstruction
-    loss in our 64^3 runs and training diverged; with 'normalized' it is a fraction of it.
+      'rms': their RMS displacement difference in voxels (n / 2 times 'normalized' along an
+          axis of n voxels);
+      'voxels': the raw L2 norm over all X Y Z voxels (sqrt(X Y Z) times 'rms').
+    The larger the metric's distances, the more D may change along a flow, hence the larger the
+    adversarial gradient: with 'voxels' or 'rms' and lamb = 0.1 it swamped the reconstruction
+    loss at 64^3 and training diverged; with 'normalized' it stays a fraction of it, whatever
+    the image size.
     """
-    UNITS = ('normalized', 'rms', 'voxels')
+    UNITS = CRITIC_UNITS
 
-    def __init__(self, name='critic', channels=CRITIC_CHANNELS, slope=CRITIC_SLOPE, units=CRITIC_UNITS):
+    def __init__(self, name='critic', channels=CRITIC_CHANNELS, slope=CRITIC_SLOPE, units=DEFAULTS.critic_units):
         super().__init__(name)
         if units not in self.UNITS:
             raise ConfigError('unknown critic units {!r} (choose from {})'.format(units, ', '.join(self.UNITS)))
@@ -226,6 +232,15 @@ class Teacher:
         tf.train.Saver(mapping).restore(sess, self.checkpoint)
 
 
+@dataclasses.dataclass(frozen=True)
+class DistillTower(Tower):
+    """A Tower of DistillFramework: besides the student's loss, terms and monitors, its flows
+    {'student': phi_s, 'teacher': phi_t} [b, X, Y, Z, 3] (voxels) and, for ALDK, the critic's
+    [(gradient, variable)] of its loss on this tower (None for 'l2')."""
+    flows: dict = None
+    critic_gradients: list = None
+
+
 class DistillFramework(Framework):
     """A training Framework for a student RCN distilled from a VTN teacher.
 
@@ -237,6 +252,7 @@ class DistillFramework(Framework):
     critic_lr_factor: critic / student learning-rate ratio; critic_units: see Critic.
 
     ``tower_flows``: per tower {'student': phi_s, 'teacher': phi_t} (for inspection and tests).
+    ``critic_gradients``: the critic's [(gradient, variable)] averaged over towers (ALDK).
     Optimisers: ``optimizer`` (the base Framework's Adam) on ``net.trainable_variables`` only;
     ``critic_optimizer`` on ``critic.trainable_variables`` only; the teacher is in neither.
     ``training_state`` (what a resumable checkpoint holds besides the student) is the student's
@@ -244,10 +260,10 @@ class DistillFramework(Framework):
     """
 
     def __init__(self, net_args, image_size, segmentation_class_value=None, devices=('/cpu:0',),
-                 augment=True, method='aldk', teacher=None, stored_flows=False, beta=0.1, gamma=0.3,
-                 lamb=0.1, critic_every=DEFAULT_CRITIC_EVERY, critic_lr_factor=DEFAULT_CRITIC_LR_FACTOR,
-                 critic_units=CRITIC_UNITS, critic_channels=CRITIC_CHANNELS, scope='rcn', affine_augment=None,
-                 augment_seed=None):
+                 augment=True, method='aldk', teacher=None, stored_flows=False, beta=DEFAULTS.beta,
+                 gamma=DEFAULTS.gamma, lamb=DEFAULTS.lamb, critic_every=DEFAULTS.critic_every,
+                 critic_lr_factor=DEFAULTS.critic_lr_factor, critic_units=DEFAULTS.critic_units,
+                 critic_channels=CRITIC_CHANNELS, scope='rcn', affine_augment=None, augment_seed=None):
         if method not in METHODS:
             raise ConfigError('unknown distillation method {!r} (choose from {})'.format(method, ', '.join(METHODS)))
         if (teacher is None) == (not stored_flows):
@@ -282,38 +298,44 @@ class DistillFramework(Framework):
         return state
 
     def _build_train(self):
-        n = len(self.devices)
-        self._stored = list(tf.split(self.teacher_flow_feed, n)) if self.teacher_flow_feed is not None else None
-        self._critic_towers = []
-        self._monitor_towers = []
-        self.tower_flows = []
+        """The base Framework's training graph on DistillTowers, then the critic's optimiser on
+        their averaged critic gradients (ALDK). Returns the towers."""
         if self.critic is not None:
             self.critic_optimizer = tf.train.AdamOptimizer(self.learning_rate * self.critic_lr_factor,
                                                            name='CriticAdam', **CRITIC_ADAM)
-        super()._build_train()
-        self.monitors = {k: tf.add_n([t[k] for t in self._monitor_towers]) / n for k in self._monitor_towers[0]}
-        scalars = [tf.summary.scalar(k, v) for k, v in self.monitors.items()]
+        towers = super()._build_train()
+        self.tower_flows = [t.flows for t in towers]
         if self.critic is not None:
-            grads = average_gradients([t['grads'] for t in self._critic_towers])
-            self.critic_grad_norm = tf.global_norm([g for g, _ in grads])
+            self.critic_gradients = average_gradients([t.critic_gradients for t in towers])
+            self.critic_grad_norm = tf.global_norm([g for g, _ in self.critic_gradients])
             with tf.variable_scope('critic_optimizer'):  # its slots and beta powers get their own names
-                self.critic_train_op = self.critic_optimizer.apply_gradients(grads)
-        self.summary = tf.summary.merge([self.summary] + scalars)
+                self.critic_train_op = self.critic_optimizer.apply_gradients(self.critic_gradients)
+        return towers
 
-    def _teacher_flow(self, fixed, moving):
-        if self._stored is not None:
-            return self._stored.pop(0)
-        return self.teacher(fixed, moving)
+    def _tower_inputs(self):
+        """Per tower (fixed, moving, stored): the base Framework's pair and, offline, this tower's
+        share [b, X, Y, Z, 3] of the fed ``teacher_flow`` (None when the teacher runs online)."""
+        n = len(self.devices)
+        stored = tf.split(self.teacher_flow_feed, n) if self.teacher_flow_feed is not None else [None] * n
+        return [pair + (flow,) for pair, flow in zip(super()._tower_inputs(), stored)]
 
-    def _tower_loss(self, fixed, moving):
-        """Student loss gamma L_rec + (1 - gamma) (L_adv or L_l2) of one tower and its terms;
-        the critic loss and its gradients of this tower are recorded for ``_build_train``."""
+    def _build_tower(self, fixed, moving, stored):
+        """The DistillTower of one share of the batch, phi_t being ``stored`` or, online, the
+        teacher's flow of (fixed, moving).
+
+        loss gamma L_rec + (1 - gamma) L_distill, L_distill the term 'distill' (l2) or
+        'adversarial' (aldk), that tower's batch mean / the number of towers (see the module
+        docstring); monitors 'teacher_epe' (+ for ALDK the critic's 'critic_loss',
+        'gradient_penalty' and 'wasserstein' = mean D(phi_t) - mean D(phi_d)); for ALDK the
+        critic's gradients of its loss on this tower.
+        """
         n = len(self.devices)
         out = self.net(fixed, moving)
-        phi_s, phi_t = out['flow'], self._teacher_flow(fixed, moving)
-        self.tower_flows.append({'student': phi_s, 'teacher': phi_t})
+        phi_s = out['flow']
+        phi_t = stored if stored is not None else self.teacher(fixed, moving)
         terms = dict(out['terms'])
         monitors = {'teacher_epe': endpoint_error(phi_s, phi_t)}
+        critic_gradients = None
         if self.method == 'l2':
             terms['distill'] = l2_distill_loss(phi_s, phi_t) / n
             extra = terms['distill']
@@ -325,13 +347,13 @@ class DistillFramework(Framework):
             gp, _ = gradient_penalty(self.critic, phi_t, tf.stop_gradient(phi_d))
             wasserstein = tf.reduce_mean(d_t) - tf.reduce_mean(d_d)
             critic_loss = -wasserstein + self.lamb * gp
-            grads = self.critic_optimizer.compute_gradients(critic_loss, self.critic.trainable_variables)
-            self._critic_towers.append({'grads': grads})
+            critic_gradients = self.critic_optimizer.compute_gradients(critic_loss, self.critic.trainable_variables)
             monitors.update({'critic_loss': critic_loss, 'gradient_penalty': gp, 'wasserstein': wasserstein})
-        self._monitor_towers.append(monitors)
-        return self.gamma * out['loss'] + (1.0 - self.gamma) * extra, terms
+        return DistillTower(self.gamma * out['loss'] + (1.0 - self.gamma) * extra, terms, monitors,
+                            flows={'student': phi_s, 'teacher': phi_t}, critic_gradients=critic_gradients)
 
     def feed_dict(self, batch, **extra):
+        """The base Framework's feed plus, offline, the batch's 'teacher_flow' [B, X, Y, Z, 3]."""
         fd = super().feed_dict(batch, **extra)
         if self.teacher_flow_feed is not None and 'teacher_flow' in batch:
             fd[self.teacher_flow_feed] = batch['teacher_flow']
@@ -351,21 +373,9 @@ class DistillFramework(Framework):
         return self.student_step(sess, batch, learning_rate, with_summary)
 
     def student_step(self, sess, batch, learning_rate, with_summary=False):
-        """One student update (critic and teacher untouched). Returns floats: 'loss' (the student
-        loss), 'grad_norm', the loss terms, and the monitors 'teacher_epe' (+ for ALDK
-        'critic_loss', 'gradient_penalty', 'wasserstein' = mean D(phi_t) - mean D(phi_d)),
-        all measured before the update; '[summary]'."""
-        fetch = {'loss': self.loss, 'grad_norm': self.grad_norm, 'terms': self.terms, 'monitors': self.monitors,
-                 'train': self.train_op}
-        if with_summary:
-            fetch['summary'] = self.summary
-        res = sess.run(fetch, self.feed_dict(batch, learning_rate=learning_rate))
-        scalars = {'loss': float(res['loss']), 'grad_norm': float(res['grad_norm'])}
-        scalars.update({k: float(v) for k, v in res['terms'].items()})
-        scalars.update({k: float(v) for k, v in res['monitors'].items()})
-        if with_summary:
-            scalars['summary'] = res['summary']
-        return scalars
+        """One student update alone (critic and teacher untouched): the base Framework's
+        ``train_step``, whose scalars include the monitors of ``_build_tower``."""
+        return super().train_step(sess, batch, learning_rate, with_summary)
 
     def critic_step(self, sess, batch, learning_rate):
         """One critic update (student and teacher untouched). Returns floats 'critic_loss',

@@ -4,9 +4,14 @@ Feeds (names as the original's): 'voxel1' (FIXED) and 'voxel2' (MOVING) [B,X,Y,Z
 'seg1', 'seg2' [B,X,Y,Z,1] (0/255 masks or label values), 'point1', 'point2' [B,K,3] (voxels,
 -1 = missing), 'learningRate' scalar. The network sees images / 255.
 
-Subclasses extend training by overriding ``_tower_loss`` (extra loss terms per tower) and
-``train_step`` (extra optimisers); ALDK does both.
+Each tower (a device and its share of the batch) is built by ``_build_tower``, which returns
+its pieces as a ``Tower``; ``_build_train`` combines them across towers. Subclasses extend
+training by overriding ``_tower_inputs`` (more per-tower inputs), ``_build_tower`` (a Tower
+with more terms, monitors or pieces of their own), ``_build_train`` (combining those pieces)
+and ``train_step`` (extra optimisers around the network's step); ALDK does all four.
 """
+import dataclasses
+
 import numpy as np
 
 from errors import ConfigError
@@ -31,6 +36,19 @@ def session_config(devices, threads=None):
     return config
 
 
+@dataclasses.dataclass(frozen=True)
+class Tower:
+    """One tower's part of the training graph, built on its share of the batch.
+
+    loss: the scalar tower loss its gradients are taken of; the towers' losses sum to the
+    batch loss. terms: {name: scalar} the named parts of ``loss``, summed over towers like it.
+    monitors: {name: scalar} quantities that are only watched, averaged over towers.
+    """
+    loss: tf.Tensor
+    terms: dict
+    monitors: dict = dataclasses.field(default_factory=dict)
+
+
 class Framework:
     """Builds one RCN into the default graph for training (``validation=False``) and evaluation.
 
@@ -41,6 +59,11 @@ class Framework:
     ``augment.AffineRange`` adding a random affine map to it, or None; augment_seed: an int
     making the augmentation a function of (augment_seed, global step), so that a resumed run
     draws what the uninterrupted one would have drawn (None: TensorFlow's stateful draws).
+
+    Training graph: ``loss`` and ``terms`` (summed over towers), ``monitors`` (averaged),
+    ``gradients`` (the towers' [(gradient, variable)] averaged: with n towers 1/n of one
+    device's gradient of ``loss``, the RCN losses being sums over the batch), ``grad_norm``,
+    ``train_op`` and ``summary``.
     """
 
     def __init__(self, net_args, image_size, segmentation_class_value=None, devices=('/cpu:0',),
@@ -95,7 +118,8 @@ class Framework:
                 'terms': out['terms'], 'stages': out['stages']}
 
     def _tower_inputs(self):
-        """Per tower: (fixed, moving) in 0..1, the moving one augmented when enabled."""
+        """Per tower the arguments of ``_build_tower``: (fixed, moving) [b, X, Y, Z, 1] in 0..1,
+        the moving one augmented when enabled."""
         n = len(self.devices)
         fixed = tf.split(self.feeds['voxel1'] / 255.0, n)
         moving = tf.split(self.feeds['voxel2'] / 255.0, n)
@@ -114,30 +138,33 @@ class Framework:
             towers.append((fixed[i], m))
         return towers
 
-    def _tower_loss(self, fixed, moving):
-        """The loss to minimise on one tower and its named scalar terms."""
+    def _build_tower(self, fixed, moving):
+        """The Tower of one share of the batch: the RCN's loss (summed over its pairs) and terms."""
         out = self.net(fixed, moving)
-        return out['loss'], dict(out['terms'])
+        return Tower(out['loss'], dict(out['terms']))
 
     def _build_train(self):
-        """Towers with averaged gradients; Adam on the RCN's variables; summaries."""
+        """Towers and their combination: the summed loss and terms, the averaged monitors, Adam
+        on the RCN's variables with the towers' gradients averaged (``gradients``), summaries.
+        Returns the towers (for subclasses to combine what their towers add)."""
         self.optimizer = tf.train.AdamOptimizer(self.learning_rate)
-        tower_grads, tower_terms, tower_losses = [], [], []
-        for i, (fixed, moving) in enumerate(self._tower_inputs()):
+        towers, tower_grads = [], []
+        for i, inputs in enumerate(self._tower_inputs()):
             with tf.device(self.devices[i]), tf.name_scope('tower%d' % i):
-                loss, terms = self._tower_loss(fixed, moving)
-                tower_grads.append(self.optimizer.compute_gradients(loss, self.trainable_variables))
-                tower_terms.append(terms)
-                tower_losses.append(loss)
-        grads = average_gradients(tower_grads)
-        self.loss = tf.add_n(tower_losses)
-        self.terms = {k: tf.add_n([t[k] for t in tower_terms]) for k in tower_terms[0]}
-        self.grad_norm = tf.global_norm([g for g, _ in grads])
+                towers.append(self._build_tower(*inputs))
+                tower_grads.append(self.optimizer.compute_gradients(towers[-1].loss, self.trainable_variables))
+        self.gradients = average_gradients(tower_grads)
+        self.loss = tf.add_n([t.loss for t in towers])
+        self.terms = {k: tf.add_n([t.terms[k] for t in towers]) for k in towers[0].terms}
+        self.monitors = {k: tf.add_n([t.monitors[k] for t in towers]) / len(towers) for k in towers[0].monitors}
+        self.grad_norm = tf.global_norm([g for g, _ in self.gradients])
         with tf.control_dependencies(tf.get_collection(tf.GraphKeys.UPDATE_OPS)):
-            self.train_op = self.optimizer.apply_gradients(grads, global_step=self.global_step)
+            self.train_op = self.optimizer.apply_gradients(self.gradients, global_step=self.global_step)
         scalars = [tf.summary.scalar('loss', self.loss), tf.summary.scalar('grad_norm', self.grad_norm)]
         scalars += [tf.summary.scalar('loss_' + k, v) for k, v in self.terms.items()]
+        scalars += [tf.summary.scalar(k, v) for k, v in self.monitors.items()]
         self.summary = tf.summary.merge(scalars)
+        return towers
 
     def feed_dict(self, batch, **extra):
         """Placeholder feed from a data batch (dict of arrays keyed as FEEDS) plus named extras."""
@@ -147,13 +174,16 @@ class Framework:
         return fd
 
     def train_step(self, sess, batch, learning_rate, with_summary=False):
-        """One optimiser step. Returns {'loss', 'grad_norm', terms..., ['summary']} as floats."""
-        fetch = {'loss': self.loss, 'grad_norm': self.grad_norm, 'terms': self.terms, 'train': self.train_op}
+        """One step of ``optimizer`` (the network's), fed by ``feed_dict``. Returns floats 'loss',
+        'grad_norm', the terms and the monitors, all measured before the update; ['summary']."""
+        fetch = {'loss': self.loss, 'grad_norm': self.grad_norm, 'terms': self.terms, 'monitors': self.monitors,
+                 'train': self.train_op}
         if with_summary:
             fetch['summary'] = self.summary
         res = sess.run(fetch, self.feed_dict(batch, learning_rate=learning_rate))
         scalars = {'loss': float(res['loss']), 'grad_norm': float(res['grad_norm'])}
         scalars.update({k: float(v) for k, v in res['terms'].items()})
+        scalars.update({k: float(v) for k, v in res['monitors'].items()})
         if with_summary:
             scalars['summary'] = res['summary']
         return scalars

@@ -27,8 +27,8 @@ def regularization_loss(flow):
     """l2 (sum of squares / 2) of forward differences along X, Y, Z, divided by X*Y*Z*3. Scalar.
 
     The neighbours are cut with tf.slice, not flow[:, 1:]: a strided slice's gradient
-    (StridedSliceGrad) made this loss 7x slower forward + backward at 128^3 on CPU (368 against
-    52 ms, timed once on 2 threads), a third of a student's training step (in a TF trace).
+    (StridedSliceGrad) is a general strided scatter, where a slice's gradient is a pad, and on
+    full-resolution flows it was a large share of a student's training step.
     """
     shape = flow.shape.as_list()
     diffs = []

@@ -1,10 +1,10 @@
 """The one place TensorFlow is imported: graph-mode ``tf.compat.v1`` with oneDNN on.
 
-oneDNN is off by default on these AMD CPUs; without it a 64^3 LDR training step takes
-~100x longer (Conv3DBackpropFilterV2). The environment defaults are applied before
-TensorFlow's first import unless the user set them already. C++ log lines are silenced
-(TF_CPP_MIN_LOG_LEVEL=3: Grappler prints a harmless 'remapper failed' error for fused
-LeakyReLU gradients); set TF_CPP_MIN_LOG_LEVEL=0 to see them.
+oneDNN is off by default on these AMD CPUs; without it TensorFlow's reference 3-D
+convolution gradient (Conv3DBackpropFilterV2) dominates a training step. The environment
+defaults are applied before TensorFlow's first import unless the user set them already. C++
+log lines are silenced (TF_CPP_MIN_LOG_LEVEL=3: Grappler prints a harmless 'remapper failed'
+error for fused LeakyReLU gradients); set TF_CPP_MIN_LOG_LEVEL=0 to see them.
 """
 import os
 

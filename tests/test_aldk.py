@@ -93,6 +93,17 @@ def _changed(before, after):
     return sorted(k for k in before if not np.array_equal(before[k], after[k]))
 
 
+def test_train_parses_the_distillation_defaults_without_tensorflow():
+    """train.py's distillation flags default to network.aldk_config's DistillSettings (as
+    DistillFramework does), and its parser is built and run without importing TensorFlow."""
+    code = ('import dataclasses, sys, train; from network.aldk_config import DistillSettings; '
+            'args = vars(train.build_parser().parse_args(["--aldk"])); '
+            'print({f.name: args[f.name] for f in dataclasses.fields(DistillSettings)} '
+            '== dataclasses.asdict(DistillSettings()), "tensorflow" in sys.modules)')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ['True', 'False'], proc.stdout + proc.stderr[-2000:]
+
+
 def test_optimisers_have_disjoint_var_lists_and_the_teacher_is_in_none(online):
     _, fw, teacher = online
     with fw.net.variables[0].graph.as_default():

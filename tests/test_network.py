@@ -4,7 +4,6 @@ import pytest
 
 import cli
 from network import layers, losses, subnets
-from network.aldk import Critic
 from network.augment import AffineRange, bspline_basis, invert_points, random_affine_flow, random_ffd, rotation_matrices
 from network.cascade import RecursiveCascade, make_net_args
 from network.module import count_parameters
@@ -26,9 +25,8 @@ def test_parameter_counts(cls, expected, tol):
     assert abs(_params(cls) - expected) / expected < tol
 
 
-def test_command_line_lists_every_base_network_and_critic_unit():
+def test_command_line_lists_every_base_network():
     assert cli.BASE_NETWORK_NAMES == tuple(subnets.BASE_NETWORKS)
-    assert cli.CRITIC_UNITS == Critic.UNITS
 
 
 def test_paper_ldr_is_an_order_of_magnitude_smaller_than_vtn():
