@@ -21,7 +21,6 @@ each on a synthetic liver-like pair of the same size (data_util.synthetic), when
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench.environment import environment  # noqa: E402
 from network.tfv1 import tf  # noqa: E402
 
 NETWORKS = {  # name: (label, base network, base network options)
@@ -108,25 +108,6 @@ def time_baselines(size, seed=0):
             out[method] = seconds
             print('  {}: {:.2f} s'.format(method, seconds), file=sys.stderr, flush=True)
     return out
-
-
-def environment(threads, size):
-    """Settings line of the table."""
-    from network import spatial_transformer
-    return ('{}^3, batch 1, {} threads, oneDNN {}, warp {}, TensorFlow {}, Python {}, {} ({} CPUs)'.format(
-        size, threads, 'on' if os.environ.get('TF_ENABLE_ONEDNN_OPTS') == '1' else 'off',
-        spatial_transformer.warp_impl(), tf.__version__, platform.python_version(), cpu_name(), os.cpu_count()))
-
-
-def cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown CPU'
 
 
 def main(argv=None):

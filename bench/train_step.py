@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench.environment import environment  # noqa: E402
 from network.tfv1 import tf  # noqa: E402
 
 CONFIGS = {
@@ -85,7 +86,6 @@ def time_steps(config, n, size, batch_size, threads, warmup, steps, seed=0):
 
 
 def main(argv=None):
-    from bench.inference import environment
     p = argparse.ArgumentParser(prog='python -m bench.train_step', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--size', type=int, default=128, help='volume side (multiple of 64; default 128)')
