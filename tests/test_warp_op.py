@@ -14,7 +14,8 @@ from network import ops
 from network import spatial_transformer as st
 from network.ops import build
 from network.tfv1 import tf
-from tests.helpers import warp_reference
+from tests import warp_golden
+from tests.helpers import edge_positions, warp_reference
 
 PADDINGS = ('border', 'zeros')
 
@@ -113,14 +114,6 @@ def test_matches_pure_tf_with_small_displacements(library, padding, channels):
     flow = rng.normal(0, 0.4, (2,) + size + (3,)).astype(np.float32)
     dy = rng.normal(size=image.shape).astype(np.float32)
     assert_op_matches_pure_tf(image, flow, dy, padding)
-
-
-def edge_positions(size):
-    """Sample positions along an axis of ``size`` voxels: beyond, on and just inside both
-    faces, and one grid point and one fraction inside (all exact in float32)."""
-    last = size - 1
-    return np.array([-3.5, -1, -0.25, 0, 0.25, last / 2, last - 0.25, last, last + 0.25,
-                     last + 1, last + 2.75], np.float32)
 
 
 def edge_flow(rng, batch, size):
@@ -233,6 +226,22 @@ def test_image_gradient_is_deterministic(library):
         return tf.gradients(ops.warp_op(image, flow), image)[0]
     first, second = run(graph, [image, flow]), run(graph, [image, flow])
     assert np.array_equal(first, second)
+
+
+def test_outputs_are_bit_identical_to_the_stored_digests(library):
+    """Forward and both gradients of every tests/warp_golden.py case (channels 1-5, both
+    paddings, groups of 8 and scalar tails, faces, far and non-finite flows, 1 and 2 threads)
+    have exactly the bytes recorded for this build variant (avx2 or portable)."""
+    variant = warp_golden.variant()
+    want = warp_golden.load(variant)
+    assert want, 'tests/warp_golden.npz holds no digests for the {} build'.format(variant)
+    got = warp_golden.digests_of(build.library_path())
+    assert set(got) == set(want)
+    changed_inputs = [key for key in want if key.endswith('/inputs') and got[key] != want[key]]
+    assert not changed_inputs, 'the input generator changed, not the op: {}'.format(changed_inputs)
+    changed = sorted(key for key in want if got[key] != want[key])
+    assert not changed, '{} of {} outputs differ ({}): {}'.format(
+        len(changed), len(want), variant, ', '.join(changed[:10]))
 
 
 def test_dynamic_shapes_and_shape_errors(library):
