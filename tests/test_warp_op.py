@@ -244,6 +244,20 @@ def test_outputs_are_bit_identical_to_the_stored_digests(library):
         len(changed), len(want), variant, ', '.join(changed[:10]))
 
 
+def test_zero_channels(library):
+    """An image of no channels warps to an empty output and image gradient; the flow gradient
+    is zero."""
+    image = np.zeros((1, 4, 4, 16, 0), np.float32)
+    flow = np.random.default_rng(17).normal(0, 2, (1, 4, 4, 16, 3)).astype(np.float32)
+
+    def graph(image, flow):
+        return [library.ldr_warp(image, flow), library.ldr_warp_grad_image(image, flow, image),
+                library.ldr_warp_grad_flow(image, flow, image)]
+    output, grad_image, grad_flow = run(graph, [image, flow])
+    assert output.shape == grad_image.shape == image.shape
+    np.testing.assert_array_equal(grad_flow, np.zeros_like(flow))
+
+
 def test_dynamic_shapes_and_shape_errors(library):
     image = np.random.default_rng(3).random((2, 5, 6, 7, 1), dtype=np.float32)
     flow = np.zeros((2, 5, 6, 7, 3), np.float32)

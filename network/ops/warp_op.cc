@@ -740,7 +740,7 @@ class WarpOp : public WarpKernelBase {
     OP_REQUIRES_OK(context, CheckInputs(image, flow, &g));
     Tensor* output = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, image.shape(), &output));
-    if (g.batch * g.voxels() == 0) return;
+    if (output->NumElements() == 0) return;
     const float* image_data = image.flat<float>().data();
     const float* flow_data = flow.flat<float>().data();
     float* out_data = output->flat<float>().data();
