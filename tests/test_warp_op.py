@@ -4,6 +4,7 @@ With env LDR_REQUIRE_WARP_OP=1 (CI) the op must be the active warp; without it t
 still tested whenever it builds, and the op tests are skipped (with the reason) if not.
 """
 import os
+import shutil
 import subprocess
 import sys
 
@@ -291,6 +292,20 @@ def test_build_is_cached(library, monkeypatch):
     monkeypatch.setattr(build, '_compile', no_compiling)
     assert build.build() == path
     assert ops.load_warp_op() is library
+
+
+def test_library_path_follows_the_kernel_headers(library, monkeypatch, tmp_path):
+    """Editing a kernel header, not only warp_op.cc, gives a new library path: a rebuild."""
+    names = [os.path.basename(path) for path in build.sources()]
+    assert 'warp_gradients.h' in names
+    for path in build.sources():
+        shutil.copy(path, str(tmp_path))
+    monkeypatch.setattr(build, 'SOURCE', str(tmp_path / 'warp_op.cc'))
+    assert [os.path.basename(path) for path in build.sources()] == names
+    before = build.library_path()
+    with open(str(tmp_path / 'warp_gradients.h'), 'a') as f:
+        f.write('\n')
+    assert build.library_path() != before
 
 
 def test_set_warp_impl_selects_the_implementation(library, monkeypatch):
