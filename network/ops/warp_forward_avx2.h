@@ -1,24 +1,24 @@
 // AVX2 + FMA paths of the forward interpolation; warp_forward.h includes this header only
-// when compiled with -mavx2 -mfma. No TensorFlow dependency.
+// when compiled with -mavx2 -mfma (build.py adds them on CPUs that have both). No
+// TensorFlow dependency.
 //
-// Forward interpolation: when compiled with AVX2 (build.py adds -mavx2 -mfma on CPUs that
-// have them), one channel is warped 8 voxels at a time in two passes over a run: the first
-// computes neighbours and weights in registers straight from the flow (bit-identical to
-// SetupRun's) and stores them; the second reads each corner row's two z neighbours with
-// one 8-byte broadcast load and interpolates. Split so, the loads no longer wait on the
-// arithmetic (1.3x faster than one fused pass); AVX2 gathers measured 2.5-3x slower than
-// these plain loads on our Ice Lake machines. Two to four channels share that first pass
-// (which then stores each corner row's x-y weight product); the second reads each corner
-// row's z pair (2C floats) with one 8-float load per voxel (InterpolateChannelPairs; its
-// order of operations rounds differently by a few float ulp). More channels use 4-channel
-// vectors per voxel. Where the 8 voxels of a group all have their upper x and y neighbours
-// one stride above the lower ones (everywhere but at the faces), the second pass
-// reads one row start per voxel and reaches the other three rows by the strides (measured
-// 4-6 % faster at one channel, 3-10 % at three). The portable scalar loop serves the
-// remaining voxels and builds without AVX2. All paths read the same corners with the same
-// per-axis weights. The second passes prefetch, besides the rows of the voxels just ahead,
-// the image rows the output rows two y steps on will first read (see kRowsAhead): 4-9 %
-// faster at one channel, 14-16 % at three.
+// Runs of one to four channels on volumes of two or more voxels along z are interpolated 8
+// voxels at a time in two passes over the run. The first, SetupPairs, computes neighbours
+// and weights in registers straight from the flow (bit-identical to SetupRun's) and stores
+// them in a PairRun. The second reads each corner row's two z neighbours with one load:
+// InterpolatePairs (one channel) with an 8-byte broadcast per voxel, InterpolateChannelPairs
+// (two to four channels) with one 8-float load per voxel that holds the pair's 2C floats;
+// its order of operations rounds differently from the separable one by a few float ulp.
+// The passes are split so that the second pass's loads do not wait on the first pass's
+// arithmetic; the loads are plain loads rather than AVX2 gathers, which are slower.
+// Where the 8 voxels of a group all have their upper x and y neighbours one stride above
+// the lower ones (everywhere but at the faces; PairRun::full_steps), the second pass reads
+// one row start per voxel and reaches the other three rows by the strides. It also
+// prefetches the rows of the voxels just ahead and the image rows that the output rows two
+// y steps on will read first (kRowsAhead). Other channel counts, and volumes of depth 1, use
+// InterpolateChannelVectors: 4 channels at a time per voxel. The pair paths leave a run's
+// voxels past its last full group of 8 to the scalar code. All paths read the same corners
+// with the same per-axis weights.
 
 #ifndef NETWORK_OPS_WARP_FORWARD_AVX2_H_
 #define NETWORK_OPS_WARP_FORWARD_AVX2_H_
@@ -156,9 +156,7 @@ struct PairRun {
   bool full_steps[kRun / 8];
 };
 
-// Voxels ahead of the current group whose flow SetupPairs prefetches (four runs). Measured at
-// 128^3: the first pass alone 14 % faster on one thread; the whole forward pass on two threads
-// 1.4-8.7 % faster (median 2 %) over eight paired runs at B 1 and 4, C 1 and 3.
+// Voxels ahead of the current group whose flow SetupPairs prefetches (four runs).
 constexpr int64_t kFlowAhead = 4 * kRun;
 
 // First pass (nz >= 2): PairRun entries of voxels [0, n & ~7) of run r for an image of
@@ -243,9 +241,7 @@ inline int SetupPairs(const Grid& g, int64_t channels, const Run& r, const float
 // others from the output row and plane before, and the hardware prefetcher does not fetch the
 // new ones in time. So each group of 8 voxels prefetches into L2 the upper-x row kRowsAhead
 // y rows past its lower corner row, where the output row two y steps on will read (where the
-// flow there is alike). Measured at 128^3 on two threads, A/B builds alternating in one
-// process: the forward pass 4-9 % faster at one channel, 14-16 % at three (the latter
-// together with InterpolateChannelPairs' per-group checks and prefetches).
+// flow there is alike).
 constexpr int kRowsAhead = 3;
 
 // Prefetches `lines` 64-byte lines (1 or 2) into L2 for the group whose first voxel's lower
