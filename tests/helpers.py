@@ -30,3 +30,11 @@ def warp_reference(image, flow, padding='border'):
         for c in range(image.shape[-1]):
             out[b, ..., c] = ndi.map_coordinates(image[b, ..., c].astype(np.float64), coords, order=1, **kw)
     return out
+
+
+def edge_positions(size):
+    """Sample positions along an axis of ``size`` voxels: beyond, on and just inside both
+    faces, and one grid point and one fraction inside (all exact in float32)."""
+    last = size - 1
+    return np.array([-3.5, -1, -0.25, 0, 0.25, last / 2, last - 0.25, last, last + 0.25,
+                     last + 1, last + 2.75], np.float32)

@@ -4,6 +4,7 @@ With env LDR_REQUIRE_WARP_OP=1 (CI) the op must be the active warp; without it t
 still tested whenever it builds, and the op tests are skipped (with the reason) if not.
 """
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ from network import ops
 from network import spatial_transformer as st
 from network.ops import build
 from network.tfv1 import tf
-from tests.helpers import warp_reference
+from tests import warp_golden
+from tests.helpers import edge_positions, warp_reference
 
 PADDINGS = ('border', 'zeros')
 
@@ -113,14 +115,6 @@ def test_matches_pure_tf_with_small_displacements(library, padding, channels):
     flow = rng.normal(0, 0.4, (2,) + size + (3,)).astype(np.float32)
     dy = rng.normal(size=image.shape).astype(np.float32)
     assert_op_matches_pure_tf(image, flow, dy, padding)
-
-
-def edge_positions(size):
-    """Sample positions along an axis of ``size`` voxels: beyond, on and just inside both
-    faces, and one grid point and one fraction inside (all exact in float32)."""
-    last = size - 1
-    return np.array([-3.5, -1, -0.25, 0, 0.25, last / 2, last - 0.25, last, last + 0.25,
-                     last + 1, last + 2.75], np.float32)
 
 
 def edge_flow(rng, batch, size):
@@ -235,6 +229,36 @@ def test_image_gradient_is_deterministic(library):
     assert np.array_equal(first, second)
 
 
+def test_outputs_are_bit_identical_to_the_stored_digests(library):
+    """Forward and both gradients of every tests/warp_golden.py case (channels 1-5, both
+    paddings, groups of 8 and scalar tails, faces, far and non-finite flows, 1 and 2 threads)
+    have exactly the bytes recorded for this build variant (avx2 or portable)."""
+    variant = warp_golden.variant()
+    want = warp_golden.load(variant)
+    assert want, 'tests/warp_golden.npz holds no digests for the {} build'.format(variant)
+    got = warp_golden.digests_of(build.library_path())
+    assert set(got) == set(want)
+    changed_inputs = [key for key in want if key.endswith('/inputs') and got[key] != want[key]]
+    assert not changed_inputs, 'the input generator changed, not the op: {}'.format(changed_inputs)
+    changed = sorted(key for key in want if got[key] != want[key])
+    assert not changed, '{} of {} outputs differ ({}): {}'.format(
+        len(changed), len(want), variant, ', '.join(changed[:10]))
+
+
+def test_zero_channels(library):
+    """An image of no channels warps to an empty output and image gradient; the flow gradient
+    is zero."""
+    image = np.zeros((1, 4, 4, 16, 0), np.float32)
+    flow = np.random.default_rng(17).normal(0, 2, (1, 4, 4, 16, 3)).astype(np.float32)
+
+    def graph(image, flow):
+        return [library.ldr_warp(image, flow), library.ldr_warp_grad_image(image, flow, image),
+                library.ldr_warp_grad_flow(image, flow, image)]
+    output, grad_image, grad_flow = run(graph, [image, flow])
+    assert output.shape == grad_image.shape == image.shape
+    np.testing.assert_array_equal(grad_flow, np.zeros_like(flow))
+
+
 def test_dynamic_shapes_and_shape_errors(library):
     image = np.random.default_rng(3).random((2, 5, 6, 7, 1), dtype=np.float32)
     flow = np.zeros((2, 5, 6, 7, 3), np.float32)
@@ -268,6 +292,20 @@ def test_build_is_cached(library, monkeypatch):
     monkeypatch.setattr(build, '_compile', no_compiling)
     assert build.build() == path
     assert ops.load_warp_op() is library
+
+
+def test_library_path_follows_the_kernel_headers(library, monkeypatch, tmp_path):
+    """Editing a kernel header, not only warp_op.cc, gives a new library path: a rebuild."""
+    names = [os.path.basename(path) for path in build.sources()]
+    assert 'warp_gradients.h' in names
+    for path in build.sources():
+        shutil.copy(path, str(tmp_path))
+    monkeypatch.setattr(build, 'SOURCE', str(tmp_path / 'warp_op.cc'))
+    assert [os.path.basename(path) for path in build.sources()] == names
+    before = build.library_path()
+    with open(str(tmp_path / 'warp_gradients.h'), 'a') as f:
+        f.write('\n')
+    assert build.library_path() != before
 
 
 def test_set_warp_impl_selects_the_implementation(library, monkeypatch):

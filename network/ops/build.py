@@ -2,14 +2,16 @@
 
 Usage: ``python -m network.ops.build [--force]`` (``network.ops.load_warp_op`` also calls
 ``build()`` on first use). The library's file name holds a hash of everything that
-changes the binary: the TensorFlow version, the source, the compiler and its flags
-(-O3, plus -mavx2 -mfma when the CPU has them). A cached library is reused without
-compiling. Concurrent builds are safe: builders serialise on a file lock
-(``_build/build.lock``), and the library is written to a temporary file and renamed into
-place, so no process ever loads a half-written file.
+changes the binary: the TensorFlow version, the sources (``warp_op.cc`` and the kernel
+headers beside it, which it includes), the compiler and its flags (-O3, plus -mavx2 -mfma
+when the CPU has them). A cached library is reused without compiling. Concurrent builds
+are safe: builders serialise on a file lock (``_build/build.lock``), and the library is
+written to a temporary file and renamed into place, so no process ever loads a
+half-written file.
 """
 import argparse
 import fcntl
+import glob
 import hashlib
 import os
 import platform
@@ -67,12 +69,20 @@ def command(output, extra_flags=(), portable=False):
             + tf.sysconfig.get_link_flags())
 
 
+def sources():
+    """The files the library is compiled from: SOURCE and the kernel headers (``*.h``) beside
+    it, which it includes."""
+    return [SOURCE] + sorted(glob.glob(os.path.join(os.path.dirname(SOURCE), '*.h')))
+
+
 def library_path():
-    """Where the library for the current TensorFlow, source, compiler and flags lives."""
+    """Where the library for the current TensorFlow, sources, compiler and flags lives."""
     key = hashlib.sha256()
     key.update(tf.VERSION.encode())
-    with open(SOURCE, 'rb') as f:
-        key.update(f.read())
+    for path in sources():
+        key.update(os.path.basename(path).encode() + b'\0')
+        with open(path, 'rb') as f:
+            key.update(f.read())
     key.update('\0'.join(command('OUT')).encode())
     return os.path.join(BUILD_DIR, 'warp_op_{}.so'.format(key.hexdigest()[:16]))
 

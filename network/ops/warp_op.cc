@@ -1,4 +1,4 @@
-// Trilinear warp of channel-last 3-D volumes as a TensorFlow CPU custom op.
+// Trilinear warp of channel-last 3-D volumes as TensorFlow CPU custom ops.
 //
 // LdrWarp(image, flow) -> output
 //   image  [B, X, Y, Z, C] float32 (any C)
@@ -11,61 +11,38 @@
 // LdrWarpGradImage(image, flow, grad) -> d loss / d image   [B, X, Y, Z, C]
 // LdrWarpGradFlow(image, flow, grad)  -> d loss / d flow    [B, X, Y, Z, 3]
 //   grad is d loss / d output. The image gradient is a scatter-add; it is race-free and
-//   deterministic for a given thread count (see WarpGradImageOp).
+//   deterministic for a given thread count.
 //
 // Positions, floors, weights and clamping follow network/spatial_transformer.py's warp_tf
-// exactly; the interpolation is evaluated separably (along z, then y, then x), so results
-// agree with warp_tf to float rounding.
+// exactly, and results agree with it to float rounding; non-finite flows give finite
+// outputs where warp_tf gives NaN.
 //
-// Layout of the work: voxels are processed in runs of up to kRun consecutive voxels along
-// z within one (b, x, y) row. For a run, SetupRun first computes each axis' neighbour
-// offsets and weights for its voxels (a branch-free loop the compiler vectorises), then
-// the 8 corners are read and interpolated. Runs are spread over TensorFlow's intra-op
-// thread pool.
-//
-// Forward interpolation: when compiled with AVX2 (build.py adds -mavx2 -mfma on CPUs that
-// have them), one channel is warped 8 voxels at a time in two passes over a run: the first
-// computes neighbours and weights in registers straight from the flow (bit-identical to
-// SetupRun's) and stores them; the second reads each corner row's two z neighbours with
-// one 8-byte broadcast load and interpolates. Split so, the loads no longer wait on the
-// arithmetic (1.3x faster than one fused pass); AVX2 gathers measured 2.5-3x slower than
-// these plain loads on our Ice Lake machines. Two to four channels share that first pass
-// (which then stores each corner row's x-y weight product); the second reads each corner
-// row's z pair (2C floats) with one 8-float load per voxel (InterpolateChannelPairs; its
-// order of operations rounds differently by a few float ulp). More channels use 4-channel
-// vectors per voxel. Where the 8 voxels of a group all have their upper x and y neighbours
-// one stride above the lower ones (everywhere but at the faces), the second pass
-// reads one row start per voxel and reaches the other three rows by the strides (measured
-// 4-6 % faster at one channel, 3-10 % at three). The portable scalar loop serves the
-// remaining voxels and builds without AVX2. All paths read the same corners with the same
-// per-axis weights. The second passes prefetch, besides the rows of the voxels just ahead,
-// the image rows the output rows two y steps on will first read (see kRowsAhead): 4-9 %
-// faster at one channel, 14-16 % at three.
-//
-// Non-finite flows: a position of +-inf is clamped like any position beyond that face,
-// NaN like one below 0: with "border" onto the face (NaN onto 0), with "zeros" to where
-// all corners are outside (the sample is 0). So the output stays finite where warp_tf
-// returns NaN.
+// The kernels, free of TensorFlow, are in warp_geometry.h (layout, runs, neighbours and
+// weights), warp_forward.h with warp_forward_avx2.h (interpolation) and warp_gradients.h.
+// This file holds the TensorFlow side: shape functions, the input checks and "padding" attr
+// shared by the three kernels, and the sharding of runs over the intra-op thread pool.
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
-
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "warp_forward.h"
+#include "warp_geometry.h"
+#include "warp_gradients.h"
 
 namespace {
 
+using ldr_warp::Accumulators;
+using ldr_warp::Grid;
+using ldr_warp::kRun;
+using ldr_warp::Padding;
 using tensorflow::DEVICE_CPU;
 using tensorflow::OpKernel;
 using tensorflow::OpKernelConstruction;
@@ -77,157 +54,13 @@ using tensorflow::shape_inference::InferenceContext;
 using tensorflow::shape_inference::ShapeHandle;
 using ThreadPool = tsl::thread::ThreadPool;
 
-enum class Padding { kBorder, kZeros };
-
-constexpr int kRun = 64;  // voxels per work unit along z
-
-// Sizes of a batch of volumes: batch, the three spatial axes, channels.
-struct Grid {
-  int64_t batch, nx, ny, nz, channels;
-  int64_t voxels() const { return nx * ny * nz; }  // voxels of one batch item
-  // Element strides of the y and x axes in one batch item of `c` channels (< 2^31, checked).
-  int32_t stride_y(int64_t c) const { return static_cast<int32_t>(nz * c); }
-  int32_t stride_x(int64_t c) const { return static_cast<int32_t>(ny * nz * c); }
-  int64_t runs_per_row() const { return (nz + kRun - 1) / kRun; }
-  int64_t runs() const { return batch * nx * ny * runs_per_row(); }  // runs of the batch
-};
-
-// A run: voxels (b, x, y, z0 .. z0 + n - 1); `voxel` is the flat index of the first one in
-// the batch, ((b * nx + x) * ny + y) * nz + z0.
-struct Run {
-  int64_t b, x, y, z0, n, voxel;
-};
-
-Run RunAt(const Grid& g, int64_t index) {
-  const int64_t per_row = g.runs_per_row();
-  const int64_t row = index / per_row;
-  Run r;
-  r.z0 = (index % per_row) * kRun;
-  r.n = std::min<int64_t>(kRun, g.nz - r.z0);
-  r.y = row % g.ny;
-  r.x = (row / g.ny) % g.nx;
-  r.b = row / (g.ny * g.nx);
-  r.voxel = row * g.nz + r.z0;
-  return r;
-}
-
-// The run after r (RunAt(g, index + 1) for r = RunAt(g, index)), without RunAt's divisions.
-Run NextRun(const Grid& g, Run r) {
-  r.voxel += r.n;
-  r.z0 += kRun;
-  if (r.z0 >= g.nz) {
-    r.z0 = 0;
-    if (++r.y == g.ny) {
-      r.y = 0;
-      if (++r.x == g.nx) {
-        r.x = 0;
-        ++r.b;
-      }
-    }
-  }
-  r.n = std::min<int64_t>(kRun, g.nz - r.z0);
-  return r;
-}
-
-// One axis' neighbours of the sample positions of a run's voxels: the lower ([0]) and
-// upper ([1]) grid index, clamped into the volume and multiplied by the axis' stride (an
-// element offset into one batch item); their interpolation weights; and the derivatives
-// of the weights with respect to the position (1 / voxel).
-struct AxisRun {
-  int32_t offset[2][kRun];
-  float weight[2][kRun];
-  float dweight[2][kRun];
-};
-
-inline float ClampF(float v, float lo, float hi) {
-  v = v > lo ? v : lo;  // NaN becomes lo
-  return v < hi ? v : hi;
-}
-
-inline int32_t ClampI(int32_t v, int32_t lo, int32_t hi) {
-  v = v > lo ? v : lo;
-  return v < hi ? v : hi;
-}
-
-// Sets entry i of `a` to the neighbours of position `pos` on an axis of `size` voxels and
-// element stride `stride`: offsets and weights, and the weights' derivatives only if
-// kSlopes (the flow gradient needs them). Branch-free, so that the loop in SetupRun
-// vectorises.
-template <Padding P, bool kSlopes>
-inline void SetNeighbours(float pos, int32_t size, int32_t stride, int i, AxisRun* __restrict a) {
-  const float last = static_cast<float>(size - 1);
-  // Border: clamp into [0, last]. Zeros: beyond [-2, last + 2] both corners are outside
-  // anyway; clamping there only keeps the integer conversion defined.
-  const float p = P == Padding::kBorder ? ClampF(pos, 0.f, last) : ClampF(pos, -2.f, last + 2.f);
-  const int32_t truncated = static_cast<int32_t>(p);
-  const int32_t lo = truncated - (p < static_cast<float>(truncated) ? 1 : 0);  // floor
-  const int32_t hi = lo + 1;
-  const float t = p - static_cast<float>(lo);
-  float in_lo = 1.f, in_hi = 1.f, slope = 1.f;
-  if (P == Padding::kBorder) {
-    // tf.clip_by_value passes the gradient for 0 <= pos <= last, inclusive.
-    slope = static_cast<float>((pos >= 0.f) & (pos <= last));
-  } else {
-    in_lo = static_cast<float>((lo >= 0) & (lo < size));
-    in_hi = static_cast<float>((hi >= 0) & (hi < size));
-  }
-  a->offset[0][i] = ClampI(lo, 0, size - 1) * stride;
-  a->offset[1][i] = ClampI(hi, 0, size - 1) * stride;
-  a->weight[0][i] = (1.f - t) * in_lo;
-  a->weight[1][i] = t * in_hi;
-  if (kSlopes) {
-    a->dweight[0][i] = -slope * in_lo;
-    a->dweight[1][i] = slope * in_hi;
-  }
-}
-
-// Neighbours along x, y and z of voxels [begin, n) of run r, as offsets into a batch item
-// of `channels` channels (weight derivatives only if kSlopes). One loop reads the three
-// flow components of each voxel together, which vectorises far better than three strided
-// passes.
-template <Padding P, bool kSlopes>
-void SetupRun(const Grid& g, int64_t channels, const Run& r, int begin,
-              const float* __restrict flow, AxisRun* __restrict ax, AxisRun* __restrict ay,
-              AxisRun* __restrict az) {
-  const float* __restrict f = flow + 3 * r.voxel;
-  const auto nx = static_cast<int32_t>(g.nx);
-  const auto ny = static_cast<int32_t>(g.ny);
-  const auto nz = static_cast<int32_t>(g.nz);
-  const auto stride_z = static_cast<int32_t>(channels);
-  const int32_t stride_y = g.stride_y(channels);
-  const int32_t stride_x = g.stride_x(channels);
-  const auto x = static_cast<float>(r.x);
-  const auto y = static_cast<float>(r.y);
-  const auto z0 = static_cast<float>(r.z0);
-  const int n = static_cast<int>(r.n);
-  for (int i = begin; i < n; ++i) {
-    SetNeighbours<P, kSlopes>(x + f[3 * i], nx, stride_x, i, ax);
-    SetNeighbours<P, kSlopes>(y + f[3 * i + 1], ny, stride_y, i, ay);
-    SetNeighbours<P, kSlopes>((z0 + static_cast<float>(i)) + f[3 * i + 2], nz, stride_z, i, az);
-  }
-}
-
-// Element offsets of voxel i's 8 corners in one batch item: corner (ix, iy, iz), each 0
-// (lower) or 1 (upper) neighbour along x, y, z, starts at row[ix][iy] + z[iz].
-struct Corners {
-  int64_t row[2][2];
-  int64_t z[2];
-};
-
-inline Corners CornersAt(const AxisRun axes[3], int i) {
-  Corners c;
-  for (int ix = 0; ix < 2; ++ix) {
-    for (int iy = 0; iy < 2; ++iy) {
-      c.row[ix][iy] = static_cast<int64_t>(axes[0].offset[ix][i]) + axes[1].offset[iy][i];
-    }
-  }
-  c.z[0] = axes[2].offset[0][i];
-  c.z[1] = axes[2].offset[1][i];
-  return c;
-}
+// The kernels' inputs, by index.
+constexpr int kImage = 0;
+constexpr int kFlow = 1;
+constexpr int kGrad = 2;  // the gradient kernels only
 
 // Runs body(padding tag, channel tag) with compile-time constants: the padding, and the
-// channel count when it is 1 or 3 (so channel loops unroll), else 0 meaning "g.channels".
+// channel count when it is 1 or 3, else 0 (the kernels' kChannels, see ChannelCount).
 template <typename Body>
 void Dispatch(Padding padding, int64_t channels, Body body) {
   auto with_padding = [&](auto pad) {
@@ -246,8 +79,11 @@ void Dispatch(Padding padding, int64_t channels, Body body) {
   }
 }
 
-// Checks image [B,X,Y,Z,C] and flow [B,X,Y,Z,3] and returns their sizes in *g.
-absl::Status CheckInputs(const Tensor& image, const Tensor& flow, Grid* g) {
+// Checks image [B,X,Y,Z,C], flow [B,X,Y,Z,3] and, for the gradient kernels, grad (the
+// image's shape), and returns their sizes in *g.
+absl::Status CheckInputs(OpKernelContext* context, Grid* g) {
+  const Tensor& image = context->input(kImage);
+  const Tensor& flow = context->input(kFlow);
   if (image.dims() != 5) {
     return absl::InvalidArgumentError(
         absl::StrCat("image must be [B, X, Y, Z, C], got ", image.shape().DebugString()));
@@ -267,11 +103,15 @@ absl::Status CheckInputs(const Tensor& image, const Tensor& flow, Grid* g) {
       std::numeric_limits<int32_t>::max()) {
     return absl::InvalidArgumentError("one batch item of the image must hold < 2^31 values");
   }
+  if (context->num_inputs() > kGrad && context->input(kGrad).shape() != image.shape()) {
+    return absl::InvalidArgumentError("grad must have the image's shape");
+  }
   *g = Grid{image.dim_size(0), image.dim_size(1), image.dim_size(2), image.dim_size(3),
             image.dim_size(4)};
   return absl::OkStatus();
 }
 
+// The intra-op thread pool.
 ThreadPool* Workers(OpKernelContext* context) {
   return context->device()->tensorflow_cpu_worker_threads()->workers;
 }
@@ -279,661 +119,130 @@ ThreadPool* Workers(OpKernelContext* context) {
 // Rough cycles per run for the thread pool's shard sizing.
 int64_t CostPerRun(int64_t channels) { return kRun * (40 + 20 * channels); }
 
-// The three kernels share the "padding" attr.
-class WarpKernelBase : public OpKernel {
+// Calls shard(first, last) on ranges of the batch's runs, over the intra-op thread pool;
+// `cost`: rough cycles per run.
+template <typename Shard>
+void ShardRuns(OpKernelContext* context, const Grid& g, int64_t cost, Shard shard) {
+  Workers(context)->ParallelFor(g.runs(), ThreadPool::SchedulingParams::Adaptive(cost), shard);
+}
+
+// What the three kernels share: the "padding" attr, the input checks and the output, of
+// the shape of input `output_like`; a subclass's ComputeOutput fills it.
+class WarpKernel : public OpKernel {
  public:
-  explicit WarpKernelBase(OpKernelConstruction* context) : OpKernel(context) {
+  WarpKernel(OpKernelConstruction* context, int output_like)
+      : OpKernel(context), output_like_(output_like) {
     std::string padding;
     OP_REQUIRES_OK(context, context->GetAttr("padding", &padding));
     padding_ = padding == "zeros" ? Padding::kZeros : Padding::kBorder;
   }
 
- protected:
-  Padding padding_ = Padding::kBorder;
-};
-
-// Trilinear values at voxels [begin, n) of a run, all channels: dst[i * channels + c] from
-// the batch item's data `src` and the run's axis neighbours. Interpolates along z in the 4
-// corner rows, then along y, then along x. Portable scalar code.
-inline void InterpolateScalar(const float* __restrict src, const AxisRun axes[3],
-                              int64_t channels, int begin, int n, float* __restrict dst) {
-  const AxisRun& ax = axes[0];
-  const AxisRun& ay = axes[1];
-  const AxisRun& az = axes[2];
-  for (int i = begin; i < n; ++i) {
-    const Corners k = CornersAt(axes, i);
-    for (int64_t c = 0; c < channels; ++c) {
-      float along_y[2];
-      for (int ix = 0; ix < 2; ++ix) {
-        float along_z[2];
-        for (int iy = 0; iy < 2; ++iy) {
-          const float* row = src + k.row[ix][iy] + c;
-          along_z[iy] = row[k.z[0]] * az.weight[0][i] + row[k.z[1]] * az.weight[1][i];
-        }
-        along_y[ix] = along_z[0] * ay.weight[0][i] + along_z[1] * ay.weight[1][i];
-      }
-      dst[i * channels + c] = along_y[0] * ax.weight[0][i] + along_y[1] * ax.weight[1][i];
-    }
-  }
-}
-
-#ifdef __AVX2__
-// a * wa + b * wb, lane-wise (8 and 4 lanes).
-inline __m256 Lerp8(__m256 a, __m256 wa, __m256 b, __m256 wb) {
-  return _mm256_fmadd_ps(b, wb, _mm256_mul_ps(a, wa));
-}
-
-inline __m128 Lerp4(__m128 a, __m128 wa, __m128 b, __m128 wb) {
-  return _mm_fmadd_ps(b, wb, _mm_mul_ps(a, wa));
-}
-
-// The float pair src[i], src[i + 1], repeated in all four 64-bit lanes. A broadcast from
-// memory is a plain load: it needs no shuffle unit.
-inline __m256 BroadcastPair(const float* src, uint64_t i) {
-  return _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(src + i)));
-}
-
-// For 8 voxels with pair starts start[0..7] (>= 0): *lower = {src[start[v]]}, *upper =
-// {src[start[v] + 1]}, voxel v in lane v.
-inline void LoadPairs8(const float* src, const int32_t* start, __m256* lower, __m256* upper) {
-  // The starts are read two at a time (one 8-byte load, split by a shift), so that the 8
-  // loads of the data and the 4 of the starts share the two load ports.
-  uint64_t two[4];
-  for (int k = 0; k < 4; ++k) std::memcpy(&two[k], start + 2 * k, sizeof(uint64_t));
-  auto pair = [&](int v) {
-    const uint64_t offset = v % 2 ? two[v / 2] >> 32 : two[v / 2] & 0xFFFFFFFFu;
-    return BroadcastPair(src, offset);
-  };
-  // Voxels 0, 1 | 4, 5 in a and 2, 3 | 6, 7 in b (64-bit lanes 0, 1 | 2, 3), blended from
-  // broadcasts; the shuffles take elements 0, 2 (lower) or 1, 3 (upper) of a, then of b,
-  // per 128-bit lane.
-  auto four = [&](int v0, int v1, int v2, int v3) {
-    return _mm256_blend_ps(_mm256_blend_ps(pair(v0), pair(v1), 0x0C),
-                           _mm256_blend_ps(pair(v2), pair(v3), 0xC0), 0xF0);
-  };
-  const __m256 a = four(0, 1, 4, 5);
-  const __m256 b = four(2, 3, 6, 7);
-  *lower = _mm256_shuffle_ps(a, b, 0x88);
-  *upper = _mm256_shuffle_ps(a, b, 0xDD);
-}
-
-// The x, y and z components of 8 voxels' flows, flow[0 .. 23] stored xyz, xyz, ...: in
-// the three vectors loaded, component k of voxel v sits at position 3v + k. The lanes
-// holding x (or y, z) components are distinct across the three vectors, so two blends
-// collect them into one vector and a permutation puts voxel v into lane v.
-inline void LoadFlow8(const float* flow, __m256* fx, __m256* fy, __m256* fz) {
-  const __m256 a = _mm256_loadu_ps(flow);       // x0 y0 z0 x1 y1 z1 x2 y2
-  const __m256 b = _mm256_loadu_ps(flow + 8);   // z2 x3 y3 z3 x4 y4 z4 x5
-  const __m256 c = _mm256_loadu_ps(flow + 16);  // y5 z5 x6 y6 z6 x7 y7 z7
-  const __m256 x = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x92), c, 0x24);  // x0 x3 x6 x1 ..
-  const __m256 y = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x24), c, 0x49);  // y5 y0 y3 y6 ..
-  const __m256 z = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x49), c, 0x92);  // z2 z5 z0 z3 ..
-  *fx = _mm256_permutevar8x32_ps(x, _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5));
-  *fy = _mm256_permutevar8x32_ps(y, _mm256_setr_epi32(1, 4, 7, 2, 5, 0, 3, 6));
-  *fz = _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7));
-}
-
-// One axis' neighbours of 8 sample positions, lane-wise as SetNeighbours computes them:
-// the lower ([0]) and upper ([1]) grid index clamped into the volume (not multiplied by
-// a stride) and their interpolation weights.
-struct Axis8 {
-  __m256i index[2];
-  __m256 weight[2];
-};
-
-template <Padding P>
-inline Axis8 Neighbours8(__m256 pos, int32_t size) {
-  const float last = static_cast<float>(size - 1);
-  const __m256i last_index = _mm256_set1_epi32(size - 1);
-  Axis8 a;
-  if (P == Padding::kBorder) {
-    // max_ps returns its second operand when the first is NaN: NaN becomes 0, as in ClampF.
-    // The clamped position is >= 0, so truncation is the floor and lies in [0, size - 1].
-    const __m256 p = _mm256_min_ps(_mm256_max_ps(pos, _mm256_setzero_ps()), _mm256_set1_ps(last));
-    a.index[0] = _mm256_cvttps_epi32(p);
-    a.index[1] = _mm256_min_epi32(_mm256_add_epi32(a.index[0], _mm256_set1_epi32(1)), last_index);
-    a.weight[1] = _mm256_sub_ps(p, _mm256_cvtepi32_ps(a.index[0]));
-    a.weight[0] = _mm256_sub_ps(_mm256_set1_ps(1.f), a.weight[1]);
-    return a;
-  }
-  // Zeros: as in SetNeighbours, positions are clamped into [-2, last + 2].
-  const __m256 p = _mm256_min_ps(_mm256_max_ps(pos, _mm256_set1_ps(-2.f)),
-                                 _mm256_set1_ps(last + 2.f));
-  const __m256 lo_f = _mm256_floor_ps(p);
-  const __m256i lo = _mm256_cvttps_epi32(lo_f);
-  const __m256i corner[2] = {lo, _mm256_add_epi32(lo, _mm256_set1_epi32(1))};
-  const __m256 t = _mm256_sub_ps(p, lo_f);
-  a.weight[0] = _mm256_sub_ps(_mm256_set1_ps(1.f), t);
-  a.weight[1] = t;
-  for (int k = 0; k < 2; ++k) {
-    a.index[k] = _mm256_min_epi32(_mm256_max_epi32(corner[k], _mm256_setzero_si256()), last_index);
-    // A corner outside the volume (moved by the clamp) gets weight +0, as
-    // (weight >= 0) * 0 in SetNeighbours.
-    const __m256i inside = _mm256_cmpeq_epi32(corner[k], a.index[k]);
-    a.weight[k] = _mm256_and_ps(a.weight[k], _mm256_castsi256_ps(inside));
-  }
-  return a;
-}
-
-// What the interpolation needs of a run's voxels, computed 8 voxels at a time and kept in
-// memory, so that the loads of the second pass do not wait on the arithmetic of the first.
-// Each voxel's two z neighbours lie in the pair q, q + 1 with q = min(lower z index,
-// nz - 2), so one load per corner row reads both: 2 floats for one channel, 2C for C.
-// `pair_weight` is the weight of element q ([0]) and q + 1 ([1]): the sum of the z
-// neighbours' weights that fall on it. When both neighbours fall on one element the
-// other's weight is 0 (clamping only merges them where the position is on or beyond the
-// last voxel, whose upper weight is 0, or where a neighbour lies outside with "zeros"), so
-// each sum equals a single weight exactly and a q, q + 1 blend of the pair equals the
-// z interpolation of the neighbours. One channel interpolates along y and x with
-// `axis_weight`; two to four channels weight each corner row by `row_weight`.
-// `full_steps[k]`: voxels 8k .. 8k + 7 all have start[ix][iy] = start[0][0] + ix stride_x +
-// iy stride_y (no upper x or y neighbour clamped onto the lower one).
-struct PairRun {
-  alignas(32) int32_t start[2][2][kRun];  // [ix][iy]: element offset of corner row's pair
-  alignas(32) float pair_weight[2][kRun];
-  alignas(32) float axis_weight[2][2][kRun];  // [x / y][lower / upper neighbour]
-  alignas(32) float row_weight[2][2][kRun];   // [ix][iy]: x weight times y weight
-  bool full_steps[kRun / 8];
-};
-
-// Voxels ahead of the current group whose flow SetupPairs prefetches (four runs). Measured at
-// 128^3: the first pass alone 14 % faster on one thread; the whole forward pass on two threads
-// 1.4-8.7 % faster (median 2 %) over eight paired runs at B 1 and 4, C 1 and 3.
-constexpr int64_t kFlowAhead = 4 * kRun;
-
-// First pass (nz >= 2): PairRun entries of voxels [0, n & ~7) of run r for an image of
-// `channels` channels, computed in registers straight from the flow with SetupRun's
-// neighbours and weights; row_weight if kRowWeights, else axis_weight. Returns n & ~7.
-template <Padding P, bool kRowWeights>
-inline int SetupPairs(const Grid& g, int64_t channels, const Run& r, const float* __restrict flow,
-                      PairRun* __restrict run) {
-  const auto ny = static_cast<int32_t>(g.ny);
-  const auto nz = static_cast<int32_t>(g.nz);
-  const auto c = static_cast<int32_t>(channels);
-  const __m256i stride_x = _mm256_set1_epi32(g.stride_x(channels));
-  const __m256i stride_y = _mm256_set1_epi32(g.stride_y(channels));
-  const __m256i last_pair = _mm256_set1_epi32(nz - 2);
-  const __m256 x = _mm256_set1_ps(static_cast<float>(r.x));
-  const __m256 y = _mm256_set1_ps(static_cast<float>(r.y));
-  const __m256 lanes = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
-  const float* __restrict f = flow + 3 * r.voxel;
-  const int64_t flow_last = 3 * g.batch * g.voxels() - 1;
-  const int end = static_cast<int>(r.n) & ~7;
-  for (int i = 0; i < end; i += 8) {
-    // The 96 bytes of flow of the group kFlowAhead voxels on, one prefetch per 64-byte line.
-    for (int64_t line = 0; line < 2; ++line) {
-      const int64_t ahead = 3 * (r.voxel + i + kFlowAhead) + 16 * line;
-      _mm_prefetch(reinterpret_cast<const char*>(flow + std::min(ahead, flow_last)), _MM_HINT_T0);
-    }
-    __m256 fx, fy, fz;
-    LoadFlow8(f + 3 * i, &fx, &fy, &fz);
-    const Axis8 axes[3] = {
-        Neighbours8<P>(_mm256_add_ps(x, fx), static_cast<int32_t>(g.nx)),
-        Neighbours8<P>(_mm256_add_ps(y, fy), ny),
-        // z of voxel i + v: (z0 + i) + v, exact in float as in SetupRun.
-        Neighbours8<P>(
-            _mm256_add_ps(_mm256_add_ps(_mm256_set1_ps(static_cast<float>(r.z0 + i)), lanes), fz),
-            nz)};
-    const __m256i q = _mm256_min_epi32(axes[2].index[0], last_pair);
-    // A z neighbour is element q + 1 exactly when its index exceeds q.
-    const __m256 lower_up = _mm256_castsi256_ps(_mm256_cmpgt_epi32(axes[2].index[0], q));
-    const __m256 upper_up = _mm256_castsi256_ps(_mm256_cmpgt_epi32(axes[2].index[1], q));
-    _mm256_store_ps(run->pair_weight[0] + i,
-                    _mm256_add_ps(_mm256_andnot_ps(lower_up, axes[2].weight[0]),
-                                  _mm256_andnot_ps(upper_up, axes[2].weight[1])));
-    _mm256_store_ps(run->pair_weight[1] + i,
-                    _mm256_add_ps(_mm256_and_ps(lower_up, axes[2].weight[0]),
-                                  _mm256_and_ps(upper_up, axes[2].weight[1])));
-    for (int k = 0; k < 2; ++k) {
-      if (kRowWeights) {
-        for (int iy = 0; iy < 2; ++iy) {
-          _mm256_store_ps(run->row_weight[k][iy] + i,
-                          _mm256_mul_ps(axes[0].weight[k], axes[1].weight[iy]));
-        }
-      } else {
-        for (int a = 0; a < 2; ++a) _mm256_store_ps(run->axis_weight[a][k] + i, axes[a].weight[k]);
-      }
-    }
-    // Upper neighbours are the lower ones or one further, so a row offset steps by a full
-    // stride or not at all: (lower - upper) is -1 (all bits) or 0, a mask for the stride.
-    const __m256i q_elements = c == 1 ? q : _mm256_mullo_epi32(q, _mm256_set1_epi32(c));
-    const __m256i base = _mm256_add_epi32(
-        _mm256_add_epi32(_mm256_mullo_epi32(axes[0].index[0], stride_x),
-                         _mm256_mullo_epi32(axes[1].index[0], stride_y)),
-        q_elements);
-    const __m256i step_x =
-        _mm256_and_si256(_mm256_sub_epi32(axes[0].index[0], axes[0].index[1]), stride_x);
-    const __m256i step_y =
-        _mm256_and_si256(_mm256_sub_epi32(axes[1].index[0], axes[1].index[1]), stride_y);
-    run->full_steps[i / 8] =
-        _mm256_movemask_epi8(_mm256_and_si256(_mm256_cmpeq_epi32(step_x, stride_x),
-                                              _mm256_cmpeq_epi32(step_y, stride_y))) == -1;
-    for (int ix = 0; ix < 2; ++ix) {
-      const __m256i row_x = ix ? _mm256_add_epi32(base, step_x) : base;
-      for (int iy = 0; iy < 2; ++iy) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(run->start[ix][iy] + i),
-                           iy ? _mm256_add_epi32(row_x, step_y) : row_x);
-      }
-    }
-  }
-  return end;
-}
-
-// The image rows an output row reads first are its upper-y corner rows: L2 still holds the
-// others from the output row and plane before, and the hardware prefetcher does not fetch the
-// new ones in time. So each group of 8 voxels prefetches into L2 the upper-x row kRowsAhead
-// y rows past its lower corner row, where the output row two y steps on will read (where the
-// flow there is alike). Measured at 128^3 on two threads, A/B builds alternating in one
-// process: the forward pass 4-9 % faster at one channel, 14-16 % at three (the latter
-// together with InterpolateChannelPairs' per-group checks and prefetches).
-constexpr int kRowsAhead = 3;
-
-// Prefetches `lines` 64-byte lines (1 or 2) into L2 for the group whose first voxel's lower
-// corner row starts at element `start` of a batch item of `item` floats (see kRowsAhead).
-inline void PrefetchRowsAhead(const float* src, int64_t item, int32_t start, int32_t stride_x,
-                              int32_t stride_y, int lines) {
-  const int64_t ahead = static_cast<int64_t>(start) + kRowsAhead * static_cast<int64_t>(stride_y) +
-                        stride_x;
-  for (int line = 0; line < lines; ++line) {
-    const int64_t element = std::min(ahead + 16 * line, item - 1);
-    _mm_prefetch(reinterpret_cast<const char*>(src + element), _MM_HINT_T1);
-  }
-}
-
-// Second pass: trilinear values at voxels [0, end) (a multiple of 8) from the PairRun
-// (axis_weight), one channel, 8 voxels at a time: along z, then y, then x. stride_x and
-// stride_y are the image's element strides (rows reached from start[0][0] on full_steps);
-// `item` is the number of floats in src. Each group prefetches the rows kRowsAhead on.
-inline void InterpolatePairs(const float* __restrict src, int64_t item, int32_t stride_x,
-                             int32_t stride_y, const PairRun& run, int end,
-                             float* __restrict dst) {
-  auto eight = [&](int i, auto full) {
-    const __m256 on_q = _mm256_load_ps(run.pair_weight[0] + i);
-    const __m256 on_next = _mm256_load_ps(run.pair_weight[1] + i);
-    auto weight = [&](int axis, int k) { return _mm256_load_ps(run.axis_weight[axis][k] + i); };
-    __m256 along_y[2];
-    for (int ix = 0; ix < 2; ++ix) {
-      __m256 along_z[2];
-      for (int iy = 0; iy < 2; ++iy) {
-        __m256 lower, upper;
-        if (decltype(full)::value) {
-          const float* row = src + (ix ? stride_x : 0) + (iy ? stride_y : 0);
-          LoadPairs8(row, run.start[0][0] + i, &lower, &upper);
-        } else {
-          LoadPairs8(src, run.start[ix][iy] + i, &lower, &upper);
-        }
-        along_z[iy] = Lerp8(lower, on_q, upper, on_next);
-      }
-      along_y[ix] = Lerp8(along_z[0], weight(1, 0), along_z[1], weight(1, 1));
-    }
-    _mm256_storeu_ps(dst + i, Lerp8(along_y[0], weight(0, 0), along_y[1], weight(0, 1)));
-  };
-  for (int i = 0; i < end; i += 8) {
-    PrefetchRowsAhead(src, item, run.start[0][0][i], stride_x, stride_y, 1);
-    if (run.full_steps[i / 8]) {
-      eight(i, std::true_type());
-    } else {
-      eight(i, std::false_type());
-    }
-  }
-}
-
-// Second pass for kC = 2, 3 or 4 channels: trilinear values at voxels [0, end) from the
-// PairRun (row_weight); `item` is the number of floats in src. One voxel at a time, each
-// corner row's pair (2 kC floats) is read with one 8-float load (element q's channels in
-// lanes [0, kC), q + 1's in [kC, 2 kC)); the four rows are summed with their x-y weights,
-// and the sum's two halves are added, weighted by the pair weights. This
-// order rounds differently from the separable one (by a few float ulp of the value). A
-// load that would reach past src is masked to the 2 kC floats. Each voxel is stored as 4
-// floats; the surplus ones fall on the run's next voxel, which is written after it, and
-// the run's last voxel is stored masked, so no other run's output is touched. Groups of 8
-// voxels that need neither (all but the run's last group, away from the item's end) skip
-// those checks. Each group prefetches the corner rows of its voxels 16 and 21 on (their
-// lines cover the group two on) and the rows kRowsAhead on. stride_x and stride_y as
-// in InterpolatePairs.
-template <int kC>
-inline void InterpolateChannelPairs(const float* __restrict src, int64_t item, int32_t stride_x,
-                                    int32_t stride_y, const PairRun& run, int end,
-                                    float* __restrict dst) {
-  static_assert(kC >= 2 && kC <= 4, "2 kC floats must fit one 8-float vector");
-  constexpr int kPrefetch = 16;  // voxels ahead whose corner rows are prefetched
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i pair_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * kC), lanes);
-  const __m256i fold = _mm256_add_epi32(lanes, _mm256_set1_epi32(kC));  // lane k <- lane k + kC
-  const __m128i store_mask = _mm_cmpgt_epi32(_mm_set1_epi32(kC), _mm_setr_epi32(0, 1, 2, 3));
-  const int64_t diagonal = static_cast<int64_t>(stride_x) + stride_y;
-  // Voxel i; `checked` (a bool constant type): mask a load past src or the run's last store.
-  auto voxel = [&](int i, auto full, auto checked) {
-    const float* rows[2][2];
-    if (decltype(full)::value) {
-      rows[0][0] = src + run.start[0][0][i];
-      rows[0][1] = rows[0][0] + stride_y;
-      rows[1][0] = rows[0][0] + stride_x;
-      rows[1][1] = rows[0][0] + diagonal;
-    } else {
-      for (int ix = 0; ix < 2; ++ix) {
-        for (int iy = 0; iy < 2; ++iy) rows[ix][iy] = src + run.start[ix][iy][i];
-      }
-    }
-    // rows[1][1] is the largest of the four.
-    const bool inside = !decltype(checked)::value || rows[1][1] + 8 <= src + item;
-    __m256 sum = _mm256_setzero_ps();
-    for (int ix = 0; ix < 2; ++ix) {
-      for (int iy = 0; iy < 2; ++iy) {
-        const float* pair = rows[ix][iy];
-        sum = _mm256_fmadd_ps(inside ? _mm256_loadu_ps(pair) : _mm256_maskload_ps(pair, pair_mask),
-                              _mm256_set1_ps(run.row_weight[ix][iy][i]), sum);
-      }
-    }
-    const __m128 value = _mm256_castps256_ps128(
-        _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sum, fold), _mm256_set1_ps(run.pair_weight[1][i]),
-                        _mm256_mul_ps(sum, _mm256_set1_ps(run.pair_weight[0][i]))));
-    if (!decltype(checked)::value || i + 1 < end) {
-      _mm_storeu_ps(dst + i * kC, value);
-    } else {
-      _mm_maskstore_ps(dst + i * kC, store_mask, value);
-    }
-  };
-  // A full group's loads stay inside src if all its starts are <= last_start.
-  const __m256i last_start = _mm256_set1_epi32(static_cast<int32_t>(item - 8 - diagonal));
-  for (int group = 0; group < end; group += 8) {
-    for (int v : {kPrefetch, kPrefetch + 5}) {
-      const float* ahead = src + run.start[0][0][std::min(group + v, end - 1)];
-      for (const float* row : {ahead, ahead + stride_y, ahead + stride_x, ahead + diagonal}) {
-        _mm_prefetch(reinterpret_cast<const char*>(row), _MM_HINT_T0);
-      }
-    }
-    PrefetchRowsAhead(src, item, run.start[0][0][group], stride_x, stride_y, 2);
-    const __m256i past = _mm256_cmpgt_epi32(
-        _mm256_load_si256(reinterpret_cast<const __m256i*>(run.start[0][0] + group)), last_start);
-    const bool full = run.full_steps[group / 8];
-    if (full && group + 8 < end && _mm256_testz_si256(past, past)) {
-      for (int i = group; i < group + 8; ++i) voxel(i, std::true_type(), std::false_type());
-    } else if (full) {
-      for (int i = group; i < group + 8; ++i) voxel(i, std::true_type(), std::true_type());
-    } else {
-      for (int i = group; i < group + 8; ++i) voxel(i, std::false_type(), std::true_type());
-    }
-  }
-}
-
-// Any channel count: trilinear values at all n voxels of a run, 4 channels at a time
-// (masked loads and stores for the last, partial group).
-inline int InterpolateChannelVectors(const float* __restrict src, const AxisRun axes[3],
-                                     int64_t channels, int n, float* __restrict dst) {
-  const AxisRun& ax = axes[0];
-  const AxisRun& ay = axes[1];
-  const AxisRun& az = axes[2];
-  for (int i = 0; i < n; ++i) {
-    const Corners k = CornersAt(axes, i);
-    for (int64_t c = 0; c < channels; c += 4) {
-      const __m128i mask = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int32_t>(channels - c)),
-                                           _mm_setr_epi32(0, 1, 2, 3));
-      __m128 along_y[2];
-      for (int ix = 0; ix < 2; ++ix) {
-        __m128 along_z[2];
-        for (int iy = 0; iy < 2; ++iy) {
-          const float* row = src + k.row[ix][iy] + c;
-          along_z[iy] = Lerp4(_mm_maskload_ps(row + k.z[0], mask), _mm_set1_ps(az.weight[0][i]),
-                              _mm_maskload_ps(row + k.z[1], mask), _mm_set1_ps(az.weight[1][i]));
-        }
-        along_y[ix] = Lerp4(along_z[0], _mm_set1_ps(ay.weight[0][i]), along_z[1],
-                            _mm_set1_ps(ay.weight[1][i]));
-      }
-      _mm_maskstore_ps(dst + i * channels + c, mask,
-                       Lerp4(along_y[0], _mm_set1_ps(ax.weight[0][i]), along_y[1],
-                             _mm_set1_ps(ax.weight[1][i])));
-    }
-  }
-  return n;
-}
-#endif
-
-// Warps runs [first, last) of the batch: out = image sampled at p + flow(p), for
-// `channels` channels (a compile-time constant when the caller passes one).
-template <Padding P>
-void WarpRuns(const Grid& g, int64_t channels, const float* image, const float* flow,
-              float* out, int64_t first, int64_t last) {
-  AxisRun axes[3];
-#ifdef __AVX2__
-  PairRun pair_run;
-#endif
-  Run r = RunAt(g, first);
-  for (int64_t index = first; index < last; ++index, r = NextRun(g, r)) {
-    const float* src = image + r.b * g.voxels() * channels;
-    float* dst = out + r.voxel * channels;
-    const int n = static_cast<int>(r.n);
-    int done = 0;  // voxels of the run already written
-#ifdef __AVX2__
-    const bool pairs = channels <= 4 && g.nz >= 2;
-    if (pairs) {
-      done = channels == 1 ? SetupPairs<P, false>(g, channels, r, flow, &pair_run)
-                           : SetupPairs<P, true>(g, channels, r, flow, &pair_run);
-      const int64_t item = g.voxels() * channels;
-      const int32_t sx = g.stride_x(channels);
-      const int32_t sy = g.stride_y(channels);
-      switch (channels) {
-        case 1: InterpolatePairs(src, item, sx, sy, pair_run, done, dst); break;
-        case 2: InterpolateChannelPairs<2>(src, item, sx, sy, pair_run, done, dst); break;
-        case 3: InterpolateChannelPairs<3>(src, item, sx, sy, pair_run, done, dst); break;
-        default: InterpolateChannelPairs<4>(src, item, sx, sy, pair_run, done, dst); break;
-      }
-    }
-#endif
-    if (done == n) continue;
-    SetupRun<P, false>(g, channels, r, done, flow, &axes[0], &axes[1], &axes[2]);
-#ifdef __AVX2__
-    if (!pairs) done = InterpolateChannelVectors(src, axes, channels, n, dst);
-#endif
-    InterpolateScalar(src, axes, channels, done, n, dst);
-  }
-}
-
-class WarpOp : public WarpKernelBase {
- public:
-  explicit WarpOp(OpKernelConstruction* context) : WarpKernelBase(context) {}
-
-  void Compute(OpKernelContext* context) override {
-    const Tensor& image = context->input(0);
-    const Tensor& flow = context->input(1);
+  void Compute(OpKernelContext* context) final {
     Grid g;
-    OP_REQUIRES_OK(context, CheckInputs(image, flow, &g));
+    OP_REQUIRES_OK(context, CheckInputs(context, &g));
     Tensor* output = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, image.shape(), &output));
-    if (g.batch * g.voxels() == 0) return;
-    const float* image_data = image.flat<float>().data();
-    const float* flow_data = flow.flat<float>().data();
-    float* out_data = output->flat<float>().data();
+    OP_REQUIRES_OK(context,
+                   context->allocate_output(0, context->input(output_like_).shape(), &output));
+    if (output->NumElements() == 0) return;
+    ComputeOutput(context, g, output->flat<float>().data());
+  }
 
+ protected:
+  // Writes the output `out` from the checked inputs, of sizes g.
+  virtual void ComputeOutput(OpKernelContext* context, const Grid& g, float* out) = 0;
+
+  // The data of input `index` (kImage, kFlow or kGrad).
+  static const float* Input(OpKernelContext* context, int index) {
+    return context->input(index).flat<float>().data();
+  }
+
+  Padding padding_ = Padding::kBorder;
+
+ private:
+  int output_like_;
+};
+
+class WarpOp : public WarpKernel {
+ public:
+  explicit WarpOp(OpKernelConstruction* context) : WarpKernel(context, kImage) {}
+
+ private:
+  void ComputeOutput(OpKernelContext* context, const Grid& g, float* out) override {
+    const float* image = Input(context, kImage);
+    const float* flow = Input(context, kFlow);
     Dispatch(padding_, g.channels, [&](auto pad, auto fixed) {
       constexpr Padding kPadding = decltype(pad)::value;
-      const int64_t channels = decltype(fixed)::value > 0 ? decltype(fixed)::value : g.channels;
-      auto shard = [&](int64_t first, int64_t last) {
-        WarpRuns<kPadding>(g, channels, image_data, flow_data, out_data, first, last);
-      };
-      Workers(context)->ParallelFor(
-          g.runs(), ThreadPool::SchedulingParams::Adaptive(CostPerRun(channels)), shard);
+      constexpr int64_t kChannels = decltype(fixed)::value;
+      ShardRuns(context, g, CostPerRun(g.channels), [&](int64_t first, int64_t last) {
+        ldr_warp::WarpRuns<kPadding, kChannels>(g, image, flow, out, first, last);
+      });
     });
   }
 };
 
-class WarpGradFlowOp : public WarpKernelBase {
+class WarpGradFlowOp : public WarpKernel {
  public:
-  explicit WarpGradFlowOp(OpKernelConstruction* context) : WarpKernelBase(context) {}
+  explicit WarpGradFlowOp(OpKernelConstruction* context) : WarpKernel(context, kFlow) {}
 
-  // d loss / d flow(p)[a] = sum over corners k of value(k) * (corner k's weight with axis
-  // a's factor replaced by its derivative), value(k) = sum_c grad(p)[c] * image(k)[c].
-  void Compute(OpKernelContext* context) override {
-    const Tensor& image = context->input(0);
-    const Tensor& flow = context->input(1);
-    const Tensor& grad = context->input(2);
-    Grid g;
-    OP_REQUIRES_OK(context, CheckInputs(image, flow, &g));
-    OP_REQUIRES(context, grad.shape() == image.shape(),
-                absl::InvalidArgumentError("grad must have the image's shape"));
-    Tensor* grad_flow = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, flow.shape(), &grad_flow));
-    if (g.batch * g.voxels() == 0) return;
-    const float* image_data = image.flat<float>().data();
-    const float* flow_data = flow.flat<float>().data();
-    const float* grad_data = grad.flat<float>().data();
-    float* out_data = grad_flow->flat<float>().data();
-
+ private:
+  void ComputeOutput(OpKernelContext* context, const Grid& g, float* out) override {
+    const float* image = Input(context, kImage);
+    const float* flow = Input(context, kFlow);
+    const float* grad = Input(context, kGrad);
     Dispatch(padding_, g.channels, [&](auto pad, auto fixed) {
       constexpr Padding kPadding = decltype(pad)::value;
-      const int64_t channels = decltype(fixed)::value > 0 ? decltype(fixed)::value : g.channels;
-      auto shard = [&](int64_t first, int64_t last) {
-        AxisRun axes[3];
-        Run r = RunAt(g, first);
-        for (int64_t index = first; index < last; ++index, r = NextRun(g, r)) {
-          SetupRun<kPadding, true>(g, channels, r, 0, flow_data, &axes[0], &axes[1], &axes[2]);
-          const AxisRun& ax = axes[0];
-          const AxisRun& ay = axes[1];
-          const AxisRun& az = axes[2];
-          const float* src = image_data + r.b * g.voxels() * channels;
-          const float* upstream = grad_data + r.voxel * channels;
-          float* dst = out_data + 3 * r.voxel;
-          for (int i = 0; i < r.n; ++i, upstream += channels, dst += 3) {
-            const Corners k = CornersAt(axes, i);
-            // Per corner row (ix, iy): values interpolated along z (w) and their z slope (d).
-            float zw[2][2], zd[2][2];
-            for (int ix = 0; ix < 2; ++ix) {
-              for (int iy = 0; iy < 2; ++iy) {
-                float value[2];
-                for (int iz = 0; iz < 2; ++iz) {
-                  const float* corner = src + k.row[ix][iy] + k.z[iz];
-                  float dot = 0.f;
-                  for (int64_t c = 0; c < channels; ++c) dot += upstream[c] * corner[c];
-                  value[iz] = dot;
-                }
-                zw[ix][iy] = value[0] * az.weight[0][i] + value[1] * az.weight[1][i];
-                zd[ix][iy] = value[0] * az.dweight[0][i] + value[1] * az.dweight[1][i];
-              }
-            }
-            // Then along y, then along x.
-            float yw[2], yd[2], yzd[2];
-            for (int ix = 0; ix < 2; ++ix) {
-              yw[ix] = zw[ix][0] * ay.weight[0][i] + zw[ix][1] * ay.weight[1][i];
-              yd[ix] = zw[ix][0] * ay.dweight[0][i] + zw[ix][1] * ay.dweight[1][i];
-              yzd[ix] = zd[ix][0] * ay.weight[0][i] + zd[ix][1] * ay.weight[1][i];
-            }
-            dst[0] = yw[0] * ax.dweight[0][i] + yw[1] * ax.dweight[1][i];
-            dst[1] = yd[0] * ax.weight[0][i] + yd[1] * ax.weight[1][i];
-            dst[2] = yzd[0] * ax.weight[0][i] + yzd[1] * ax.weight[1][i];
-          }
-        }
-      };
-      Workers(context)->ParallelFor(
-          g.runs(), ThreadPool::SchedulingParams::Adaptive(2 * CostPerRun(channels)), shard);
+      constexpr int64_t kChannels = decltype(fixed)::value;
+      ShardRuns(context, g, 2 * CostPerRun(g.channels), [&](int64_t first, int64_t last) {
+        ldr_warp::GradFlowRuns<kPadding, kChannels>(g, image, flow, grad, out, first, last);
+      });
     });
   }
 };
 
-// Runs below which a batch item's scatter is not split further (a split costs a zeroed
-// scratch volume and a reduction pass).
-constexpr int64_t kMinRunsPerSplit = 512;
-
-class WarpGradImageOp : public WarpKernelBase {
+// One task per accumulator (see warp_gradients.h), then the reduction of the splits.
+class WarpGradImageOp : public WarpKernel {
  public:
-  explicit WarpGradImageOp(OpKernelConstruction* context) : WarpKernelBase(context) {}
+  explicit WarpGradImageOp(OpKernelConstruction* context) : WarpKernel(context, kImage) {}
 
-  // d loss / d image: every output voxel adds weight(k) * grad(p) to its 8 corners.
-  // Scatters from one batch item only touch that item, so batch items are independent
-  // tasks. When there are fewer items than threads, each item's runs are cut into
-  // `splits` fixed ranges; range 0 accumulates into the output, range s > 0 into its own
-  // scratch volume, and the scratch volumes are then added to the output in the order
-  // s = 1, 2, ... . No two tasks write the same memory, and the summation order depends
-  // only on the thread count, so results are deterministic for a given thread count.
-  void Compute(OpKernelContext* context) override {
-    const Tensor& image = context->input(0);
-    const Tensor& flow = context->input(1);
-    const Tensor& grad = context->input(2);
-    Grid g;
-    OP_REQUIRES_OK(context, CheckInputs(image, flow, &g));
-    OP_REQUIRES(context, grad.shape() == image.shape(),
-                absl::InvalidArgumentError("grad must have the image's shape"));
-    Tensor* grad_image = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, image.shape(), &grad_image));
-    const int64_t item = g.voxels() * g.channels;  // floats per batch item
-    if (g.batch * item == 0) return;
-
-    const int64_t item_runs = g.nx * g.ny * g.runs_per_row();
+ private:
+  void ComputeOutput(OpKernelContext* context, const Grid& g, float* out) override {
     const int64_t threads =
         std::max(1, context->device()->tensorflow_cpu_worker_threads()->num_threads);
-    const int64_t splits = std::max<int64_t>(
-        1, std::min((threads + g.batch - 1) / g.batch, item_runs / kMinRunsPerSplit));
+    Accumulators acc{out, nullptr, g.voxels() * g.channels, ldr_warp::ScatterSplits(g, threads)};
     Tensor scratch;
-    if (splits > 1) {
+    if (acc.splits > 1) {
       OP_REQUIRES_OK(context, context->allocate_temp(
                                   tensorflow::DT_FLOAT,
-                                  TensorShape({g.batch * (splits - 1) * item}), &scratch));
+                                  TensorShape({g.batch * (acc.splits - 1) * acc.item}), &scratch));
+      acc.scratch = scratch.flat<float>().data();
     }
-    float* out_data = grad_image->flat<float>().data();
-    float* scratch_data = splits > 1 ? scratch.flat<float>().data() : nullptr;
-    // Accumulator of split s of batch item b: [X, Y, Z, C] floats.
-    auto target = [&](int64_t b, int64_t s) {
-      return s == 0 ? out_data + b * item : scratch_data + (b * (splits - 1) + s - 1) * item;
-    };
-    const float* flow_data = flow.flat<float>().data();
-    const float* grad_data = grad.flat<float>().data();
-
+    const float* flow = Input(context, kFlow);
+    const float* grad = Input(context, kGrad);
     Dispatch(padding_, g.channels, [&](auto pad, auto fixed) {
       constexpr Padding kPadding = decltype(pad)::value;
-      const int64_t channels = decltype(fixed)::value > 0 ? decltype(fixed)::value : g.channels;
+      constexpr int64_t kChannels = decltype(fixed)::value;
       auto tasks = [&](int64_t first, int64_t last) {
-        AxisRun axes[3];
         for (int64_t task = first; task < last; ++task) {
-          const int64_t b = task / splits;
-          const int64_t s = task % splits;
-          float* dst = target(b, s);
-          std::fill(dst, dst + item, 0.f);
-          const int64_t begin = b * item_runs + s * item_runs / splits;
-          const int64_t end = b * item_runs + (s + 1) * item_runs / splits;
-          Run r = RunAt(g, begin);
-          for (int64_t index = begin; index < end; ++index, r = NextRun(g, r)) {
-            SetupRun<kPadding, false>(g, channels, r, 0, flow_data, &axes[0], &axes[1],
-                                      &axes[2]);
-            const float* upstream = grad_data + r.voxel * channels;
-            for (int i = 0; i < r.n; ++i, upstream += channels) {
-              const Corners k = CornersAt(axes, i);
-              for (int ix = 0; ix < 2; ++ix) {
-                for (int iy = 0; iy < 2; ++iy) {
-                  const float wxy = axes[0].weight[ix][i] * axes[1].weight[iy][i];
-                  for (int iz = 0; iz < 2; ++iz) {
-                    const float weight = wxy * axes[2].weight[iz][i];
-                    float* corner = dst + k.row[ix][iy] + k.z[iz];
-                    for (int64_t c = 0; c < channels; ++c) corner[c] += upstream[c] * weight;
-                  }
-                }
-              }
-            }
-          }
+          ldr_warp::ScatterTask<kPadding, kChannels>(g, flow, grad, acc, task);
         }
       };
-      Workers(context)->ParallelFor(g.batch * splits, ThreadPool::SchedulingParams::Fixed(1),
+      Workers(context)->ParallelFor(g.batch * acc.splits, ThreadPool::SchedulingParams::Fixed(1),
                                     tasks);
     });
-
-    if (splits > 1) {
+    if (acc.splits > 1) {
       auto reduce = [&](int64_t begin, int64_t end) {
-        for (int64_t b = 0; b < g.batch; ++b) {
-          float* dst = target(b, 0);
-          for (int64_t s = 1; s < splits; ++s) {
-            const float* src = target(b, s);
-            for (int64_t i = begin; i < end; ++i) dst[i] += src[i];
-          }
-        }
+        ldr_warp::SumSplits(acc, g.batch, begin, end);
       };
       Workers(context)->ParallelFor(
-          item, ThreadPool::SchedulingParams::Adaptive(2 * g.batch * splits), reduce);
+          acc.item, ThreadPool::SchedulingParams::Adaptive(2 * g.batch * acc.splits), reduce);
     }
   }
 };
 
 // Shapes: image [B,X,Y,Z,C] and flow [B,X,Y,Z,3] with matching B, X, Y, Z.
 absl::Status ImageFlowShapes(InferenceContext* c, ShapeHandle* image, ShapeHandle* flow) {
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 5, image));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 5, flow));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(kImage), 5, image));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(kFlow), 5, flow));
   DimensionHandle three;
   TF_RETURN_IF_ERROR(c->WithValue(c->Dim(*flow, 4), 3, &three));
   ShapeHandle image_grid, flow_grid, grid;
@@ -942,6 +251,16 @@ absl::Status ImageFlowShapes(InferenceContext* c, ShapeHandle* image, ShapeHandl
   TF_RETURN_IF_ERROR(c->Merge(image_grid, flow_grid, &grid));
   TF_RETURN_IF_ERROR(c->Concatenate(grid, c->Vector(c->Dim(*image, 4)), image));
   return c->Concatenate(grid, c->Vector(three), flow);
+}
+
+// Shape function of the gradient ops: grad has the image's shape; the output the image's
+// (of_flow false) or the flow's.
+absl::Status GradShape(InferenceContext* c, bool of_flow) {
+  ShapeHandle image, flow, merged;
+  TF_RETURN_IF_ERROR(ImageFlowShapes(c, &image, &flow));
+  TF_RETURN_IF_ERROR(c->Merge(image, c->input(kGrad), &merged));
+  c->set_output(0, of_flow ? flow : merged);
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -965,13 +284,7 @@ REGISTER_OP("LdrWarpGradImage")
     .Input("grad: float")
     .Output("grad_image: float")
     .Attr("padding: {'border', 'zeros'} = 'border'")
-    .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle image, flow, merged;
-      TF_RETURN_IF_ERROR(ImageFlowShapes(c, &image, &flow));
-      TF_RETURN_IF_ERROR(c->Merge(image, c->input(2), &merged));
-      c->set_output(0, merged);
-      return absl::OkStatus();
-    })
+    .SetShapeFn([](InferenceContext* c) { return GradShape(c, false); })
     .Doc("Gradient of LdrWarp w.r.t. image, given grad = d loss / d output.");
 
 REGISTER_OP("LdrWarpGradFlow")
@@ -980,13 +293,7 @@ REGISTER_OP("LdrWarpGradFlow")
     .Input("grad: float")
     .Output("grad_flow: float")
     .Attr("padding: {'border', 'zeros'} = 'border'")
-    .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle image, flow, merged;
-      TF_RETURN_IF_ERROR(ImageFlowShapes(c, &image, &flow));
-      TF_RETURN_IF_ERROR(c->Merge(image, c->input(2), &merged));
-      c->set_output(0, flow);
-      return absl::OkStatus();
-    })
+    .SetShapeFn([](InferenceContext* c) { return GradShape(c, true); })
     .Doc("Gradient of LdrWarp w.r.t. flow, given grad = d loss / d output.");
 
 REGISTER_KERNEL_BUILDER(Name("LdrWarp").Device(DEVICE_CPU), WarpOp);
