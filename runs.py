@@ -26,7 +26,7 @@ CONFIG_FILE = 'args.json'
 ARCH_DEFAULTS = {'base_network': 'VTN', 'n_cascades': 1, 'rep': 1, 'net_args': '', 'image_size': None}
 DEFAULT_DATASET = 'datasets/liver.json'
 # Settings of one invocation, never taken over when a run is resumed.
-NOT_RESUMED = ('checkpoint', 'gpu', 'debug', 'output', 'name', 'clear_steps', 'finetune', 'resume_dir',
+NOT_RESUMED = ('checkpoint', 'init_from', 'gpu', 'debug', 'output', 'name', 'clear_steps', 'finetune', 'resume_dir',
                'preprocessing', 'schema')
 REQUIRED = ('base_network', 'n_cascades', 'image_size')
 CHECKPOINT_RE = re.compile(r'model-(\d+)\.index$')
@@ -143,11 +143,11 @@ class RunConfig:
         return {'base_network': self.base_network, 'n_cascades': self.n_cascades, 'rep': self.rep,
                 'net_args': self.get('net_args')}
 
-    def check_same_architecture(self, args):
-        """Resuming or fine-tuning: each architecture flag ``args`` gives (not None) must equal
-        the run's, compared by value (``--image_size 64`` equals [64, 64, 64]; net_args as
-        parsed dicts). UserError naming the first that differs."""
-        for key in ARCH_DEFAULTS:
+    def check_same_architecture(self, args, keys=tuple(ARCH_DEFAULTS)):
+        """Resuming or fine-tuning: each architecture flag of ``keys`` that ``args`` gives (not
+        None) must equal the run's, compared by value (``--image_size 64`` equals [64, 64, 64];
+        net_args as parsed dicts). UserError naming the first that differs."""
+        for key in keys:
             given = getattr(args, key, None)
             if given is None or given == '':
                 continue
@@ -161,13 +161,12 @@ class RunConfig:
                 raise UserError('--{} {} contradicts the checkpoint run ({}); architecture flags must match'.format(
                     key, given, self.get(key)))
 
-    def apply_architecture(self, args):
-        """Set ``args``' architecture flags (and the dataset when not given) to the run's."""
-        self.check_same_architecture(args)
-        for key in ARCH_DEFAULTS:
+    def apply_architecture(self, args, keys=tuple(ARCH_DEFAULTS)):
+        """Set ``args``' architecture flags of ``keys`` to the run's, after checking that those
+        given agree (`check_same_architecture`)."""
+        self.check_same_architecture(args, keys)
+        for key in keys:
             setattr(args, key, self.get(key))
-        if getattr(args, 'dataset', None) is None:
-            args.dataset = self.settings.get('dataset')
 
     def apply_settings(self, args, given):
         """Resuming: every stored setting that the command line does not give again (the
@@ -303,6 +302,23 @@ def restore_first(sess, variables, candidates, warn):
             if index == len(candidates) - 1:
                 raise
             warn('{}; trying the one before'.format(e))
+
+
+def restore_matching(sess, prefix, variables):
+    """Initialise ``variables`` from checkpoint ``prefix`` wherever a stored variable has the same
+    name and shape (e.g. a run at another image size: only the affine heads, whose kernels span
+    the whole feature map, differ). Returns the names left as initialised; UserError if nothing
+    matches."""
+    from network.tfv1 import tf
+    try:
+        stored = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+    except (tf.errors.OpError, ValueError) as e:
+        raise UserError('cannot read checkpoint {}: {}'.format(prefix, str(e).splitlines()[0]))
+    matching = [v for v in variables if stored.get(v.op.name) == v.shape.as_list()]
+    if not matching:
+        raise UserError('checkpoint {} has none of this network\'s variables (another base network?)'.format(prefix))
+    tf.train.Saver(matching).restore(sess, prefix)
+    return [v.op.name for v in variables if v not in matching]
 
 
 def load_framework(spec, image_size=None, class_values=None, rep=None, extra=None, threads=None):

@@ -45,6 +45,9 @@ def build_parser():
     p.add_argument('--print_steps', type=cli.positive_int, default=10, help='progress line every N steps')
     p.add_argument('--finetune', default=None, help="use the spec's finetune-train-/finetune-val-<NAME> schemes; steps restart")
     p.add_argument('--clear_steps', action='store_true', help='restart the step counter when starting from a checkpoint')
+    p.add_argument('--init_from', default=None, metavar='RUN',
+                   help='start a new run from the network weights of RUN (DIR, DIR:STEP or a prefix) wherever name and '
+                        'shape agree, e.g. a run at a coarser --image_size (coarse-to-fine); the optimiser starts afresh')
     p.add_argument('--debug', action='store_true', help='no files written; validate and print every step')
     p.add_argument('--logs', default='', help='TensorBoard sub-directory under logs/')
     p.add_argument('--name', default=None, help='suffix appended to the run name')
@@ -209,12 +212,20 @@ def main(argv=None):
     devices = cli.parse_devices(args.gpu)
     resuming = False
     start = None
+    if args.checkpoint and args.init_from:
+        raise cli.UserError('-c continues a run and --init_from starts a new one from its weights: choose one')
     if args.checkpoint:
         start = runs.open_run(args.checkpoint)
         start.config.apply_architecture(args)
+        if args.dataset is None:
+            args.dataset = start.config.get('dataset')
         resuming = not (args.finetune or args.clear_steps)
         if resuming and args.output is None:
             start.config.apply_settings(args, given_flags(build_parser(), argv))
+    init = None
+    if args.init_from:
+        init = runs.open_run(args.init_from)
+        init.config.apply_architecture(args, keys=('base_network', 'n_cascades', 'rep', 'net_args'))
     for key, value in runs.ARCH_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -291,6 +302,11 @@ def main(argv=None):
                 step = (ckpt_step or 0) if resuming else 0
                 sess.run(framework.global_step.assign(step))
                 print('Restored {} at step {}'.format(checkpoint, step))
+            if init:
+                fresh = runs.restore_matching(sess, init.prefix, framework.net.variables)
+                print('Initialised from {}: {} of {} variables{}'.format(
+                    init.prefix, len(framework.net.variables) - len(fresh), len(framework.net.variables),
+                    '; afresh (name or shape differs): ' + ', '.join(fresh) if fresh else ''))
             if run_dir:
                 os.makedirs(run_dir, exist_ok=True)
                 runs.RunConfig.from_flags(args).save(run_dir)

@@ -79,8 +79,7 @@ def test_equivalent_architecture_flags_are_accepted_and_others_refused(tmp_path)
         image_size = [64]                      # --image_size 64 == [64, 64, 64]
         net_args = "channels = 8"              # same options, other spelling
     config.apply_architecture(Flags)
-    assert (Flags.image_size, Flags.net_args, Flags.rep, Flags.dataset) == (
-        [64, 64, 64], 'channels=8', 1, 'synthetic/synthetic.json')
+    assert (Flags.image_size, Flags.net_args, Flags.rep) == ([64, 64, 64], 'channels=8', 1)
     for key, value in (('image_size', [32]), ('net_args', 'channels=16'), ('n_cascades', 3), ('base_network', 'VTN')):
         given = dict(base_network=None, n_cascades=None, rep=None, net_args='', image_size=None, dataset=None)
         given[key] = value
@@ -125,4 +124,34 @@ def test_run_of_the_old_format_evaluates_predicts_and_resumes(old_run):
     assert max(runs.list_checkpoints(str(old_run / 'weights' / 'old'))) == 4
     resumed = json.loads((old_run / 'weights' / 'old' / 'args.json').read_text())
     assert resumed.pop('schema') == 2
-    assert resumed == dict(old_settings(), epochs=2.0, checkpoint='weights/old', output=None)
+    assert resumed == dict(old_settings(), epochs=2.0, checkpoint='weights/old', output=None, init_from=None)
+
+
+def test_init_from_a_run_at_another_image_size_keeps_what_fits(tiny_run, tmp_path):
+    """Coarse-to-fine: an 80^3 run starts from the 64^3 tiny run. Every variable but the light
+    affine stem's two heads (their kernels span the whole feature map: 1^3 at 64^3, 2^3 at
+    80^3) is taken over; with a learning rate of 1e-12 two Adam steps leave them equal to the
+    source's."""
+    from data_util.synthetic import make_synthetic
+    from network.tfv1 import tf
+    spec = make_synthetic(str(tmp_path / 'synthetic80'), n_scans=6, image_size=80, seed=1)
+    proc = run_script('train.py', '-d', spec, '--init_from', tiny_run, '--round', '2', '--epochs', '1', '--batch', '1',
+                      '--lr', '1e-12', '--output', 'fine', '--val_steps', '0', cwd=tmp_path)
+    assert proc.returncode == 0, error_lines(proc)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith('Initialised from'))
+    assert line.endswith('24 of 26 variables; afresh (name or shape differs): {0}/conv7_W/W, {0}/conv7_b/W'.format(
+        'rcn/affine_stem')), line
+    settings = json.loads((tmp_path / 'weights' / 'fine' / 'args.json').read_text())
+    assert settings['base_network'] == 'LDR' and settings['image_size'] == [80, 80, 80]
+    source = tf.train.load_checkpoint(runs.resolve_checkpoint(str(tiny_run))[1])
+    started = tf.train.load_checkpoint(runs.resolve_checkpoint(str(tmp_path / 'weights' / 'fine'))[1])
+    shapes = source.get_variable_to_shape_map()
+    taken = [n for n, shape in started.get_variable_to_shape_map().items()
+             if n.startswith('rcn/') and 'Adam' not in n and shapes.get(n) == shape]
+    assert len(taken) > 10
+    for name in taken:
+        np.testing.assert_allclose(started.get_tensor(name), source.get_tensor(name), rtol=0, atol=1e-9)
+
+    proc = run_script('train.py', '-c', tiny_run, '--init_from', tiny_run, cwd=tmp_path)
+    assert proc.returncode != 0 and error_lines(proc) == [
+        'error: -c continues a run and --init_from starts a new one from its weights: choose one']
