@@ -1,12 +1,16 @@
 """reproduce.py: the demo pipeline end to end at a tiny size, resuming, tables vs results.json, errors."""
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
 import baselines
+import cli
 import reproduce
-from conftest import error_lines, run_script
+from conftest import ROOT, error_lines, run_script
+from reproduction import plan, report
 
 TINY = ['--demo', '--steps', '2', '--teacher_steps', '2', '--demo_scans', '6', '--demo_test', '2',
         '--results', 'results']
@@ -62,16 +66,16 @@ def test_demo_end_to_end_then_resume(tmp_path):
         assert row['dice'] == entry['summary']['dice']['mean']
         assert row['seconds_per_pair'] == entry['summary']['seconds_per_pair']
         cells = rows[(row['method'], cascades_cell(row['cascades']))]
-        assert cells[2] == reproduce.fmt(row['dice'], 3, row['dice_std'])
-        assert cells[3] == reproduce.fmt(row['jacc'], 3, row['jacc_std'])
-        assert cells[-2] == reproduce.fmt(row['seconds_per_pair'], 3)
-        assert cells[-1] == reproduce.fmt_int(row['parameters'])
+        assert cells[2] == report.fmt(row['dice'], 3, row['dice_std'])
+        assert cells[3] == report.fmt(row['jacc'], 3, row['jacc_std'])
+        assert cells[-2] == report.fmt(row['seconds_per_pair'], 3)
+        assert cells[-1] == report.fmt_int(row['parameters'])
     rows2 = table_rows(out / 'table2.md')
     assert [r['key'] for r in results['table2']] == ['ldr-1', 'aldk-1', 'teacher-1']
     for row in results['table2']:
         cells = rows2[(row['method'], '1')]
-        assert cells[2] == reproduce.fmt(row['dice'], 3, row['dice_std'])
-        assert cells[4] == reproduce.signed(row['dice_gain_points'])
+        assert cells[2] == report.fmt(row['dice'], 3, row['dice_std'])
+        assert cells[4] == report.signed(row['dice_gain_points'])
     figure1 = results['figures']['figure1.png']
     assert figure1['aldk']['dice'] == [results['methods']['aldk-1']['summary']['dice']['mean']]
     assert results['figures']['figure2.png']['methods'] == ['LDR', 'LDR + ALDK', 'VTN + affine (teacher)']
@@ -97,26 +101,38 @@ def test_demo_end_to_end_then_resume(tmp_path):
         assert again['methods'][key]['summary'] == results['methods'][key]['summary']
 
 
+def test_orchestrator_needs_no_tensorflow(tmp_path):
+    """Planning, running and reporting import no TensorFlow (only the sections worker does, in its
+    own process): importing them and listing the demo's stages leave it out of sys.modules."""
+    code = ('import sys, reproduce; from reproduction import plan, report, run; '
+            'reproduce.main(["--demo", "--list", "--results", sys.argv[1]]); '
+            'loaded = [m for m in ("tensorflow", "reproduction.sections") if m in sys.modules]; '
+            'assert not loaded, loaded')
+    proc = subprocess.run([sys.executable, '-c', code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert '-m reproduction.sections -d' in proc.stdout.splitlines()[-1]
+
+
 def test_schedule_runs_exactly_the_steps():
     for steps in (1, 2, 4, 7, 300, 20000, 12345):
-        args = reproduce.schedule(steps)
+        args = plan.schedule(steps)
         rounds, epochs = int(args[1]), float(args[3])
         assert int(epochs * rounds) == steps
 
 
 def test_argument_errors(tmp_path):
-    parse = lambda *a: reproduce.resolve_args(reproduce.build_parser().parse_args(list(a)))  # noqa: E731
-    with pytest.raises(reproduce.cli.UserError, match='either --demo or -d'):
+    parse = lambda *a: plan.resolve_args(reproduce.build_parser().parse_args(list(a)))  # noqa: E731
+    with pytest.raises(cli.UserError, match='either --demo or -d'):
         parse()
     spec = tmp_path / 'spec.json'
     spec.write_text(json.dumps({'schemes': {'test': {'test': 1.0}}}))
-    with pytest.raises(reproduce.cli.UserError, match='--steps is required'):
+    with pytest.raises(cli.UserError, match='--steps is required'):
         parse('-d', str(spec))
-    with pytest.raises(reproduce.cli.UserError, match='add teacher'):
+    with pytest.raises(cli.UserError, match='add teacher'):
         parse('-d', str(spec), '--steps', '5', '--methods', 'ldr', 'aldk')
     args = parse('-d', str(spec), '--steps', '5', '--cascades', '3', '1', '--baselines', 'none')
     assert args.subset == 'test' and args.cascades == [1, 3] and args.baselines == [] and args.teacher_steps == 5
-    assert args.methods == list(reproduce.LEARNED) and args.name == 'spec'
+    assert args.methods == list(plan.LEARNED) and args.name == 'spec'
     demo = parse('--demo')
     assert demo.paired and demo.methods == ['teacher', 'ldr', 'aldk'] and demo.name == 'demo'
 
@@ -161,8 +177,8 @@ def test_list_shows_stages(tmp_path, synthetic_spec):
 def test_table_marks_missing_baseline():
     methods = {'ants_syn': {'label': 'ANTs SyN', 'cascades': None, 'status': 'not installed', 'package': 'antspyx',
                             'reason': 'antspyx not installed (pip install -r requirements-baselines.txt)'}}
-    rows = reproduce.table1_rows(methods)
-    text = reproduce.render_table1(rows, {'pairs': 4, 'dataset': 'd.json', 'subset': 'test', 'pairing': 'all pairs',
+    rows = report.table1_rows(methods)
+    text = report.render_table1(rows, {'pairs': 4, 'dataset': 'd.json', 'subset': 'test', 'pairing': 'all pairs',
                                           'threads': 2})
     assert '| ANTs SyN | - | not installed (antspyx) | - | - | - | - | - |' in text
     assert 'Landmark' not in text  # no column when no method has landmarks
@@ -171,19 +187,19 @@ def test_table_marks_missing_baseline():
 def test_lpba40_preset_plans_seeds_and_all_pairs(tmp_path):
     """--preset lpba40: every student at 2 seeds (runs <method>-1-s<seed>), one teacher, an
     evaluation on the atlas pairs and one on all pairs per run, and CPU-hour estimates."""
-    args = reproduce.resolve_args(reproduce.build_parser().parse_args(
+    args = plan.resolve_args(reproduce.build_parser().parse_args(
         ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'identity', 'ants_syn']))
     assert (args.steps, args.lr, args.seeds, args.all_pairs, args.name) == (6000, 5e-4, [1, 2], True, 'lpba40')
-    ctx = reproduce.Context(args)
+    ctx = plan.Context(args)
     ctx.skipped_baselines = {}
-    names = [s.name for s in reproduce.plan(ctx)]
+    names = [s.name for s in plan.plan(ctx)]
     assert 'teacher-1' in names and 'teacher-1-s1' not in names
     assert {'ldr-1-s1', 'ldr-1-s2', 'aldk-1-s2', 'eval-aldk-1-s2', 'eval-aldk-1-s2-all_pairs',
             'eval-ldr-1-s1-refine25', 'baseline-ants_syn-all_pairs'} <= set(names)
     assert 'eval-teacher-1-refine25' not in names
-    entries = reproduce.method_entries(ctx, reproduce.plan(ctx), {})
+    entries = report.method_entries(ctx, plan.plan(ctx), {})
     assert entries['ldr+refine-1']['label'] == 'LDR + 25 refinement iterations' and entries['ldr-1']['refine'] == 0
-    train = {s.name: s for s in reproduce.plan(ctx) if s.kind == 'train'}
+    train = {s.name: s for s in plan.plan(ctx) if s.kind == 'train'}
     assert train['ldr-1-s2'].command[train['ldr-1-s2'].command.index('--seed') + 1] == '2'
     assert "train_pairs='all'" in train['teacher-1'].command
     assert all(s.info['cpu_hours'] > 0 for s in train.values())
@@ -192,7 +208,7 @@ def test_lpba40_preset_plans_seeds_and_all_pairs(tmp_path):
 def test_seeds_combine_into_mean_and_spread():
     summaries = [{'dice': {'mean': 0.70, 'std': 0.02}, 'seconds_per_pair': 0.2},
                  {'dice': {'mean': 0.66, 'std': 0.03}, 'seconds_per_pair': 0.4}]
-    combined = reproduce.combine_seeds(summaries)
+    combined = report.combine_seeds(summaries)
     assert combined['dice'] == {'mean': pytest.approx(0.68), 'std': pytest.approx(0.02)}
     assert combined['seconds_per_pair'] == pytest.approx(0.3) and combined['std_over'] == 'seeds'
-    assert reproduce.combine_seeds(summaries[:1]) is summaries[0]
+    assert report.combine_seeds(summaries[:1]) is summaries[0]

@@ -1,0 +1,147 @@
+"""Running a plan: each stage as a subprocess in results/<name>/, resumable.
+
+Owns the stage's subprocess (its log under stage_logs/, the lines echoed to the console), a
+training stage's resuming from its last checkpoint (train.py -c) and the pruning of its
+intermediate checkpoints, the stage's record stages/<stage>.json (its 'finished' marker: a stage
+is finished when its record exists, whatever its command), the run loop that rewrites the report
+after every stage, and ``--list``'s table of the stages and their state.
+"""
+import datetime
+import glob
+import os
+import shutil
+import subprocess
+import time
+
+import cli
+import runs
+from reproduction import report
+
+ECHO_PREFIXES = ('step ', 'validation at', 'Finished', 'Graph built', 'Distillation', 'Teacher flows', 'wrote ',
+                 'Evaluating', 'Restored', 'warning', 'error')
+
+
+def echo(line):
+    """Whether a stage's output line is shown on the console (the rest goes to its log only)."""
+    text = line.strip()
+    return bool(text) and (text.startswith(ECHO_PREFIXES) or ' s/pair' in text or
+                           (': Dice ' in text and '|' not in text))
+
+
+def train_command(ctx, stage):
+    """The command of a training stage: resume its run with -c when a checkpoint exists, else start
+    afresh (a run directory without a complete checkpoint is removed first)."""
+    run_dir = ctx.path('weights', stage.info['run'])
+    if not os.path.isdir(run_dir):
+        return stage.command, None
+    found = runs.list_checkpoints(run_dir)
+    if not found or not os.path.exists(os.path.join(run_dir, 'args.json')):
+        shutil.rmtree(run_dir)
+        shutil.rmtree(ctx.path('logs', stage.info['run']), ignore_errors=True)
+        return stage.command, None
+    command = list(stage.command)
+    i = command.index('--output')
+    del command[i:i + 2]
+    return command + ['-c', os.path.join('weights', stage.info['run'])], max(found)
+
+
+def prune_checkpoints(run_dir):
+    """Delete every checkpoint of a finished run but the newest; returns the newest step."""
+    found = runs.list_checkpoints(run_dir)
+    last = max(found)
+    for step, prefix in found.items():
+        if step != last:
+            for path in glob.glob(prefix + '.*'):
+                os.remove(path)
+    return last
+
+
+def run_stage(ctx, stage):
+    """Run one stage unless finished; write its record. UserError naming the stage and log on failure."""
+    if stage.finished(ctx):
+        ctx.say('skip {} (finished)'.format(stage.name))
+        return False
+    if stage.kind == 'data' and all(os.path.exists(ctx.path(p)) for p in stage.outputs):
+        ctx.say('{}: outputs exist, kept'.format(stage.name))
+        write_record(ctx, stage, None, 0, 0.0, None, None)
+        return True
+    command, resumed = stage.command, None
+    if stage.kind == 'train':
+        command, resumed = train_command(ctx, stage)
+    log_path = ctx.path('stage_logs', stage.name + '.log')
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    ctx.say('{}: {}{}'.format(stage.name, stage.description,
+                              ' (resuming from step {})'.format(resumed) if resumed is not None else ''))
+    start = time.time()
+    with open(log_path, 'a') as log:
+        log.write('$ {}\n'.format(' '.join(command)))
+        log.flush()
+        proc = subprocess.Popen(command, cwd=ctx.out, env=ctx.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()     # the log of a stage hours long is read while it runs
+                if echo(line):
+                    print('    [{}] {}'.format(ctx.elapsed(), line.strip()), flush=True)
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise
+    seconds = time.time() - start
+    if code != 0:
+        raise cli.UserError('stage {} failed (exit status {}); see its log {}'.format(stage.name, code, log_path))
+    missing = [p for p in stage.outputs if not os.path.exists(ctx.path(p))]
+    if stage.kind == 'train':
+        stage.info['final_step'] = prune_checkpoints(ctx.path(stage.outputs[0]))
+    elif missing:
+        raise cli.UserError('stage {} wrote no {}; see its log {}'.format(stage.name, missing[0], log_path))
+    write_record(ctx, stage, command, code, seconds, resumed, ctx.rel(log_path))
+    ctx.say('{} done in {:.0f} s'.format(stage.name, seconds))
+    return True
+
+
+def write_record(ctx, stage, command, code, seconds, resumed, log):
+    """The stage's record (its 'finished' marker): command line, return code, wall seconds, outputs."""
+    record = {'stage': stage.name, 'kind': stage.kind, 'command': command, 'cwd': ctx.out, 'returncode': code,
+              'seconds': seconds, 'resumed_from_step': resumed, 'outputs': stage.outputs, 'log': log,
+              'finished': datetime.datetime.now().isoformat(timespec='seconds'), 'info': stage.info}
+    cli.write_json(stage.record_path(ctx), record)
+
+
+
+def run_stages(ctx, stages):
+    """Run every stage not finished yet, rewriting the report after each; print the tables."""
+    args = ctx.args
+    os.makedirs(ctx.out, exist_ok=True)
+    ctx.versions = report.versions()
+    ctx.say('reproduce {} -> {} ({} stages, {} finished)'.format(
+        'demo' if args.demo else args.dataset, ctx.out, len(stages), sum(s.finished(ctx) for s in stages)))
+    if ctx.skipped_baselines:
+        ctx.say('baselines not installed, marked so in the table: {} (pip install -r requirements-baselines.txt)'
+                .format(', '.join(sorted(ctx.skipped_baselines))))
+    for stage in stages:
+        if run_stage(ctx, stage):
+            report.write(ctx, stages)
+    results = report.write(ctx, stages, figures=True)
+    print()
+    with open(ctx.path('table1.md')) as f:
+        print(f.read())
+    with open(ctx.path('table2.md')) as f:
+        print(f.read())
+    ctx.say('done: {}'.format(', '.join(ctx.rel(ctx.path(n)) for n in (
+        'results.json', 'table1.md', 'table2.md', 'figure1.png', 'figure2.png'))))
+    return results
+
+
+def list_stages(ctx, stages):
+    """Print every stage with its state, its CPU-hours estimate and its command; then the training still to do."""
+    hours = [s.info.get('cpu_hours') for s in stages]
+    for stage, cpu_hours in zip(stages, hours):
+        print('{:9} {:28} {:>9} {}'.format('finished' if stage.finished(ctx) else 'to do', stage.name,
+                                           '{:.1f} CPU-h'.format(cpu_hours) if cpu_hours else '', ' '.join(stage.command)))
+    todo = sum(h for s, h in zip(stages, hours) if h and not s.finished(ctx))
+    if todo:
+        print('training still to do: ~{:.1f} CPU-hours ({:.1f} hours on {} cores; estimates from the preset\'s '
+              'seconds per step)'.format(todo, todo / ctx.args.threads, ctx.args.threads))
