@@ -195,14 +195,6 @@ def open_flow_store(path, dataset, subset, image_size):
     return store
 
 
-def image_size_of(args, spec):
-    size = args.image_size or spec['image_size']
-    size = list(size) * 3 if len(size) == 1 else list(size)
-    if len(size) != 3 or min(size) < 1:
-        raise cli.UserError('--image_size needs one or three positive values, got {}'.format(size))
-    return size
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -249,7 +241,7 @@ def main(argv=None):
 
     from data_util.dataset import Dataset, load_spec
     spec = load_spec(args.dataset)
-    image_size = image_size_of(args, spec)
+    image_size = runs.cubic_sizes(args.image_size or spec['image_size'], '--image_size')
     args.image_size = image_size
     data_args = cli.parse_kwargs(args.data_args, '--data_args')
     dataset = Dataset(args.dataset, batch_size=args.batch, **data_args)
