@@ -108,7 +108,7 @@ def open_model(args, network):
     """(image size N, function opening the network, preprocessing options) without TensorFlow."""
     if network is None:
         image_size, open_network, record = registration.resolve_network(
-            args.checkpoint, args.image_size, args.rep, args.threads, args.tf_warp)
+            args.checkpoint, args.image_size, args.rep, args.threads, args.tf_warp, args.runtime)
     else:
         image_size, open_network, record = network.image_size, lambda: network, network.info.get('preprocessing')
     options = registration.preprocessing_options(record, image_size,
@@ -326,7 +326,7 @@ _WORKER_MODELS = {}
 def register_on_worker(pair, args):
     """A Dask task: one pair registered and written on a worker, which loads the model on its
     first pair and keeps it for the next ones. Returns the pair's summary line."""
-    key = (args.checkpoint, args.image_size, args.rep, args.threads, args.tf_warp,
+    key = (args.checkpoint, args.image_size, args.rep, args.threads, args.tf_warp, args.runtime,
            tuple((k, getattr(args, k)) for k in registration.PREPROCESSING_KEYS))
     if key not in _WORKER_MODELS:
         image_size, open_network, options = open_model(args, None)
