@@ -137,20 +137,27 @@ class OnnxNetwork:
             meta = read_meta(directory)
         except ExportError as e:
             raise cli.UserError(str(e))
-        path = os.path.join(directory, meta['onnx']['file'])
+        self.path = os.path.join(directory, meta['onnx']['file'])
+        try:
+            self.session = onnxruntime.InferenceSession(self.path, self.session_options(threads),
+                                                        providers=['CPUExecutionProvider'])
+        except (state.NoSuchFile, state.InvalidProtobuf, state.InvalidGraph, state.InvalidArgument, state.Fail,
+                state.NotImplemented, state.RuntimeException) as e:
+            raise cli.UserError('{}: onnxruntime cannot load it ({})'.format(self.path, str(e).strip().splitlines()[0]))
+        self.inputs, self.output = meta['inputs'], meta['output']
+        self.image_size = cubic_size(meta['image_size'], 'the export\'s')
+        self.info = dict(export_info(directory, meta, 'onnxruntime'), onnxruntime=onnxruntime.__version__)
+
+    @staticmethod
+    def session_options(threads=None):
+        """The onnxruntime.SessionOptions of the session (see the class doc)."""
+        import onnxruntime
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or 0
         options.inter_op_num_threads = 1
         options.add_session_config_entry('session.intra_op.allow_spinning', '0')
         options.log_severity_level = 3
-        try:
-            self.session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
-        except (state.NoSuchFile, state.InvalidProtobuf, state.InvalidGraph, state.InvalidArgument, state.Fail,
-                state.NotImplemented, state.RuntimeException) as e:
-            raise cli.UserError('{}: onnxruntime cannot load it ({})'.format(path, str(e).strip().splitlines()[0]))
-        self.inputs, self.output = meta['inputs'], meta['output']
-        self.image_size = cubic_size(meta['image_size'], 'the export\'s')
-        self.info = dict(export_info(directory, meta, 'onnxruntime'), onnxruntime=onnxruntime.__version__)
+        return options
 
     def flow(self, fixed, moving):
         """fixed, moving: [N, N, N] in 0..255 -> flow [N, N, N, 3] float32, voxels of the fixed grid."""

@@ -3,7 +3,7 @@ export; prints Markdown tables.
 
 Usage: ``python -m bench.cold_start [-c models/lpba40-ldr] [--data ../shared/data/LPBA40]
 [--moving S02] [--runtimes onnx tensorflow] [--repeats 3] [--warmup 1] [--outputs ...]
-[--threads 2] [--network_repeats 10]``
+[--threads 2] [--network_repeats 10] [--profile RUNS]``
 
 Each run is ``python predict.py -c MODEL --fixed S01 --moving ID (+ both label maps) -o DIR
 --runtime R`` in a new process, timed from just before it is started to its exit, its outputs
@@ -16,10 +16,15 @@ train/), labels from label/.
 
 Then the network alone (--network_repeats > 0): both runtimes loaded in this process on the
 pair's preprocessed volumes, run alternately (one warm-up each); the median wall and process
-CPU seconds of a run, and the largest difference between their flows in voxels.
+CPU seconds of a run, and the largest difference between their flows in voxels. With
+--profile, also the network's time by kind of operation in each runtime: --profile runs traced
+(TensorFlow's RunMetadata, onnxruntime's profiler), each operation's fastest run (of all after
+the first) summed by kind. TensorFlow runs independent operations at once, so its sum can
+exceed its wall time; onnxruntime runs them one after another.
 The 1-minute load average of the machine is printed before each table.
 """
 import argparse
+import collections
 import json
 import os
 import resource
@@ -54,7 +59,12 @@ def parse_args(argv=None):
     p.add_argument('--outputs', default=None, help="predict.py's --outputs (default: its default, all)")
     p.add_argument('--threads', type=cli.positive_int, default=2)
     p.add_argument('--network_repeats', type=int, default=10, help='runs of the network alone (0: none)')
-    return p.parse_args(argv)
+    p.add_argument('--profile', type=int, default=0, metavar='RUNS',
+                   help='traced runs of the network in each runtime, for its time by kind of operation (0: none)')
+    args = p.parse_args(argv)
+    if args.profile == 1:
+        p.error('--profile 1: the first traced run is left out; give 0 or at least 2')
+    return args
 
 
 def lpba40_pair(data, moving):
@@ -123,13 +133,17 @@ def print_cold_starts(args, pair, runs):
             ' | '.join('{:.2f}'.format(median[stage]) for stage in STAGES), '-' if dice is None else '{:.4f}'.format(dice)))
 
 
-def network_times(args, pair):
-    """{runtime: (median wall, median CPU, flow)} of the network alone on the preprocessed pair."""
+def open_networks(args, pair):
+    """({runtime: network} of both runtimes, the pair's preprocessed volumes)."""
     model = registration.load_model(args.checkpoint, threads=args.threads, runtime='tensorflow')
     volumes = registration.preprocess_pair(registration.read_image(pair[0], 'fixed'),
                                            registration.read_image(pair[1], 'moving'), model.preprocessing)[:2]
-    networks = {'tensorflow': model.network,
-                'onnxruntime': registration.load_model(args.checkpoint, threads=args.threads, runtime='onnx').network}
+    return {'tensorflow': model.network,
+            'onnxruntime': registration.load_model(args.checkpoint, threads=args.threads, runtime='onnx').network}, volumes
+
+
+def network_times(networks, volumes, args):
+    """{runtime: (median wall, median CPU, flow)} of the network alone on the preprocessed pair."""
     times = {name: ([], []) for name in networks}
     flows = {}
     for index in range(1 + args.network_repeats):
@@ -155,12 +169,83 @@ def print_network_times(args, results):
             float(np.abs(flow - results['tensorflow'][2]).max())))
 
 
+KINDS = (('convolution', ('Conv', 'FusedConv', '_MklNativeFusedConv3D', '_MklNativeConv3D', 'Conv3D')),
+         ('transposed convolution', ('ConvTranspose', '_MklNativeConv3DBackpropInputV2', 'Conv3DBackpropInputV2')),
+         ('gather (the warp)', ('Gather', 'GatherElements', 'GatherV2')),
+         ('resize (flow upsampling)', ('Resize', 'ResizeBilinear')))
+
+
+def kind_of(op_type):
+    return next((kind for kind, types in KINDS if op_type in types), 'other')
+
+
+def tensorflow_profile(network, volumes, runs):
+    """{node: (op type, [seconds per traced run])} of an ExportedNetwork's graph."""
+    from network.tfv1 import tf
+    model = network.model
+    feed = {model.fixed: np.asarray(volumes[0], np.float32)[None, ..., None],
+            model.moving: np.asarray(volumes[1], np.float32)[None, ..., None]}
+    nodes = collections.defaultdict(lambda: [None, []])
+    for _ in range(runs):
+        metadata = tf.RunMetadata()
+        model.sess.run(model.flow, feed, options=tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE),
+                       run_metadata=metadata)
+        for device in metadata.step_stats.dev_stats:
+            for stats in device.node_stats:
+                if ' = ' in stats.timeline_label:
+                    nodes[stats.node_name][0] = stats.timeline_label.split(' = ')[1].split('(')[0]
+                    nodes[stats.node_name][1].append(stats.all_end_rel_micros / 1e6)
+    return nodes
+
+
+def onnxruntime_profile(network, volumes, runs, threads):
+    """{node: (op type, [seconds per profiled run])} of an OnnxNetwork's graph."""
+    import onnxruntime
+    options = network.session_options(threads)
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix='cold_start.') as scratch:
+        options.profile_file_prefix = os.path.join(scratch, 'profile')
+        session = onnxruntime.InferenceSession(network.path, options, providers=['CPUExecutionProvider'])
+        for _ in range(runs):
+            session.run([network.output], {network.inputs['fixed']: np.asarray(volumes[0], np.float32)[None, ..., None],
+                                           network.inputs['moving']: np.asarray(volumes[1], np.float32)[None, ..., None]})
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    nodes = collections.defaultdict(lambda: [None, []])
+    for event in events:
+        if event.get('cat') == 'Node' and event['name'].endswith('_kernel_time'):
+            nodes[event['name']][0] = event['args']['op_name']
+            nodes[event['name']][1].append(event['dur'] / 1e6)
+    return nodes
+
+
+def print_profiles(args, networks, volumes):
+    profiles = {'tensorflow': tensorflow_profile(networks['tensorflow'], volumes, args.profile),
+                'onnxruntime': onnxruntime_profile(networks['onnxruntime'], volumes, args.profile, args.threads)}
+    totals = {}
+    for runtime, nodes in profiles.items():
+        totals[runtime] = collections.Counter()
+        for op_type, seconds in nodes.values():
+            totals[runtime][kind_of(op_type)] += min(seconds[1:])
+    print('\nThe network by kind of operation: each operation\'s fastest of {} traced runs after the first, '
+          'summed, ms; {}\n'.format(args.profile - 1, load_line()))
+    print('| kind | ' + ' | '.join(profiles) + ' |')
+    print('|---|' + '---:|' * len(profiles))
+    for kind in [k for k, _ in KINDS] + ['other', 'total']:
+        print('| {} | {} |'.format(kind, ' | '.join('{:.1f}'.format(1e3 * (
+            sum(totals[r].values()) if kind == 'total' else totals[r][kind])) for r in profiles)))
+
+
 def main(argv=None):
     args = parse_args(argv)
     pair = lpba40_pair(args.data, args.moving)
     print_cold_starts(args, pair, cold_starts(args, pair))
-    if args.network_repeats > 0:
-        print_network_times(args, network_times(args, pair))
+    if args.network_repeats > 0 or args.profile > 0:
+        networks, volumes = open_networks(args, pair)
+        if args.network_repeats > 0:
+            print_network_times(args, network_times(networks, volumes, args))
+        if args.profile > 0:
+            print_profiles(args, networks, volumes)
     return 0
 
 
