@@ -169,6 +169,11 @@ def test_onnx_runtime_unavailable_is_one_line(exported, scaled_run, tmp_path, mo
                       '--outputs', 'warped', cwd=tmp_path)                       # auto: TensorFlow runs model.pb
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / 'out' / 'predict.json').read_text())['model']['runtime'] == 'tensorflow'
+    broken = tmp_path / 'broken'
+    shutil.copytree(exported, broken)
+    (broken / 'model.onnx').write_bytes(b'not an ONNX model')
+    with pytest.raises(cli.UserError, match='model.onnx: onnxruntime cannot load it'):
+        registration.load_model(str(broken))
     real_find_spec = registration.importlib.util.find_spec
     monkeypatch.setattr(registration.importlib.util, 'find_spec',
                         lambda name, *rest: None if name == 'onnxruntime' else real_find_spec(name, *rest))
