@@ -94,10 +94,8 @@ import signal
 import sys
 import tempfile
 
-import h5py
 import numpy as np
 import SimpleITK as sitk
-from tqdm import tqdm
 
 import cli
 from errors import UserError
@@ -513,6 +511,7 @@ def convert_scan(entry, h5, options):
 
 
 def _warn(message):
+    from tqdm import tqdm
     tqdm.write('warning: ' + message, file=sys.stderr)
 
 
@@ -764,6 +763,7 @@ def _convert(entries, output, spec_path, name, image_type, atlas, subsets, schem
         h5_temporary = _temporary_path(output)
         temporaries.append(h5_temporary)
         label_values = set()
+        import h5py
         with h5py.File(h5_temporary, 'w') as h5:
             with cli.progress(len(entries), 'prepare', 'scan', enabled=progress) as bar:
                 for entry in entries:
