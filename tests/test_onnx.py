@@ -86,36 +86,46 @@ def test_export_writes_onnx_whose_flows_match_tensorflow(exported):
 
 
 def test_rewrites_for_onnxruntime_keep_values():
-    """Gather of rows of [N, 1] and [N, 3] tables and a scalar times a tensor ending in a unit axis,
-    before and after `fit_for_onnxruntime`."""
-    table1 = numpy_helper.from_array(np.arange(10, dtype=np.float32)[:, None] * 1.5, 'table1')
-    table3 = numpy_helper.from_array(np.arange(30, dtype=np.float32).reshape(10, 3) ** 2, 'table3')
-    scale = numpy_helper.from_array(np.array(0.25, np.float32), 'scale')
+    """Gather of rows of [N, 1] and [N, 3] tables, a scalar times a tensor ending in a unit axis, a
+    'same' 3-D convolution to 2 channels (rewritten) and a strided one (kept), before and after
+    `fit_for_onnxruntime`."""
+    rng = np.random.default_rng(0)
+    constants = {'table1': np.arange(10, dtype=np.float32)[:, None] * 1.5,
+                 'table3': np.arange(30, dtype=np.float32).reshape(10, 3) ** 2,
+                 'scale': np.array(0.25, np.float32),
+                 'kernel': rng.standard_normal((2, 4, 3, 3, 3)).astype(np.float32),
+                 'bias': np.array([0.5, -2.0], np.float32)}
     nodes = [helper.make_node('Gather', ['table1', 'indices'], ['rows1'], name='g1'),
              helper.make_node('Gather', ['table3', 'indices'], ['rows3'], name='g3'),
-             helper.make_node('Mul', ['rows1', 'scale'], ['scaled'], name='m')]
+             helper.make_node('Mul', ['rows1', 'scale'], ['scaled'], name='m'),
+             helper.make_node('Conv', ['volume', 'kernel', 'bias'], ['same'], name='c', pads=[1] * 6),
+             helper.make_node('Conv', ['volume', 'kernel'], ['strided'], name='s', pads=[1] * 6, strides=[2] * 3)]
+    outputs = {'rows3': [2, 4, 3], 'scaled': [2, 4, 1], 'same': [1, 2, 5, 6, 7], 'strided': [1, 2, 3, 3, 4]}
     graph = helper.make_graph(
-        nodes, 'rewrites', [helper.make_tensor_value_info('indices', onnx.TensorProto.INT32, [2, 4])],
-        [helper.make_tensor_value_info('rows3', onnx.TensorProto.FLOAT, [2, 4, 3]),
-         helper.make_tensor_value_info('scaled', onnx.TensorProto.FLOAT, [2, 4, 1])],
-        [table1, table3, scale])
+        nodes, 'rewrites', [helper.make_tensor_value_info('indices', onnx.TensorProto.INT32, [2, 4]),
+                            helper.make_tensor_value_info('volume', onnx.TensorProto.FLOAT, [1, 4, 5, 6, 7])],
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape) for name, shape in outputs.items()],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', export.ONNX_OPSET)])
-    indices = np.array([[0, 9, 3, 3], [5, 1, 8, 2]], np.int32)
+    feed = {'indices': np.array([[0, 9, 3, 3], [5, 1, 8, 2]], np.int32),
+            'volume': rng.standard_normal((1, 4, 5, 6, 7)).astype(np.float32)}
 
     def run(m):
-        session = onnxruntime.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider'])
-        return session.run(None, {'indices': indices})
+        return onnxruntime.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider']).run(None, feed)
 
     before = run(model)
     fitted = export.fit_for_onnxruntime(model)
     after = run(fitted)
-    assert {n.op_type for n in fitted.graph.node} >= {'GatherElements'} and 'Gather' not in {
-        n.op_type for n in fitted.graph.node}
+    ops = [n.op_type for n in fitted.graph.node]
+    assert 'Gather' not in ops and ops.count('GatherElements') == 2 and ops.count('Slice') == 27
+    convolutions = {n.output[0]: list(constants.get(n.input[1], np.zeros((0,) * 5)).shape)
+                    for n in fitted.graph.node if n.op_type == 'Conv'}
+    assert convolutions['strided'] == [2, 4, 3, 3, 3] and 'same' not in convolutions
     assert [list(i.dims) for i in fitted.graph.initializer if i.name.startswith('fit/scale')] == [[1, 1, 1]]
-    np.testing.assert_array_equal(after[0], np.arange(30, dtype=np.float32).reshape(10, 3)[indices] ** 2)
+    np.testing.assert_array_equal(after[0], constants['table3'][feed['indices']])
     for b, a in zip(before, after):
         assert b.shape == a.shape
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
 def test_predict_runs_onnx_by_default_without_tensorflow_and_matches_it(exported, tmp_path):
