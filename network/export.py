@@ -1,6 +1,6 @@
 """Deployment export of a registration network: a frozen inference graph, and running one.
 
-An export is a directory holding two files:
+An export is a directory holding these files:
 
 - ``model.pb``: a binary TensorFlow GraphDef with every variable folded into a constant
   (``tf.graph_util.convert_variables_to_constants``), pruned to what the flow needs, with
@@ -26,9 +26,10 @@ checkpoint, no training code. TensorFlow is imported on first use, so that `is_e
 `read_meta` answer at once. The compiled op has no ONNX form: an export with it has no
 model.onnx.
 
-The ONNX graph is tf2onnx's conversion with two rewrites for onnxruntime's CPU kernels, exact
-in value (`fit_for_onnxruntime`): the warp's row gathers become element gathers, and scalar
-constants of broadcasting arithmetic get the rank of the other operand.
+The ONNX graph is tf2onnx's conversion with three rewrites for onnxruntime's CPU kernels that
+compute the same values (`fit_for_onnxruntime`): the warp's row gathers become element gathers,
+scalar constants of broadcasting arithmetic get the rank of the other operand, and the flow
+head's convolution becomes one per kernel tap, shifted and summed.
 """
 import argparse
 import importlib.util
