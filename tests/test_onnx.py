@@ -68,6 +68,7 @@ def write_pair(directory):
     return paths
 
 
+@pytest.mark.slow
 def test_export_writes_onnx_whose_flows_match_tensorflow(exported):
     meta = json.loads((exported / 'export.json').read_text())
     assert meta['onnx'] == {'file': 'model.onnx', 'opset': export.ONNX_OPSET, 'tf2onnx': tf2onnx.__version__}
@@ -128,6 +129,7 @@ def test_rewrites_for_onnxruntime_keep_values():
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
+@pytest.mark.slow
 def test_predict_runs_onnx_by_default_without_tensorflow_and_matches_it(exported, tmp_path):
     paths = write_pair(tmp_path)
     args = ['-c', str(exported), '--fixed', paths['fixed'], '--moving', paths['moving'], '-o', 'by_default',
@@ -155,6 +157,7 @@ def test_predict_runs_onnx_by_default_without_tensorflow_and_matches_it(exported
     np.testing.assert_allclose(warped[0], warped[1], rtol=0, atol=1e-3 * np.abs(warped[1]).max())
 
 
+@pytest.mark.slow
 def test_load_model_runtimes(exported):
     assert registration.load_model(str(exported)).info['runtime'] == 'onnxruntime'
     assert registration.load_model(str(exported), runtime='tensorflow').info['runtime'] == 'tensorflow'
@@ -162,6 +165,7 @@ def test_load_model_runtimes(exported):
         registration.load_model(str(exported), runtime='tflite')
 
 
+@pytest.mark.slow
 def test_onnx_runtime_unavailable_is_one_line(exported, scaled_run, tmp_path, monkeypatch):
     without = tmp_path / 'without_onnx'
     shutil.copytree(exported, without)
@@ -192,6 +196,7 @@ def test_onnx_runtime_unavailable_is_one_line(exported, scaled_run, tmp_path, mo
     assert registration.load_model(str(exported)).info['runtime'] == 'tensorflow'
 
 
+@pytest.mark.slow
 def test_onnx_added_to_an_existing_export_and_refused_where_impossible(exported, tmp_path):
     older = tmp_path / 'older'
     shutil.copytree(exported, older)
