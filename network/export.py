@@ -367,7 +367,7 @@ class FrozenModel:
 
 def main(argv=None):
     """``python -m network.export --onnx DIR``: add model.onnx to the export DIR."""
-    parser = cli.ArgumentParser(description=main.__doc__)
+    parser = cli.ArgumentParser(prog='python -m network.export', description=main.__doc__)
     parser.add_argument('--onnx', metavar='DIR', required=True,
                         help='an export directory of predict.py --export (pure-TensorFlow warp) to add model.onnx to')
     args = parser.parse_args(argv)
