@@ -8,6 +8,7 @@ plus summary.json / summary.csv, with the model loaded once per process: in this
 the next pair read while this one registers, or on Dask workers (--workers N for a local
 cluster, --dask ADDRESS for a running scheduler), each of which loads the model once.
 """
+import concurrent.futures
 import contextlib
 import csv
 import dataclasses
@@ -108,7 +109,7 @@ def open_model(args, network):
     """(image size N, function opening the network, preprocessing options) without TensorFlow."""
     if network is None:
         image_size, open_network, record = registration.resolve_network(
-            args.checkpoint, args.image_size, args.rep, args.threads, args.tf_warp)
+            args.checkpoint, args.image_size, args.rep, args.threads, args.tf_warp, args.runtime)
     else:
         image_size, open_network, record = network.image_size, lambda: network, network.info.get('preprocessing')
     options = registration.preprocessing_options(record, image_size,
@@ -159,21 +160,26 @@ def register_and_write(model, pair, images, preprocessed, output, args, fmt, clo
     report.update(result.report)
     with staging_directory(output) as staging:
         warped, warped_seg = result.warped, result.warped_seg
-        if 'field' in outputs:
-            field_path = os.path.join(staging, outputs['field'])
+        if 'field' in outputs and args.field_dtype == 'float64':
             with clock.stage('write'):
-                write_image(result.field, field_path, fmt, compress=False)
-                written = sitk.ReadImage(field_path, sitk.sitkVectorFloat64)
-            if args.field_dtype == 'float64' and (registration.geometry_record(written)
-                                                  != registration.geometry_record(fixed)):
-                # the format rounded the geometry (an oblique NIfTI header): warp with the field as
-                # written, so that re-applying the file reproduces the outputs exactly
+                stored = stored_geometry(result.field, staging, fmt)
+            if stored != registration.geometry_record(fixed):
+                # the format rounds the geometry (an oblique NIfTI header): warp with the field as it
+                # will be read back, so that re-applying the file reproduces the outputs exactly
                 with clock.stage('resample'):
+                    written = sitk.Image(result.field)
+                    written.SetSpacing(stored['spacing'])
+                    written.SetOrigin(stored['origin'])
+                    written.SetDirection(stored['direction'])
                     transform = sitk.DisplacementFieldTransform(written)
                     warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, args.default_value)
                     if warped_seg is not None:
                         warped_seg = warp_labels(images['moving_seg'], fixed, transform)
-        with clock.stage('write'):
+        with clock.stage('write'), concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
+            # the field, the largest file (118 MB of float64 for a 1 mm brain, gzip in .nii.gz), is
+            # written while the other outputs are made: SimpleITK lets go of the GIL as it writes
+            field = writer.submit(write_image, result.field, os.path.join(staging, outputs['field']), fmt,
+                                  compress=False) if 'field' in outputs else None
             if 'warped' in outputs:
                 write_image(warped, os.path.join(staging, outputs['warped']), fmt)
             if 'warped_seg' in outputs:
@@ -181,11 +187,33 @@ def register_and_write(model, pair, images, preprocessed, output, args, fmt, clo
             if 'previews' in outputs:
                 moving_on_fixed = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, args.default_value)
                 previews.write(staging, fixed, moving_on_fixed, warped, result.field_array, moving, model.preprocessing)
-            report.update(clock.report())
-            with open(os.path.join(staging, REPORT), 'w') as f:
-                json.dump(report, f, indent=2)
-                f.write('\n')
+            if field is not None:
+                field.result()
+        report.update(clock.report())
+        with open(os.path.join(staging, REPORT), 'w') as f:
+            json.dump(report, f, indent=2)
+            f.write('\n')
     return report
+
+
+def stored_geometry(image, directory, fmt):
+    """The geometry record (registration.geometry_record) that ``image`` has once written in
+    ``fmt`` and read back, which may round it: a small image of its pixel type and geometry
+    written into a scratch directory in ``directory`` and read back, header only (2 voxels a
+    side: formats drop an axis of 1)."""
+    import SimpleITK as sitk
+    probe = sitk.Image([2, 2, 2], image.GetPixelID(), image.GetNumberOfComponentsPerPixel())
+    probe.SetSpacing(image.GetSpacing())
+    probe.SetOrigin(image.GetOrigin())
+    probe.SetDirection(image.GetDirection())
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        path = os.path.join(scratch, 'probe' + FORMATS[fmt])
+        write_image(probe, path, fmt)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        reader.ReadImageInformation()
+        return {'size': list(image.GetSize()), 'spacing': list(reader.GetSpacing()),
+                'origin': list(reader.GetOrigin()), 'direction': list(reader.GetDirection())}
 
 
 # ---------------------------------------------------------------- batch mode
@@ -258,8 +286,6 @@ def run_batch(args, pairs, network):
     preprocessed while this one is registered. A pair already done (its predict.json exists) is
     skipped; a pair that fails is reported and skipped. Writes summary.json and summary.csv;
     UserError at the end if any pair failed."""
-    import concurrent.futures
-
     import SimpleITK as sitk
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise cli.UserError('{} exists and is not a directory'.format(args.output))
@@ -326,7 +352,7 @@ _WORKER_MODELS = {}
 def register_on_worker(pair, args):
     """A Dask task: one pair registered and written on a worker, which loads the model on its
     first pair and keeps it for the next ones. Returns the pair's summary line."""
-    key = (args.checkpoint, args.image_size, args.rep, args.threads, args.tf_warp,
+    key = (args.checkpoint, args.image_size, args.rep, args.threads, args.tf_warp, args.runtime,
            tuple((k, getattr(args, k)) for k in registration.PREPROCESSING_KEYS))
     if key not in _WORKER_MODELS:
         image_size, open_network, options = open_model(args, None)

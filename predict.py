@@ -4,7 +4,7 @@
                       [--moving_seg MS.nii.gz] [--fixed_seg FS.nii.gz] [--modality mr|ct]
     python predict.py --fixed ATLAS --moving 'scans/*.nii.gz' -o COHORT [--workers N | --dask ADDRESS]
     python predict.py --pairs pairs.csv -o COHORT            # batch mode (cohort.py)
-    python predict.py -c weights/RUN --export EXPORT_DIR     # frozen inference graph
+    python predict.py -c weights/RUN --export EXPORT_DIR     # frozen inference graph (+ ONNX)
     python predict.py -c EXPORT_DIR --fixed F --moving M -o OUTDIR   # run from the export
 
 The registration is `registration.Model.register` (see registration.py for the contract:
@@ -44,6 +44,9 @@ Export (--export DIR): the checkpoint's inference graph with its weights folded 
 GraphDef, see network/export.py), built with the pure-TensorFlow warp so that it imports
 anywhere (--export_warp op embeds the compiled warp op instead: faster, but the op library
 must be loadable where it runs). `-c DIR` then runs from the export without the network code.
+Where tf2onnx is installed the export also holds model.onnx (network/export.py), which
+onnxruntime runs without TensorFlow in the process: the default (--runtime auto) wherever
+onnxruntime is installed; --runtime tensorflow runs model.pb instead.
 
 Errors print one line ``error: ...`` on stderr and exit with status 2.
 """
@@ -107,10 +110,13 @@ def build_parser():
                    help="output image format (default: the fixed file's; DICOM -> nii.gz)")
     p.add_argument('--default_value', type=float, default=0.0,
                    help='warped intensity where the field points outside the moving image (default 0, as sitk.Resample)')
-    p.add_argument('--threads', type=int, default=2, help='CPU threads of TensorFlow and SimpleITK (default 2)')
+    p.add_argument('--threads', type=int, default=2, help='CPU threads of the network\'s runtime and SimpleITK (default 2)')
     p.add_argument('--force', action='store_true',
                    help='replace an existing output directory (only one written by predict.py, or an empty one)')
     p.add_argument('--tf_warp', action='store_true', help='force the pure-TensorFlow warp (checkpoints)')
+    p.add_argument('--runtime', choices=registration.RUNTIMES, default='auto',
+                   help='what runs an export: auto (default: onnxruntime when it is installed and the export has '
+                        'its model.onnx, else TensorFlow), onnx (insist) or tensorflow; checkpoints run in TensorFlow')
     p.add_argument('--export', metavar='DIR', default=None,
                    help='instead of registering: write the frozen inference graph of -c into DIR')
     p.add_argument('--export_warp', choices=('tf', 'op'), default='tf',
@@ -190,7 +196,7 @@ def export(args):
 
 
 def _export(args):
-    from network.export import META_FILE, ExportError, freeze, write_export
+    from network.export import META_FILE, ExportError, freeze, onnx_unavailable, to_onnx, write_export
     from registration import cubic_size
     cohort.check_output_dir(args.export, args.force, META_FILE)
     run = runs.open_run(args.checkpoint)
@@ -206,14 +212,18 @@ def _export(args):
                      'warped(p) = moving(p + flow(p))',
                 inputs_range='float32 [B, N, N, N, 1] in 0..255 (preprocessed uint8 volumes)')
     sess.close()
+    no_onnx = onnx_unavailable(meta)
     try:
+        onnx_model = None if no_onnx else to_onnx(graph_def)
         with cohort.staging_directory(args.export) as staging:
-            meta = write_export(staging, graph_def, meta)
+            meta = write_export(staging, graph_def, meta, onnx_model)
     except ExportError as e:
         raise cli.UserError(str(e))
-    size_bytes = os.path.getsize(os.path.join(args.export, meta['graph']))
-    print('Exported {} ({:,} parameters, warp {}) to {}: {} {:.2f} MB'.format(
-        run.prefix, meta['parameters'], meta['warp'], args.export, meta['graph'], size_bytes / 1e6))
+    files = [meta['graph']] + ([meta['onnx']['file']] if 'onnx' in meta else [])
+    print('Exported {} ({:,} parameters, warp {}) to {}: {}{}'.format(
+        run.prefix, meta['parameters'], meta['warp'], args.export, ', '.join(
+            '{} {:.2f} MB'.format(name, os.path.getsize(os.path.join(args.export, name)) / 1e6) for name in files),
+        '; no model.onnx: {}'.format(no_onnx) if no_onnx else ''))
     return meta
 
 

@@ -31,6 +31,7 @@ cli.UserError with a one-line message.
 """
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import time
 
@@ -42,6 +43,7 @@ import runs
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'lpba40-ldr')
 PREPROCESSING_KEYS = ('modality', 'percentiles', 'window', 'threshold', 'margin', 'field_of_view')
 STAGES = ('read', 'load_model', 'preprocess', 'network', 'refine', 'resample', 'write')
+RUNTIMES = ('auto', 'onnx', 'tensorflow')
 
 
 class Stopwatch:
@@ -91,7 +93,7 @@ class CheckpointNetwork:
         self.sess, self.framework, run = runs.load_framework(checkpoint, [image_size] * 3, rep=rep, threads=threads)
         self.image_size = image_size
         self.info = dict(run.config.describe(), kind='checkpoint', source=os.path.abspath(run.prefix),
-                         rep=rep or run.config.rep, parameters=self.framework.parameter_count,
+                         runtime='tensorflow', rep=rep or run.config.rep, parameters=self.framework.parameter_count,
                          warp=spatial_transformer.warp_impl(), preprocessing=run.config.preprocessing)
 
     def flow(self, fixed, moving):
@@ -102,7 +104,7 @@ class CheckpointNetwork:
 
 
 class ExportedNetwork:
-    """An export of predict.py --export (network/export.py), run without the network's code."""
+    """An export of predict.py --export (network/export.py), run by TensorFlow without the network's code."""
 
     def __init__(self, directory, threads=None):
         from network.export import ExportError, FrozenModel
@@ -110,21 +112,89 @@ class ExportedNetwork:
             self.model = FrozenModel(directory, threads)
         except ExportError as e:
             raise cli.UserError(str(e))
-        meta = self.model.meta
         self.image_size = self.model.image_size
-        self.info = {'kind': 'export', 'source': os.path.abspath(directory),
-                     'base_network': meta.get('base_network'), 'n_cascades': meta.get('n_cascades'),
-                     'rep': meta.get('rep'), 'parameters': meta.get('parameters'), 'warp': meta['warp'],
-                     'preprocessing': meta.get('preprocessing')}
+        self.info = export_info(directory, self.model.meta, 'tensorflow')
 
     def flow(self, fixed, moving):
         return self.model.register(fixed, moving)
 
 
-def resolve_network(source, image_size=None, rep=None, threads=None, tf_warp=False):
+class OnnxNetwork:
+    """An export's model.onnx run by onnxruntime: no TensorFlow is imported (only onnxruntime
+    and numpy). ``threads``: onnxruntime's intra-op threads (None = its choice); its worker
+    threads sleep when idle instead of spinning (on a shared machine: faster, and less CPU)."""
+
+    def __init__(self, directory, threads=None):
+        from network.export import ExportError, read_meta
+        try:
+            import onnxruntime
+            from onnxruntime.capi import onnxruntime_pybind11_state as state
+        except ImportError as e:
+            raise cli.UserError('onnxruntime cannot be imported ({}); --runtime tensorflow runs model.pb'.format(e))
+        try:
+            meta = read_meta(directory)
+        except ExportError as e:
+            raise cli.UserError(str(e))
+        self.path = os.path.join(directory, meta['onnx']['file'])
+        try:
+            self.session = onnxruntime.InferenceSession(self.path, self.session_options(threads),
+                                                        providers=['CPUExecutionProvider'])
+        except (state.NoSuchFile, state.InvalidProtobuf, state.InvalidGraph, state.InvalidArgument, state.Fail,
+                state.NotImplemented, state.RuntimeException) as e:
+            raise cli.UserError('{}: onnxruntime cannot load it ({})'.format(self.path, str(e).strip().splitlines()[0]))
+        self.inputs, self.output = meta['inputs'], meta['output']
+        self.image_size = cubic_size(meta['image_size'], 'the export\'s')
+        self.info = dict(export_info(directory, meta, 'onnxruntime'), onnxruntime=onnxruntime.__version__)
+
+    @staticmethod
+    def session_options(threads=None):
+        """The onnxruntime.SessionOptions of the session (see the class doc)."""
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or 0
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+        options.log_severity_level = 3
+        return options
+
+    def flow(self, fixed, moving):
+        """fixed, moving: [N, N, N] in 0..255 -> flow [N, N, N, 3] float32, voxels of the fixed grid."""
+        feed = {self.inputs['fixed']: np.asarray(fixed, np.float32)[None, ..., None],
+                self.inputs['moving']: np.asarray(moving, np.float32)[None, ..., None]}
+        return self.session.run([self.output], feed)[0][0]
+
+
+def export_info(directory, meta, runtime):
+    """The report's 'model' record of an export run by ``runtime``."""
+    return {'kind': 'export', 'source': os.path.abspath(directory), 'runtime': runtime,
+            'base_network': meta.get('base_network'), 'n_cascades': meta.get('n_cascades'),
+            'rep': meta.get('rep'), 'parameters': meta.get('parameters'), 'warp': meta['warp'],
+            'preprocessing': meta.get('preprocessing')}
+
+
+def export_runtime(directory, meta, runtime):
+    """Which runtime runs an export: 'onnx' or 'tensorflow'. ``runtime`` 'auto' takes ONNX when
+    onnxruntime is installed and the export has its model.onnx; 'onnx' insists (UserError
+    saying what is missing), 'tensorflow' never takes it."""
+    if runtime == 'tensorflow':
+        return runtime
+    has_model = 'onnx' in meta and os.path.isfile(os.path.join(directory, meta['onnx']['file']))
+    has_runtime = importlib.util.find_spec('onnxruntime') is not None
+    if runtime == 'onnx' and not has_runtime:
+        raise cli.UserError('the ONNX runtime needs onnxruntime: pip install onnxruntime')
+    if runtime == 'onnx' and not has_model:
+        raise cli.UserError('the ONNX runtime needs the export\'s model.onnx, which {} lacks; add it with '
+                            'python -m network.export --onnx {}'.format(directory, directory))
+    return 'onnx' if has_model and has_runtime else 'tensorflow'
+
+
+def resolve_network(source, image_size=None, rep=None, threads=None, tf_warp=False, runtime='auto'):
     """Check a model source without loading TensorFlow: (image size N, function opening the
-    network, the preprocessing record of its training data or None for models older than it)."""
+    network, the preprocessing record of its training data or None for models older than it).
+    runtime: of an export, see `export_runtime`; a checkpoint runs in TensorFlow."""
     from network.export import ExportError, is_export, read_meta
+    if runtime not in RUNTIMES:
+        raise cli.UserError('runtime {!r}: choose from {}'.format(runtime, ', '.join(RUNTIMES)))
     if is_export(source):
         try:
             meta = read_meta(source)
@@ -135,7 +205,11 @@ def resolve_network(source, image_size=None, rep=None, threads=None, tf_warp=Fal
             raise cli.UserError('--image_size {}: the export {} is frozen at {}'.format(image_size, source, size))
         if rep is not None:
             raise cli.UserError('-r/--rep applies to checkpoints; an export is frozen with its repeats')
-        return size, lambda: ExportedNetwork(source, threads), meta.get('preprocessing')
+        network = OnnxNetwork if export_runtime(source, meta, runtime) == 'onnx' else ExportedNetwork
+        return size, lambda: network(source, threads), meta.get('preprocessing')
+    if runtime == 'onnx':
+        raise cli.UserError('the ONNX runtime runs an export\'s model.onnx; {} is a train.py checkpoint (export it '
+                            'with predict.py -c {} --export DIR)'.format(source, source))
     if source == DEFAULT_MODEL and not os.path.exists(source):
         raise cli.UserError('the shipped model {} is missing from this copy of the project; give -c RUN'.format(source))
     run = runs.open_run(source)
@@ -351,17 +425,19 @@ def _geometry_dict(geometry):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(geometry).items()}
 
 
-def load_model(source=None, image_size=None, rep=None, threads=2, tf_warp=False, **preprocessing):
+def load_model(source=None, image_size=None, rep=None, threads=2, tf_warp=False, runtime='auto', **preprocessing):
     """A `Model` from a train.py run (DIR, DIR:STEP, a checkpoint prefix) or an export directory;
     default the shipped brain MRI model. preprocessing: overrides of the model's recorded
     preprocessing (modality, percentiles, window, threshold, margin, field_of_view).
-    threads: CPU threads of TensorFlow and SimpleITK."""
+    threads: CPU threads of the network's runtime and SimpleITK. runtime: 'auto' (an export
+    with its model.onnx runs in onnxruntime when that is installed, anything else in
+    TensorFlow), 'onnx' (insist) or 'tensorflow'."""
     import SimpleITK as sitk
     unknown = sorted(set(preprocessing) - set(PREPROCESSING_KEYS))
     if unknown:
         raise cli.UserError('unknown preprocessing option(s) {} (known: {})'.format(
             ', '.join(unknown), ', '.join(PREPROCESSING_KEYS)))
-    size, open_network, record = resolve_network(source or DEFAULT_MODEL, image_size, rep, threads, tf_warp)
+    size, open_network, record = resolve_network(source or DEFAULT_MODEL, image_size, rep, threads, tf_warp, runtime)
     options = preprocessing_options(record, size, preprocessing)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     start = time.perf_counter()

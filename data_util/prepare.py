@@ -50,9 +50,7 @@ import signal
 import sys
 import tempfile
 
-import h5py
 import numpy as np
-from tqdm import tqdm
 
 import cli
 from data_util.images import (ARRAY_CONVENTION, DEFAULT_CT_WINDOW, DEFAULT_IMAGE_SIZE, DEFAULT_MARGIN,
@@ -110,7 +108,7 @@ def convert_scan(entry, h5, options):
         points = landmarks_to_voxels(physical, geometry)
         lost = np.sum(np.all(np.isfinite(physical), axis=1) & np.all(points == -1, axis=1))
         if lost:
-            _warn('{}: {} landmark(s) outside the preprocessed grid, stored as -1'.format(
+            cli.progress_write('warning: {}: {} landmark(s) outside the preprocessed grid, stored as -1'.format(
                 entry.landmarks, lost))
     original = None
     if label is not None:
@@ -120,10 +118,6 @@ def convert_scan(entry, h5, options):
     if original is None:
         return set()
     return set(int(v) for v in np.unique(original)) - {0}
-
-
-def _warn(message):
-    tqdm.write('warning: ' + message, file=sys.stderr)
 
 
 def scan_id_from_path(path, id_regex=None):
@@ -338,6 +332,7 @@ def _convert(entries, output, spec_path, name, image_type, atlas, subsets, schem
         h5_temporary = _temporary_path(output)
         temporaries.append(h5_temporary)
         label_values = set()
+        import h5py
         with h5py.File(h5_temporary, 'w') as h5:
             with cli.progress(len(entries), 'prepare', 'scan', enabled=progress) as bar:
                 for entry in entries:

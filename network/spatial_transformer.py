@@ -84,15 +84,20 @@ def sample_tf(image, coords, padding='border'):
 
     Returns [B, ..., C]. The pure-TF reference: gathers the 8 corners from a flat image.
     """
+    return sample_axes(image, tf.unstack(coords, axis=-1), padding)
+
+
+def sample_axes(image, coords, padding='border'):
+    """``sample_tf`` with the positions given per axis: ``coords`` three tensors [B, ...] of one
+    shape, the positions along array axes 1, 2 and 3. Returns [B, ..., C]."""
     shape = image.shape.as_list()
     sizes = shape[1:4]
     channels = shape[4]
     batch = tf.shape(image)[0]
-    out_shape = tf.concat([tf.shape(coords)[:-1], [channels]], 0)
-    coords = tf.reshape(coords, [batch, -1, 3])
+    out_shape = tf.concat([tf.shape(coords[0]), [channels]], 0)
     flat = tf.reshape(image, [-1, channels])
     base = tf.reshape(tf.range(batch) * (sizes[0] * sizes[1] * sizes[2]), [-1, 1])
-    corners = [_corner_weights(coords[..., k], sizes[k], padding) for k in range(3)]
+    corners = [_corner_weights(tf.reshape(coords[k], [batch, -1]), sizes[k], padding) for k in range(3)]
     strides = [sizes[1] * sizes[2], sizes[2], 1]
     out = 0.0
     for cx in corners[0]:
@@ -111,9 +116,15 @@ def identity_grid(sizes):
 
 
 def warp_tf(image, flow, padding='border'):
-    """Pure-TF trilinear warp; same contract as ``warp``."""
-    sizes = image.shape.as_list()[1:4]
-    return sample_tf(image, identity_grid(sizes)[None] + flow, padding)
+    """Pure-TF trilinear warp; same contract as ``warp``. The positions are taken per axis, a
+    range along that axis plus the flow's component, so that no grid of positions is a
+    constant of the graph (freezing or converting it would fold one of 12 bytes a voxel)."""
+    coords = []
+    for k, (size, component) in enumerate(zip(image.shape.as_list()[1:4], tf.unstack(flow, axis=-1))):
+        along = [1, 1, 1, 1]
+        along[k + 1] = size
+        coords.append(tf.reshape(tf.range(size, dtype=tf.float32), along) + component)
+    return sample_axes(image, coords, padding)
 
 
 def warp_nearest(image, flow):

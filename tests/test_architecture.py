@@ -8,7 +8,7 @@ from conftest import ROOT
 
 SKIPPED_DIRECTORIES = {'tests', 'results', 'weights', 'logs', 'models', 'datasets', '_build', '__pycache__'}
 # modules that are libraries although they can also be run (their command line is a thin main)
-RUNNABLE_LIBRARIES = {'data_util.prepare', 'data_util.synthetic', 'network.ops.build'}
+RUNNABLE_LIBRARIES = {'data_util.prepare', 'data_util.synthetic', 'network.export', 'network.ops.build'}
 
 
 def project_modules():
