@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import csv
 import dataclasses
+import functools
 import glob
 import io
 import json
@@ -134,15 +135,18 @@ def register_and_write(model, pair, images, preprocessed, output, args, fmt, clo
     """Register a read pair and write the outputs args.outputs asks for into ``output`` (through a
     staging directory); returns the pair's report (also written as predict.json). progress: a
     progress bar over the refinement's iterations (--refine)."""
-    import SimpleITK as sitk
-    from data_util.geometry import warp_labels
+    return register_read_pair(model, pair, images, preprocessed, args, fmt, clock, progress)(output)
+
+
+def register_read_pair(model, pair, images, preprocessed, args, fmt, clock, progress=False):
+    """Register a read pair; returns ``write(output)``, which writes the outputs into ``output``
+    and returns the pair's report (so that batch mode writes one pair while it registers the next)."""
     bar = cli.progress(args.refine, 'refining', 'iteration') if progress and args.refine else None
     result = model.register(images['fixed'], images['moving'], images.get('moving_seg'), images.get('fixed_seg'),
                             args.default_value, args.field_dtype, preprocessed=preprocessed, clock=clock,
                             refine=args.refine, progress=bar and (lambda i: bar.update()), **args.refine_options)
     if bar:
         bar.close()
-    fixed, moving = images['fixed'], images['moving']
     extension = FORMATS[fmt]
     outputs = {}
     if 'warped' in args.outputs:
@@ -158,6 +162,15 @@ def register_and_write(model, pair, images, preprocessed, output, args, fmt, clo
               'moving_seg': pair.moving_seg and os.path.abspath(pair.moving_seg),
               'format': fmt, 'outputs': outputs, 'threads': args.threads}
     report.update(result.report)
+    return functools.partial(write_outputs, model, images, result, report, outputs, args, fmt, clock)
+
+
+def write_outputs(model, images, result, report, outputs, args, fmt, clock, output):
+    """The registered pair's outputs ({kind: file name}) and its report into ``output`` through a
+    staging directory; returns the report."""
+    import SimpleITK as sitk
+    from data_util.geometry import warp_labels
+    fixed, moving = images['fixed'], images['moving']
     with staging_directory(output) as staging:
         warped, warped_seg = result.warped, result.warped_seg
         if 'field' in outputs and args.field_dtype == 'float64':
@@ -283,7 +296,8 @@ def read_pairs_csv(path):
 
 def run_batch(args, pairs, network):
     """Every pair into args.output/<id>/ with the model loaded once; the next pair is read and
-    preprocessed while this one is registered. A pair already done (its predict.json exists) is
+    preprocessed while this one is registered, and this one is written while the next one is
+    registered (at most one pair waits to be written). A pair already done (its predict.json exists) is
     skipped; a pair that fails is reported and skipped. Writes summary.json and summary.csv;
     UserError at the end if any pair failed."""
     import SimpleITK as sitk
@@ -311,39 +325,61 @@ def run_batch(args, pairs, network):
         clock = registration.Stopwatch()
         return clock, read_pair(pair, options, clock)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+    def finish(pair, writing):
+        records[pair.id] = writing.result()
+        if records[pair.id]['status'] == 'failed':
+            cli.progress_write('{}: failed: {}'.format(pair.id, records[pair.id]['error']))
+        progress.update()
+
+    progress = cli.progress(len(todo), 'registering', 'pair')
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
         upcoming = reader.submit(prepare, todo[0]) if todo else None
-        progress = cli.progress(len(todo), 'registering', 'pair')
+        previous = None
         for index, pair in enumerate(todo):
             try:
                 clock, (images, preprocessed) = upcoming.result()
             except cli.UserError as e:
                 clock, failure = None, e
             upcoming = reader.submit(prepare, todo[index + 1]) if index + 1 < len(todo) else None
-            records[pair.id] = write_pair(model, pair, (images, preprocessed) if clock else failure, args, clock)
-            if records[pair.id]['status'] == 'failed':
-                cli.progress_write('{}: failed: {}'.format(pair.id, records[pair.id]['error']))
-            progress.update()
-        progress.close()
+            write = batch_register(model, pair, (images, preprocessed) if clock else failure, args, clock)
+            if previous:
+                finish(*previous)
+            previous = pair, writer.submit(write)
+        if previous:
+            finish(*previous)
+    progress.close()
     return write_summary(args, pairs, records, options, model and model.info, time.perf_counter() - start,
                          len(todo), load_seconds)
 
 
-def write_pair(model, pair, loaded, args, clock):
-    """Register one read pair into args.output/<id>/: its summary line; a UserError (here or in
-    ``loaded``, the failure of reading it) makes a 'failed' line."""
+def batch_register(model, pair, loaded, args, clock):
+    """Register one read pair of a batch; returns ``write()``, which writes it into
+    args.output/<id>/ and returns its summary line. A UserError (in ``loaded``, the failure of
+    reading it, in registering or in writing) makes a 'failed' line."""
     try:
         if isinstance(loaded, cli.UserError):
             raise loaded
         images, preprocessed = loaded
         output = os.path.join(args.output, pair.id)
         check_output_dir(output, True, REPORT)
-        report = register_and_write(model, pair, images, preprocessed, output, args,
-                                    output_format(pair.fixed, args.format), clock)
-        return summary_record(pair, report)
+        write = register_read_pair(model, pair, images, preprocessed, args, output_format(pair.fixed, args.format),
+                                   clock)
     except cli.UserError as e:
-        return {'id': pair.id, 'fixed': pair.fixed, 'moving': pair.moving, 'status': 'failed',
-                'error': ' '.join(str(e).split())}
+        return functools.partial(failed_record, pair, e)
+
+    def write_and_summarize():
+        try:
+            return summary_record(pair, write(output))
+        except cli.UserError as e:
+            return failed_record(pair, e)
+    return write_and_summarize
+
+
+def failed_record(pair, error):
+    """The summary line of a pair that failed."""
+    return {'id': pair.id, 'fixed': pair.fixed, 'moving': pair.moving, 'status': 'failed',
+            'error': ' '.join(str(error).split())}
 
 
 _WORKER_MODELS = {}
@@ -363,7 +399,7 @@ def register_on_worker(pair, args):
         loaded = read_pair(pair, model.preprocessing, clock)
     except cli.UserError as e:
         loaded = e
-    return write_pair(model, pair, loaded, args, clock)
+    return batch_register(model, pair, loaded, args, clock)()
 
 
 def run_on_dask(args, pairs):

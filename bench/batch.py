@@ -1,19 +1,22 @@
 """Batch throughput of predict.py: pairs per minute for each choice of --outputs.
 
     python -m bench.batch [--lpba40 ../shared/data/LPBA40] [--pairs 39] [-c MODEL]
-                          [--outputs warped,field warped field none] [--runtime auto]
+                          [--outputs CHOICE ...] [--runtime auto|onnx|tensorflow]
 
 Registers the LPBA40 scans S02..S40 (160x192x160 at 1 mm; the first --pairs of them) to S01
 with predict.py's batch mode (``--pairs CSV``), once per --outputs choice, each in a fresh
 process and a fresh output folder, the field written as float32. Prints one row per choice:
-pairs per minute over the batch (model loading excluded, as summary.json counts it), the
-model's load time, and the median seconds per stage of a pair (reading and preprocessing
-overlap the previous pair's registration; writing overlaps the next pair's).
+pairs per minute over the batch (model loading excluded, as summary.json counts it); the
+process's CPU seconds per pair (all threads, start-up included: with C idle cores, 60 C / this
+bounds the pairs per minute, whatever else shares the machine while it is measured); the
+model's load time; and the median seconds per stage of a pair (reading and preprocessing
+overlap the previous pair's registration, writing the next pair's).
 """
 import argparse
 import csv
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,7 +42,7 @@ def lpba40_pairs(root, count):
 
 
 def run_choice(outputs, pairs_csv, directory, model, runtime):
-    """One batch in a fresh process: (summary.json, wall seconds of the process)."""
+    """One batch in a fresh process: (summary.json, wall seconds, CPU seconds of the process)."""
     output = os.path.join(directory, 'out-' + outputs.replace(',', '-'))
     command = [sys.executable, os.path.join(ROOT, 'predict.py'), '--pairs', pairs_csv, '-o', output,
                '--outputs', outputs, '--field_dtype', 'float32']
@@ -47,13 +50,16 @@ def run_choice(outputs, pairs_csv, directory, model, runtime):
         command += ['-c', model]
     if runtime:
         command += ['--runtime', runtime]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if proc.returncode != 0:
         sys.exit('error: predict.py --outputs {} failed: {}'.format(outputs, proc.stderr.strip().splitlines()[-1]))
     with open(os.path.join(output, 'summary.json')) as f:
-        return json.load(f), wall
+        return json.load(f), wall, cpu
 
 
 def main(argv=None):
@@ -76,22 +82,24 @@ def main(argv=None):
             writer.writerow(['id', 'fixed', 'moving'])
             writer.writerows([scan_id, os.path.join(args.lpba40, 'fixed.nii.gz'), path] for scan_id, path in scans)
         for outputs in args.outputs:
-            summary, wall = run_choice(outputs, pairs_csv, directory, args.checkpoint, args.runtime)
+            summary, wall, cpu = run_choice(outputs, pairs_csv, directory, args.checkpoint, args.runtime)
             seconds = {s: statistics.median(r['seconds'][s] for r in summary['pairs']) for s in STAGES}
             rows.append({'outputs': outputs, 'pairs': summary['registered'],
                          'pairs_per_minute': summary['pairs_per_minute'], 'load_model_seconds':
                          summary['load_model_seconds'], 'process_seconds': round(wall, 2),
+                         'cpu_seconds_per_pair': round(cpu / max(summary['registered'], 1), 2),
                          'model': (summary['model'] or {}).get('kind'), 'median_seconds': seconds})
             print('.', end='', flush=True, file=sys.stderr)
     print(file=sys.stderr)
     print('LPBA40 S02.. -> S01, {} pairs, 160x192x160 at 1 mm, field float32, {} CPUs'.format(len(scans), os.cpu_count()))
     print()
-    print('| --outputs | pairs/min | model load s | process s | ' + ' | '.join('median {} s'.format(s) for s in STAGES)
+    print('| --outputs | pairs/min | CPU s/pair | model load s | process s | ' + ' | '.join('median {} s'.format(s) for s in STAGES)
           + ' |')
-    print('|---' * (4 + len(STAGES)) + '|')
+    print('|---' * (5 + len(STAGES)) + '|')
     for row in rows:
-        print('| {} | {:.1f} | {:.1f} | {:.0f} | '.format(row['outputs'], row['pairs_per_minute'],
-                                                       row['load_model_seconds'], row['process_seconds'])
+        print('| {} | {:.1f} | {:.2f} | {:.1f} | {:.0f} | '.format(
+            row['outputs'], row['pairs_per_minute'], row['cpu_seconds_per_pair'], row['load_model_seconds'],
+            row['process_seconds'])
               + ' | '.join('{:.2f}'.format(row['median_seconds'][s]) for s in STAGES) + ' |')
     if args.json:
         with open(args.json, 'w') as f:

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at a small size (their numbers are not checked here:
 timings belong in the benchmarks' own tables, not in tests)."""
+import json
 import os
 import subprocess
 import sys
@@ -39,3 +40,17 @@ def test_cold_start_benchmark_prints_its_tables():
     totals = [float(cell) for cell in proc.stdout.splitlines()[-1].split('|')[2:4]]
     assert all(total > 0 for total in totals), proc.stdout
     assert 'nan' not in proc.stdout
+
+
+def test_batch_benchmark_prints_a_row_per_outputs_choice(tmp_path):
+    """Two LPBA40 pairs per choice; the rows name their choice and hold finite figures."""
+    if not os.path.isdir(LPBA40):
+        pytest.skip('LPBA40 data absent at {} (tests/conftest.py LPBA40)'.format(LPBA40))
+    proc = subprocess.run([sys.executable, '-m', 'bench.batch', '--pairs', '2', '--outputs', 'warped', 'warped,field',
+                           '--json', str(tmp_path / 'rows.json')], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split('|')[1].strip() for line in proc.stdout.splitlines() if line.startswith('| ')]
+    assert rows == ['--outputs', 'warped', 'warped,field'], proc.stdout
+    assert 'nan' not in proc.stdout
+    assert [row['pairs'] for row in json.loads((tmp_path / 'rows.json').read_text())] == [2, 2]
