@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 
 import cli
 import registration
+import runs
 from conftest import ROOT, error_lines, run_script
 from network import export
 
@@ -34,12 +35,12 @@ def scaled_run(tiny_run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp('scaled') / 'run'
     run_dir.mkdir()
     shutil.copy(tiny_run / 'args.json', run_dir)
-    sess, framework, _, _ = cli.load_model(str(tiny_run), [64] * 3)
+    sess, framework, _ = runs.load_framework(str(tiny_run), [64] * 3)
     with sess.graph.as_default():
         heads = [v for v in framework.net.variables if v.op.name in FLOW_HEADS]
         assert len(heads) == len(FLOW_HEADS)
         sess.run([v.assign(60.0 * v) for v in heads])
-        cli.save_checkpoint(tf.train.Saver(framework.net.variables), sess, str(run_dir), 1)
+        runs.save_checkpoint(tf.train.Saver(framework.net.variables), sess, str(run_dir), 1)
     sess.close()
     return run_dir
 
