@@ -74,6 +74,12 @@ CASES = [
     Case('train-nan-lr', 'train.py', train(None, '--lr', 'nan'), '--lr nan: the learning rate must be'),
     Case('train-negative-seed', 'train.py', train(None, '--seed', '-1'), '--seed -1: a seed lies in'),
     Case('train-volume-scaled-to-one', 'train.py', train('unit_volume.json'), 'look scaled to 0..1'),
+    Case('train-init-from-nowhere', 'train.py', train(None, '--init_from', 'weights/nothing'),
+         'checkpoint not found: weights/nothing'),
+    Case('train-init-from-and-resume', 'train.py', train(None, '-c', 'weights/tiny', '--init_from', 'weights/tiny'),
+         '-c continues a run and --init_from starts a new one'),
+    Case('train-init-from-another-base', 'train.py', train(None, '-b', 'VTN', '--init_from', 'weights/tiny'),
+         '--base_network VTN contradicts the checkpoint run (LDR)'),
 
     Case('eval-other-architecture', 'eval.py',  # imports TensorFlow: the VTN stem's variables are not stored
          given(*EVAL, '-v', 'val', '--net_args', "affine='VTN'"), 'weights/tiny/model-2 does not fit this network'),
