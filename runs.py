@@ -26,7 +26,7 @@ CONFIG_FILE = 'args.json'
 ARCH_DEFAULTS = {'base_network': 'VTN', 'n_cascades': 1, 'rep': 1, 'net_args': '', 'image_size': None}
 DEFAULT_DATASET = 'datasets/liver.json'
 # Settings of one invocation, never taken over when a run is resumed.
-NOT_RESUMED = ('checkpoint', 'init_from', 'gpu', 'debug', 'output', 'name', 'clear_steps', 'finetune', 'resume_dir',
+NOT_RESUMED = ('checkpoint', 'init_from', 'gpu', 'debug', 'output', 'name', 'clear_steps', 'finetune',
                'preprocessing', 'schema')
 REQUIRED = ('base_network', 'n_cascades', 'image_size')
 CHECKPOINT_RE = re.compile(r'model-(\d+)\.index$')
@@ -56,7 +56,6 @@ class RunConfig:
 
     def __init__(self, settings):
         self.settings = dict(settings)
-        self.settings.pop('resume_dir', None)
         self.settings['schema'] = SCHEMA
 
     @classmethod
