@@ -5,10 +5,16 @@ training stage's resuming from its last checkpoint (train.py -c) and the pruning
 intermediate checkpoints, the stage's record stages/<stage>.json (its 'finished' marker: a stage
 is finished when its record exists, whatever its command), the run loop that rewrites the report
 after every stage, and ``--list``'s table of the stages and their state.
+
+Weights are not kept with the results (weights/ stays on the machine that trained them): on
+another machine a finished training stage whose weights a stage still to run reads (a teacher
+for distillation, runs for figure 2) is trained again, and the stages that read the earlier
+weights (its evaluations) run again with it, so that the tables describe the weights used.
 """
 import datetime
 import glob
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -111,10 +117,31 @@ def write_record(ctx, stage, command, code, seconds, resumed, log):
 
 
 
+def runs_read(stage):
+    """The training runs whose weights a stage's command reads (its weights/<run> arguments)."""
+    return {m.group(1) for token in stage.command for m in [re.search(r'(?:^|=)weights/([^/:=\s]+)', str(token))]
+            if m}
+
+
+def stale_stages(ctx, stages):
+    """[stage] to run again: finished training stages whose weights are gone from weights/ while a
+    stage still to run reads them, and the finished stages that read those weights."""
+    pending = set().union(*[runs_read(s) for s in stages if not s.finished(ctx)])
+    gone = {s.info['run'] for s in stages if s.kind == 'train' and s.finished(ctx) and s.info['run'] in pending
+            and not (os.path.isdir(ctx.path('weights', s.info['run']))
+                     and runs.list_checkpoints(ctx.path('weights', s.info['run'])))}
+    return [s for s in stages if s.finished(ctx) and (s.kind == 'train' and s.info['run'] in gone
+                                                       or s.kind != 'train' and runs_read(s) & gone)]
+
+
 def run_stages(ctx, stages):
     """Run every stage not finished yet, rewriting the report after each; print the tables."""
     args = ctx.args
     os.makedirs(ctx.out, exist_ok=True)
+    for stage in stale_stages(ctx, stages):
+        ctx.say('{}: run again: the weights it {} are not on this machine and a stage still to run needs them'.format(
+            stage.name, 'wrote' if stage.kind == 'train' else 'read'))
+        os.remove(stage.record_path(ctx))
     ctx.versions = report.versions()
     ctx.say('reproduce {} -> {} ({} stages, {} finished)'.format(
         'demo' if args.demo else args.dataset, ctx.out, len(stages), sum(s.finished(ctx) for s in stages)))
@@ -138,10 +165,12 @@ def run_stages(ctx, stages):
 def list_stages(ctx, stages):
     """Print every stage with its state, its CPU-hours estimate and its command; then the training still to do."""
     hours = [s.info.get('cpu_hours') for s in stages]
+    stale = stale_stages(ctx, stages)
     for stage, cpu_hours in zip(stages, hours):
-        print('{:9} {:28} {:>9} {}'.format('finished' if stage.finished(ctx) else 'to do', stage.name,
+        state = 'again' if stage in stale else 'finished' if stage.finished(ctx) else 'to do'
+        print('{:9} {:28} {:>9} {}'.format(state, stage.name,
                                            '{:.1f} CPU-h'.format(cpu_hours) if cpu_hours else '', ' '.join(stage.command)))
-    todo = sum(h for s, h in zip(stages, hours) if h and not s.finished(ctx))
+    todo = sum(h for s, h in zip(stages, hours) if h and (s in stale or not s.finished(ctx)))
     if todo:
         print('training still to do: ~{:.1f} CPU-hours ({:.1f} hours on {} cores; estimates from the preset\'s '
               'seconds per step)'.format(todo, todo / ctx.args.threads, ctx.args.threads))

@@ -1,5 +1,6 @@
 """reproduce.py: the demo pipeline end to end at a tiny size, resuming, tables vs results.json, errors."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import baselines
 import cli
 import reproduce
 from conftest import ROOT, error_lines, run_script
-from reproduction import plan, report
+from reproduction import plan, report, run
 
 TINY = ['--demo', '--steps', '2', '--teacher_steps', '2', '--demo_scans', '6', '--demo_test', '2',
         '--results', 'results']
@@ -203,6 +204,36 @@ def test_lpba40_preset_plans_seeds_and_all_pairs(tmp_path):
     assert train['ldr-1-s2'].command[train['ldr-1-s2'].command.index('--seed') + 1] == '2'
     assert "train_pairs='all'" in train['teacher-1'].command
     assert all(s.info['cpu_hours'] > 0 for s in train.values())
+
+
+def test_training_whose_weights_are_gone_runs_again_when_a_stage_to_do_reads_them(tmp_path):
+    """On another machine (results/ committed, weights/ not): the teacher trains again, with its
+    evaluations, because ALDK still has to read it; a student's weights that nothing to do reads
+    stay gone; with the teacher's checkpoint present nothing runs again."""
+    args = plan.resolve_args(reproduce.build_parser().parse_args(
+        ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'identity']))
+    ctx = plan.Context(args)
+    ctx.skipped_baselines = {}
+    stages = plan.plan(ctx)
+    done = {'teacher-1', 'eval-teacher-1', 'eval-teacher-1-all_pairs', 'ldr-1-s1', 'eval-ldr-1-s1',
+            'eval-ldr-1-s1-all_pairs', 'eval-ldr-1-s1-refine25'}
+    for stage in stages:
+        if stage.name in done:
+            os.makedirs(os.path.dirname(stage.record_path(ctx)), exist_ok=True)
+            open(stage.record_path(ctx), 'w').write('{}')
+    assert run.runs_read(next(s for s in stages if s.name == 'aldk-1-s1')) == {'teacher-1'}
+    again = {s.name for s in run.stale_stages(ctx, stages)}
+    assert again == {'teacher-1', 'eval-teacher-1', 'eval-teacher-1-all_pairs', 'ldr-1-s1', 'eval-ldr-1-s1',
+                     'eval-ldr-1-s1-all_pairs', 'eval-ldr-1-s1-refine25'}  # the sections stage reads ldr-1-s1
+    teacher = tmp_path / 'lpba40' / 'weights' / 'teacher-1'
+    teacher.mkdir(parents=True)
+    for suffix in ('.index', '.data-00000-of-00001', '.complete'):
+        (teacher / ('model-8000' + suffix)).write_text('')
+    assert {s.name for s in run.stale_stages(ctx, stages)} == {'ldr-1-s1', 'eval-ldr-1-s1', 'eval-ldr-1-s1-all_pairs',
+                                                             'eval-ldr-1-s1-refine25'}
+    sections = next(s for s in stages if s.name == 'sections')
+    open(sections.record_path(ctx), 'w').write('{}')
+    assert run.stale_stages(ctx, stages) == []
 
 
 def test_seeds_combine_into_mean_and_spread():
