@@ -152,7 +152,7 @@ def main(argv=None):
         os.environ.setdefault('CUDA_VISIBLE_DEVICES', args.gpu)
     from data_util.dataset import Dataset
 
-    run = runs.open_run(args.checkpoint)
+    run = runs.Run(args.checkpoint)
     prefix = run.prefix
     dataset_path = args.dataset or run.config.get('dataset')
     data_args = cli.parse_kwargs(args.data_args or run.config.get('data_args', ''), '--data_args')

@@ -199,7 +199,7 @@ def _export(args):
     from network.export import META_FILE, ExportError, freeze, onnx_unavailable, to_onnx, write_export
     from registration import cubic_size
     cohort.check_output_dir(args.export, args.force, META_FILE)
-    run = runs.open_run(args.checkpoint)
+    run = runs.Run(args.checkpoint)
     size = args.image_size or cubic_size(run.config.image_size, 'the checkpoint\'s')
     from network import spatial_transformer
     spatial_transformer.set_warp_impl(args.export_warp)

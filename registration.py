@@ -212,7 +212,7 @@ def resolve_network(source, image_size=None, rep=None, threads=None, tf_warp=Fal
                             'with predict.py -c {} --export DIR)'.format(source, source))
     if source == DEFAULT_MODEL and not os.path.exists(source):
         raise cli.UserError('the shipped model {} is missing from this copy of the project; give -c RUN'.format(source))
-    run = runs.open_run(source)
+    run = runs.Run(source)
     size = image_size or cubic_size(run.config.image_size, 'the checkpoint\'s')
     return size, lambda: CheckpointNetwork(run.prefix, size, rep, threads, tf_warp), run.config.preprocessing
 

@@ -6,7 +6,7 @@
         model-<step>.complete     written after its checkpoint; only marked checkpoints count
 
 Everything that reads a run (train.py resuming it or loading it as a teacher, eval.py,
-predict.py, the Python API, the benchmarks) goes through ``open_run`` / ``RunConfig``, so
+predict.py, the Python API, the benchmarks) goes through ``Run`` / ``RunConfig``, so
 settings, defaults and the cascade's constructor arguments are decided here once. The module
 imports no TensorFlow; the functions that build or restore a graph import it when called.
 
@@ -237,7 +237,9 @@ def resolve_checkpoint(spec):
 
 
 class Run:
-    """A resolved checkpoint of a run: ``directory``, ``prefix``, ``step`` and ``config``."""
+    """A resolved checkpoint of a run: ``directory``, ``prefix``, ``step`` and ``config``.
+
+    Run('DIR' | 'DIR:STEP' | prefix); UserError if the checkpoint or its args.json is missing."""
 
     def __init__(self, spec):
         self.directory, self.prefix, self.step = resolve_checkpoint(spec)
@@ -246,11 +248,6 @@ class Run:
     @property
     def name(self):
         return os.path.basename(os.path.normpath(self.directory))
-
-
-def open_run(spec):
-    """'DIR', 'DIR:STEP' or a prefix -> Run (its config loaded); UserError if either is missing."""
-    return Run(spec)
 
 
 def fallbacks(spec, run):
@@ -331,7 +328,7 @@ def load_framework(spec, image_size=None, class_values=None, rep=None, extra=Non
     """
     from network.framework import Framework, session_config
     from network.tfv1 import tf
-    run = open_run(spec)
+    run = Run(spec)
     net_args = run.config.cascade_args(rep, extra)
     graph = tf.Graph()
     with graph.as_default():

@@ -147,7 +147,7 @@ def check_distill_args(args):
 def load_teacher(spec, image_size):
     """The frozen teacher RCN of a train.py run (network.aldk.Teacher), from its args.json."""
     from network.aldk import Teacher
-    run = runs.open_run(spec)
+    run = runs.Run(spec)
     return Teacher(run.config.cascade_args(), run.prefix, run.config.image_size or image_size)
 
 
@@ -207,7 +207,7 @@ def main(argv=None):
     if args.checkpoint and args.init_from:
         raise cli.UserError('-c continues a run and --init_from starts a new one from its weights: choose one')
     if args.checkpoint:
-        start = runs.open_run(args.checkpoint)
+        start = runs.Run(args.checkpoint)
         start.config.apply_architecture(args)
         if args.dataset is None:
             args.dataset = start.config.get('dataset')
@@ -216,7 +216,7 @@ def main(argv=None):
             start.config.apply_settings(args, given_flags(build_parser(), argv))
     init = None
     if args.init_from:
-        init = runs.open_run(args.init_from)
+        init = runs.Run(args.init_from)
         init.config.apply_architecture(args, keys=('base_network', 'n_cascades', 'rep', 'net_args'))
     for key, value in runs.ARCH_DEFAULTS.items():
         if getattr(args, key) is None:

@@ -43,7 +43,7 @@ def alignment(student, critic_run, dataset, store, subsets):
     from network.framework import session_config
     from network.tfv1 import tf
     critic = critic_run.config
-    run = runs.open_run(student)
+    run = runs.Run(student)
     if run.config.image_size != critic.image_size:
         raise cli.UserError('{} was trained at {} but the critic at {}'.format(
             run.directory, 'x'.join(map(str, run.config.image_size)), 'x'.join(map(str, critic.image_size))))
@@ -92,7 +92,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from data_util.dataset import Dataset
     from data_util.flow_store import FlowStore
-    critic_run = runs.open_run(args.critic)
+    critic_run = runs.Run(args.critic)
     if not critic_run.config.is_aldk:
         raise cli.UserError('{} is not an ALDK run (no --aldk in its args.json): it has no critic'.format(
             critic_run.directory))
