@@ -110,7 +110,8 @@ def build_parser():
                    help="output image format (default: the fixed file's; DICOM -> nii.gz)")
     p.add_argument('--default_value', type=float, default=0.0,
                    help='warped intensity where the field points outside the moving image (default 0, as sitk.Resample)')
-    p.add_argument('--threads', type=int, default=2, help='CPU threads of the network\'s runtime and SimpleITK (default 2)')
+    p.add_argument('--threads', type=int, default=2,
+                   help='CPU threads of the network\'s runtime, SimpleITK and the field\'s NumPy work (default 2)')
     p.add_argument('--force', action='store_true',
                    help='replace an existing output directory (only one written by predict.py, or an empty one)')
     p.add_argument('--tf_warp', action='store_true', help='force the pure-TensorFlow warp (checkpoints)')

@@ -2,8 +2,9 @@
 checkerboard of fixed and warped, and the displacement magnitude.
 
 `write(directory, ...)` writes preview.png (all five rows: axial, coronal and sagittal mid
-slices in radiological view) and one file per row (FILES). Images are sitk.Images on the fixed
-grid (the moving one for its own intensity window), the field a numpy [nz, ny, nx, 3] in mm.
+slices in radiological view) and one file per row (FILES), drawn with Pillow on one scale of
+pixels per mm. Images are sitk.Images on the fixed grid (the moving one for its own intensity
+window), the field a numpy [nz, ny, nx, 3] in mm.
 """
 import itertools
 import os
@@ -47,7 +48,7 @@ def mid_slices(volume, perm, flip):
 
 
 def slice_extents(spacing, shape, perm):
-    """imshow extents (left, right, bottom, top) in mm of the three mid_slices views."""
+    """Extents (left, right, bottom, top) in mm of the three mid_slices views."""
     sl, sp, ss = (spacing[perm[w]] * shape[perm[w]] for w in range(3))
     return [(0, sl, sp, 0), (0, sl, ss, 0), (0, sp, ss, 0)]
 
@@ -73,45 +74,74 @@ def checkerboard(fixed, warped, extent):
     return np.where(mask, fixed, warped)
 
 
+PANEL_HEIGHT = 220      # pixels of the tallest view
+GAP = 8                 # pixels between views and between rows
+TITLE_HEIGHT = 16       # pixels above a row's views
+BAR_WIDTH = 70          # pixels right of the views: the colour bar of the flow row
+
+
+def colour_map(fractions):
+    """A black-red-yellow-white ramp ("hot"): fractions in 0..1 -> uint8 RGB [..., 3]."""
+    rgb = np.clip(3.0 * np.asarray(fractions, np.float64)[..., None] - np.arange(3.0), 0.0, 1.0)
+    return np.round(255.0 * rgb).astype(np.uint8)
+
+
+def panel(image, size, window, colour):
+    """A 2-D slice as a PIL image of ``size`` (width, height) pixels: the window (low, high)
+    mapped to black..white (or the colour map), nearest neighbour."""
+    from PIL import Image
+    fractions = np.clip((np.asarray(image, np.float64) - window[0]) / (window[1] - window[0]), 0.0, 1.0)
+    levels = np.round(255.0 * fractions).astype(np.uint8)
+    picture = Image.fromarray(colour_map(levels / 255.0) if colour else levels)
+    return picture.resize(size, Image.NEAREST)
+
+
+def colour_bar(height, high, font):
+    """The flow row's colour bar: BAR_WIDTH x height pixels, 0 at the bottom, ``high`` (mm) at the top."""
+    from PIL import Image, ImageDraw
+    bar = Image.new('RGB', (BAR_WIDTH, height), 'white')
+    ramp = colour_map(np.linspace(1.0, 0.0, height))
+    bar.paste(Image.fromarray(np.repeat(ramp[:, None], 12, axis=1)), (4, 0))
+    draw = ImageDraw.Draw(bar)
+    for fraction in (0.0, 0.5, 1.0):
+        y = int(round((1.0 - fraction) * (height - 1)))
+        draw.line([(16, y), (19, y)], fill='black')
+        draw.text((21, min(max(y - 6, 0), height - 13)), '{:.3g}'.format(fraction * high), fill='black', font=font)
+    draw.text((21, height // 2 + 14), 'mm', fill='black', font=font)
+    return bar
+
+
 def write_previews(directory, rows, extents):
     """preview.png (all rows) and preview_<name>.png (one row each).
 
-    rows: [(name, title, [3 slices], imshow kwargs)], extents: the three views' extents in mm.
+    rows: [(name, title, [3 slices], (low, high) window, colour)], extents: the three views'
+    (left, right, bottom, top) in mm; every view on one scale of pixels per mm.
     """
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    ratios = [abs(e[1] - e[0]) / max(abs(e[2] - e[3]), 1e-9) for e in extents] + [0.08]
-    width = 2.6 * sum(ratios)
-
-    def draw(figure, axes_row, name, title, slices, kwargs):
-        for ax, image, extent, view in zip(axes_row, slices, extents, VIEWS):
-            shown = ax.imshow(image, extent=extent, interpolation='nearest', **kwargs)
-            ax.set_title('{} - {}'.format(title, view), fontsize=8)
-            ax.axis('off')
-        if name == 'flow':
-            figure.colorbar(shown, cax=axes_row[3], label='mm')
-        else:
-            axes_row[3].set_visible(False)
-
-    def figure_of(n_rows):
-        """A figure of n_rows x (3 views + a colour-bar column)."""
-        figure, axes = plt.subplots(n_rows, 4, figsize=(width, 2.7 * n_rows), squeeze=False,
-                                    gridspec_kw={'width_ratios': ratios})
-        figure.subplots_adjust(left=0.01, right=0.94, bottom=0.02, top=1 - 0.12 / n_rows, wspace=0.05,
-                               hspace=0.2)
-        return figure, axes
-
-    figure, axes = figure_of(len(rows))
-    for axes_row, row in zip(axes, rows):
-        draw(figure, axes_row, *row)
-    figure.savefig(os.path.join(directory, 'preview.png'), dpi=80)
-    plt.close(figure)
-    for row in rows:
-        figure, axes = figure_of(1)
-        draw(figure, axes[0], *row)
-        figure.savefig(os.path.join(directory, 'preview_{}.png'.format(row[0])), dpi=100)
-        plt.close(figure)
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default(size=11)
+    scale = PANEL_HEIGHT / max(abs(e[2] - e[3]) for e in extents)
+    sizes = [(max(1, int(round(abs(e[1] - e[0]) * scale))), max(1, int(round(abs(e[2] - e[3]) * scale))))
+             for e in extents]
+    width = sum(w for w, _ in sizes) + GAP * (len(sizes) + 1) + BAR_WIDTH
+    height = TITLE_HEIGHT + max(h for _, h in sizes) + GAP
+    pictures = []
+    for name, title, slices, window, colour in rows:
+        picture = Image.new('RGB', (width, height), 'white')
+        draw = ImageDraw.Draw(picture)
+        x = GAP
+        for image, size, view in zip(slices, sizes, VIEWS):
+            picture.paste(panel(image, size, window, colour), (x, TITLE_HEIGHT))
+            draw.text((x + size[0] // 2, TITLE_HEIGHT // 2), '{} - {}'.format(title, view), fill='black', font=font,
+                      anchor='mm')
+            x += size[0] + GAP
+        if colour:
+            picture.paste(colour_bar(max(h for _, h in sizes), window[1], font), (x, TITLE_HEIGHT))
+        picture.save(os.path.join(directory, 'preview_{}.png'.format(name)))
+        pictures.append(picture)
+    combined = Image.new('RGB', (width, height * len(pictures)), 'white')
+    for i, picture in enumerate(pictures):
+        combined.paste(picture, (0, i * height))
+    combined.save(os.path.join(directory, 'preview.png'))
 
 
 def preview_rows(fixed, moving_on_fixed, warped, field, moving, options):
@@ -125,7 +155,6 @@ def preview_rows(fixed, moving_on_fixed, warped, field, moving, options):
     extents = slice_extents(fixed.GetSpacing(), fixed.GetSize(), perm)
     fixed_window, moving_window = [intensity_window(xyz(image), options['modality'], options['percentiles'],
                                                     options['window']) for image in (fixed, moving)]
-    grey = {'cmap': 'gray'}
     fixed_slices = mid_slices(xyz(fixed), perm, flip)
     warped_slices = mid_slices(xyz(warped), perm, flip)
 
@@ -135,13 +164,11 @@ def preview_rows(fixed, moving_on_fixed, warped, field, moving, options):
     checker = [checkerboard(f, w, e) for f, w, e in zip(scaled(fixed_slices, fixed_window),
                                                          scaled(warped_slices, moving_window), extents)]
     flow_slices = mid_slices(field.transpose(2, 1, 0, 3), perm, flip)
-    rows = [('fixed', 'fixed', fixed_slices, dict(grey, vmin=fixed_window[0], vmax=fixed_window[1])),
-            ('moving', 'moving (before)', mid_slices(xyz(moving_on_fixed), perm, flip),
-             dict(grey, vmin=moving_window[0], vmax=moving_window[1])),
-            ('warped', 'warped moving', warped_slices, dict(grey, vmin=moving_window[0], vmax=moving_window[1])),
-            ('checkerboard', 'checkerboard', checker, dict(grey, vmin=0, vmax=1)),
-            ('flow', '|u| (mm)', flow_slices,
-             {'cmap': 'viridis', 'vmin': 0, 'vmax': max(float(max(s.max() for s in flow_slices)), 1e-6)})]
+    rows = [('fixed', 'fixed', fixed_slices, fixed_window, False),
+            ('moving', 'moving (before)', mid_slices(xyz(moving_on_fixed), perm, flip), moving_window, False),
+            ('warped', 'warped moving', warped_slices, moving_window, False),
+            ('checkerboard', 'checkerboard', checker, (0.0, 1.0), False),
+            ('flow', '|u| (mm)', flow_slices, (0.0, max(float(max(s.max() for s in flow_slices)), 1e-6)), True)]
     return rows, extents
 
 

@@ -395,7 +395,7 @@ class Model:
                                       'sitk.DisplacementFieldTransform(field)); outside the fixed preprocessed cube '
                                       'the network flow is extended by border clamping'}
         with clock.stage('resample'):
-            field = displacement_field(flow, fixed_geometry, moving_geometry, fixed)
+            field = displacement_field(flow, fixed_geometry, moving_geometry, fixed, self.threads or 1)
             vectors = field_image(field, fixed)
             transform = sitk.DisplacementFieldTransform(sitk.Image(vectors))
             warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, default_value)
@@ -405,7 +405,7 @@ class Model:
             report['displacement_mm'] = {'mean': float(magnitude.mean()), 'max': float(magnitude.max()),
                                          'p99': float(np.percentile(magnitude[::2, ::2, ::2], 99))}
             del magnitude
-            report['folding'] = folding_fraction(field, fixed)
+            report['folding'] = folding_fraction(field, fixed, self.threads or 1)
             warped_seg = None
             if moving_seg is not None:
                 warped_seg = warp_labels(moving_seg, fixed, transform)
@@ -429,9 +429,9 @@ def load_model(source=None, image_size=None, rep=None, threads=2, tf_warp=False,
     """A `Model` from a train.py run (DIR, DIR:STEP, a checkpoint prefix) or an export directory;
     default the shipped brain MRI model. preprocessing: overrides of the model's recorded
     preprocessing (modality, percentiles, window, threshold, margin, field_of_view).
-    threads: CPU threads of the network's runtime and SimpleITK. runtime: 'auto' (an export
-    with its model.onnx runs in onnxruntime when that is installed, anything else in
-    TensorFlow), 'onnx' (insist) or 'tensorflow'."""
+    threads: CPU threads of the network's runtime, SimpleITK and the field's NumPy work.
+    runtime: 'auto' (an export with its model.onnx runs in onnxruntime when that is
+    installed, anything else in TensorFlow), 'onnx' (insist) or 'tensorflow'."""
     import SimpleITK as sitk
     unknown = sorted(set(preprocessing) - set(PREPROCESSING_KEYS))
     if unknown:

@@ -11,6 +11,7 @@ SimpleITK reads the files. A flow is [N, N, N, 3] voxels of the fixed preprocess
 grids: predict.py writes the field, and eval.py (through `original_overlap`) measures Dice and
 Jaccard with the same two functions, so the two report the same numbers for the same pair.
 """
+import concurrent.futures
 import dataclasses
 
 import numpy as np
@@ -19,6 +20,17 @@ import SimpleITK as sitk
 from errors import UserError
 
 CHUNK_VOXELS = 1 << 20
+
+
+def _by_slabs(work, nz, plane_voxels, threads):
+    """[work(k0, k1)] over consecutive slabs [k0, k1) of nz planes of plane_voxels each (about
+    CHUNK_VOXELS a slab), on ``threads`` threads (NumPy lets go of the GIL in its loops)."""
+    step = max(1, CHUNK_VOXELS // plane_voxels)
+    slabs = [(k0, min(k0 + step, nz)) for k0 in range(0, nz, step)]
+    if threads <= 1:
+        return [work(*slab) for slab in slabs]
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda slab: work(*slab), slabs))
 
 
 class GeometryError(UserError, ValueError):
@@ -159,7 +171,7 @@ def _interpolate_axis(array, axis, positions):
     return result
 
 
-def displacement_field(flow, fixed_geometry, moving_geometry, reference):
+def displacement_field(flow, fixed_geometry, moving_geometry, reference, threads=1):
     """The physical displacement field of a network flow on the reference (fixed original) grid.
 
     flow: [N, N, N, 3] voxels on the fixed preprocessed grid (channel k along grid axis k),
@@ -170,7 +182,8 @@ def displacement_field(flow, fixed_geometry, moving_geometry, reference):
     voxel-to-physical map, and flow(p) is trilinear with positions clamped into the grid.
 
     The grid's axes are the file's axes permuted and flipped, so p(x) is separable and the
-    trilinear sampling is done as three 1-D interpolations, slab by slab (memory ~ one slab).
+    trilinear sampling is done as three 1-D interpolations, slab by slab (memory ~ one slab
+    per thread).
     """
     flow = np.asarray(flow, np.float64)
     ref_matrix, ref_origin = _index_to_physical(reference)
@@ -192,15 +205,15 @@ def displacement_field(flow, fixed_geometry, moving_geometry, reference):
     affine_i = np.arange(nx)[:, None] * linear[:, 0]
     affine_j = np.arange(ny)[:, None] * linear[:, 1] + constant
     field = np.empty((nz, ny, nx, 3), np.float64)
-    step = max(1, CHUNK_VOXELS // (nx * ny))
-    for k0 in range(0, nz, step):
-        k1 = min(k0 + step, nz)
+
+    def slab(k0, k1):
         sampled = _interpolate_axis(_interpolate_axis(along_kji[k0:k1], 1, positions[1]), 2, positions[0])
         chunk = field[k0:k1]
         np.matmul(sampled, grid_to_moving.T, out=chunk)
         chunk += affine_i[None, None]
         chunk += affine_j[None, :, None]
         chunk += (np.arange(k0, k1)[:, None] * linear[:, 2])[:, None, None]
+    _by_slabs(slab, nz, nx * ny, threads)
     return field
 
 
@@ -211,33 +224,31 @@ def field_image(field, reference):
     return image
 
 
-def folding_fraction(field, reference):
+def folding_fraction(field, reference, threads=1):
     """Fraction of the reference's voxels where x -> x + u(x) folds: det(I + du/dx) <= 0.
 
     field: float64 [nz, ny, nx, 3] from `displacement_field` (mm, components along physical
-    x, y, z); du/dx by central differences along the index axes (one-sided at the faces),
-    converted to physical coordinates with the reference's spacing and direction. Computed
-    slab by slab (memory ~ one slab).
+    x, y, z); du/dx = D A^-1, with D the derivatives along the index axes by central
+    differences (one-sided at the faces) and A the reference's index-to-physical matrix, so
+    det(I + du/dx) = det(A + D) / det(A). Computed slab by slab (memory ~ one slab per thread).
     """
     matrix, _ = _index_to_physical(reference)
-    to_index = np.linalg.inv(matrix)
-    nz = field.shape[0]
-    step = max(1, CHUNK_VOXELS // (field.shape[1] * field.shape[2]))
-    folded = 0
-    for k0 in range(0, nz, step):
-        k1 = min(k0 + step, nz)
+    sign = np.sign(np.linalg.det(matrix))
+    nz, ny, nx = field.shape[:3]
+
+    def folded(k0, k1):
         lo, hi = max(k0 - 1, 0), min(k1 + 1, nz)
+        components = np.moveaxis(field[lo:hi], -1, 0)    # [3, k, j, i]
         keep = slice(k0 - lo, k0 - lo + (k1 - k0))
-        slab = field[lo:hi]
-        # d[a][c]: derivative of component c along index axis a (i, j, k = array axes 2, 1, 0)
-        d = [np.gradient(slab, axis=2)[keep], np.gradient(slab, axis=1)[keep],
-             np.gradient(slab, axis=0)[keep] if hi - lo > 1 else np.zeros_like(slab[keep])]
-        jacobian = [[(1.0 if c == e else 0.0) + sum(d[a][..., c] * to_index[a, e] for a in range(3))
-                     for e in range(3)] for c in range(3)]
-        (a00, a01, a02), (a10, a11, a12), (a20, a21, a22) = jacobian
+        inner = components[:, keep]
+        # d[a][c]: derivative of component c along index axis a (i, j, k = array axes 3, 2, 1)
+        d = [np.gradient(inner, axis=3), np.gradient(inner, axis=2),
+             np.gradient(components, axis=1)[:, keep] if hi - lo > 1 else np.zeros_like(inner)]
+        (a00, a01, a02), (a10, a11, a12), (a20, a21, a22) = [
+            [d[a][c] + matrix[c, a] if matrix[c, a] else d[a][c] for a in range(3)] for c in range(3)]
         det = a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20) + a02 * (a10 * a21 - a11 * a20)
-        folded += int(np.count_nonzero(det <= 0))
-    return folded / float(np.prod(field.shape[:3]))
+        return int(np.count_nonzero(det * sign <= 0))
+    return sum(_by_slabs(folded, nz, ny * nx, threads)) / float(nz * ny * nx)
 
 
 def field_transform(field, reference):

@@ -36,6 +36,24 @@ def test_folding_fraction_of_linear_maps_on_an_oblique_grid():
     assert 0.3 < geometry.folding_fraction(field, reference) < 0.7
 
 
+def test_folding_fraction_against_numpy_determinants_slab_by_slab(monkeypatch):
+    """A rough random field on a rotated, anisotropic grid, in slabs of 2 planes: the count of
+    det(I + du/dx) <= 0 equals np.linalg.det of the physical Jacobian from np.gradient."""
+    angle = 0.4
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1.0]])
+    reference = _reference((11, 9, 7), (0.7, 1.2, 2.0), rotation @ np.diag([1.0, -1.0, 1.0]))
+    field = np.random.default_rng(3).normal(0, 0.8, (7, 9, 11, 3))
+    matrix = np.reshape(reference.GetDirection(), (3, 3)) * np.asarray(reference.GetSpacing())[None]
+    # d[..., c, a]: derivative of component c along index axis a (i, j, k = array axes 2, 1, 0)
+    d = np.stack([np.gradient(field, axis=2), np.gradient(field, axis=1), np.gradient(field, axis=0)], -1)
+    jacobian = np.eye(3) + d @ np.linalg.inv(matrix)
+    expected = np.mean(np.linalg.det(jacobian) <= 0)
+    assert 0.05 < expected < 0.95
+    monkeypatch.setattr(geometry, 'CHUNK_VOXELS', 2 * 9 * 11)
+    assert geometry.folding_fraction(field, reference) == expected
+    assert geometry.folding_fraction(field, reference, threads=2) == expected
+
+
 def test_label_overlap_against_direct_counts():
     rng = np.random.RandomState(0)
     fixed = rng.randint(0, 4, (20, 10, 6))

@@ -1,5 +1,6 @@
 """predict.py: the written field against a known affine, outputs on the fixed file's grid,
 LPBA40 end to end, the frozen export, and refusals of bad input."""
+import gzip
 import json
 import os
 import shutil
@@ -7,10 +8,10 @@ import subprocess
 import sys
 import textwrap
 
-import matplotlib.image
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from PIL import Image
 
 import predict
 import previews
@@ -136,8 +137,12 @@ def check_outputs(output, paths, report, extension):
     names = ['warped' + extension, 'field' + extension, 'warped_seg' + extension, 'predict.json'] + PREVIEWS
     assert sorted(os.listdir(output)) == sorted(names)
     for name in PREVIEWS:
-        assert matplotlib.image.imread(os.path.join(output, name)).ndim == 3
+        assert np.asarray(Image.open(os.path.join(output, name))).ndim == 3
     field = sitk.ReadImage(os.path.join(output, 'field' + extension))
+    if extension == '.nii.gz':  # a gzip file of stored blocks: its size is the NIfTI's plus framing
+        with gzip.open(os.path.join(output, 'field' + extension)) as f:
+            size = len(f.read())
+        assert size == 352 + field.GetNumberOfPixels() * 3 * 8 <= os.path.getsize(os.path.join(output, 'field' + extension))
     warped = sitk.ReadImage(os.path.join(output, 'warped' + extension))
     warped_seg = sitk.ReadImage(os.path.join(output, 'warped_seg' + extension))
     assert field.GetPixelID() == sitk.sitkVectorFloat64 and field.GetNumberOfComponentsPerPixel() == 3
@@ -363,3 +368,33 @@ def test_batch_on_a_local_dask_cluster_matches_the_serial_run(tiny_run, tmp_path
             first, second = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / a['id'] / output)))
                              for name in ('serial', 'dask')]
             np.testing.assert_allclose(first, second, atol=1e-4)
+
+
+@pytest.mark.parametrize('direction', [np.eye(3), np.diag([-1.0, -1.0, 1.0]),
+                                       np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])])
+def test_previews_are_radiological_whatever_the_file_axes(tmp_path, direction):
+    """A block at the patient's left-anterior shows in the axial view's top right (radiological:
+    the patient's left on the viewer's right, anterior up), whatever the file's axes."""
+    image = sitk.Image([40, 36, 12], sitk.sitkFloat32)
+    image.SetSpacing((1.0, 1.5, 3.0))
+    image.SetDirection(direction.flatten().tolist())
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in image.GetSize()[::-1]], indexing='ij'), -1)[..., ::-1]
+    physical = index @ (direction * np.asarray(image.GetSpacing())[None]).T     # [z, y, x, LPS]
+    centre = physical.reshape(-1, 3).mean(0)
+    left, anterior = physical[..., 0] - centre[0], centre[1] - physical[..., 1]
+    array = np.where((left > 5) & (left < 15) & (anterior > 4) & (anterior < 14), 100.0, 0.0).astype(np.float32)
+    volume = sitk.GetImageFromArray(array)
+    volume.CopyInformation(image)
+    field = np.zeros(array.shape + (3,))
+    previews.write(str(tmp_path), volume, volume, volume, field, volume, {'modality': 'mr', 'percentiles': (0.5, 99.5),
+                                                                          'window': (40.0, 400.0)})
+    assert sorted(os.listdir(tmp_path)) == sorted(previews.FILES)
+    pixels = np.asarray(Image.open(tmp_path / 'preview_fixed.png').convert('L')).astype(int)
+    top, x0 = previews.TITLE_HEIGHT, previews.GAP
+    width = int(np.argmax(pixels[top + 1, x0:] == 255))        # the axial view: black, white beyond
+    height = int(np.argmax(np.append(pixels[top:, x0], 255) == 255))
+    axial = pixels[top:top + height, x0:x0 + width]
+    assert axial.shape[0] > 10 and axial.shape[1] > 10
+    rows, cols = np.nonzero(axial > 128)
+    assert len(rows) > 0
+    assert cols.min() > width / 2 and rows.max() < height / 2, (rows.min(), rows.max(), cols.min(), cols.max())

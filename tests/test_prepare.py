@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import h5py
 import numpy as np
@@ -186,6 +187,11 @@ def test_displacement_field_between_grids(converted):
     shift = geometry.displacement_field(np.ones((SIZE,) * 3 + (3,)), fixed, fixed, reference)
     expected = np.reshape(fixed.grid_direction, (3, 3)) @ np.asarray(fixed.grid_spacing)
     np.testing.assert_allclose(shift[3, 4, 5], expected, atol=1e-9)
+    # slabs on two threads: the same field to the bit
+    rough = np.random.default_rng(1).normal(0, 2, flow.shape)
+    single = geometry.displacement_field(rough, fixed, moving, reference)
+    with mock.patch.object(geometry, 'CHUNK_VOXELS', 3 * np.prod(reference.GetSize()[:2])):
+        np.testing.assert_array_equal(geometry.displacement_field(rough, fixed, moving, reference, threads=2), single)
 
 
 def test_preprocess_on_single_file_matches_converter(converted):
