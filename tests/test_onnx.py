@@ -130,6 +130,46 @@ def test_rewrites_for_onnxruntime_keep_values():
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
+@pytest.mark.parametrize('bias', [False, True])
+def test_upsampling_transposed_convolution_rewritten_keeps_values(bias):
+    """A kernel-4, stride-2, padding-1 ConvTranspose (batch 2, a box of 3 x 4 x 5, 3 -> 2 channels)
+    against its rewrite as a convolution to 8 parities and their interleave, and against NumPy:
+    each input voxel i adds its kernel to outputs 2i - 1 .. 2i + 2 (those inside)."""
+    rng = np.random.default_rng(1)
+    weights = rng.standard_normal((3, 2, 4, 4, 4)).astype(np.float32)
+    constants = {'weights': weights, 'bias': np.array([0.5, -1.5], np.float32)}
+    inputs = ['volume', 'weights'] + (['bias'] if bias else [])
+    nodes = [helper.make_node('ConvTranspose', inputs, ['up'], name='up', kernel_shape=[4] * 3, strides=[2] * 3,
+                              pads=[1] * 6),
+             helper.make_node('ConvTranspose', inputs, ['odd'], name='odd', kernel_shape=[4] * 3, strides=[2] * 3,
+                              pads=[1, 1, 1, 2, 2, 2])]
+    graph = helper.make_graph(
+        nodes, 'upsampling', [helper.make_tensor_value_info('volume', onnx.TensorProto.FLOAT, [2, 3, 3, 4, 5])],
+        [helper.make_tensor_value_info('up', onnx.TensorProto.FLOAT, [2, 2, 6, 8, 10]),
+         helper.make_tensor_value_info('odd', onnx.TensorProto.FLOAT, [2, 2, 5, 7, 9])],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', export.ONNX_OPSET)])
+    volume = rng.standard_normal((2, 3, 3, 4, 5)).astype(np.float32)
+
+    def run(m):
+        session = onnxruntime.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider'])
+        return session.run(None, {'volume': volume})
+
+    before = run(model)
+    fitted = export.fit_for_onnxruntime(model)
+    ops = [n.op_type for n in fitted.graph.node]
+    assert ops.count('ConvTranspose') == 1 and ops.count('DepthToSpace') == 1   # the odd padding is kept
+    after = run(fitted)
+    full = np.zeros((2, 2, 8, 10, 12))                   # outputs -1 .. 2n, before the padding's crop
+    for i, j, k in np.ndindex(3, 4, 5):
+        full[:, :, 2 * i:2 * i + 4, 2 * j:2 * j + 4, 2 * k:2 * k + 4] += np.einsum(
+            'bc,cdxyz->bdxyz', volume[:, :, i, j, k].astype(np.float64), weights.astype(np.float64))
+    expected = full[:, :, 1:-1, 1:-1, 1:-1] + (constants['bias'][None, :, None, None, None] if bias else 0)
+    np.testing.assert_allclose(before[0], expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(after[0], expected, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(after[1], before[1])
+
+
 @pytest.mark.slow
 def test_predict_runs_onnx_by_default_without_tensorflow_and_matches_it(exported, tmp_path):
     paths = write_pair(tmp_path)
