@@ -258,6 +258,7 @@ def plan(ctx):
     """All stages of this run, in order."""
     a = ctx.args
     stages = data_stages(ctx)
+    stages += [baseline_stage(ctx, method) for method in a.baselines]  # the anchors first: hours, not days
     smallest = min(a.cascades)
     for n in a.cascades:
         for method in a.methods:
@@ -272,8 +273,6 @@ def plan(ctx):
                     stages.append(eval_stage(ctx, method, n, seed, refine=a.refine))
             if method == 'teacher' and a.teacher_flows == 'offline' and any(LEARNED[m][2] for m in a.methods):
                 stages.append(flows_stage(ctx, n))
-    for method in a.baselines:
-        stages.append(baseline_stage(ctx, method))
     for method in a.baselines:
         if a.all_pairs and method in ALL_PAIRS_BASELINES:
             stages.append(baseline_stage(ctx, method, all_pairs=True))

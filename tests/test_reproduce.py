@@ -198,6 +198,7 @@ def test_lpba40_preset_plans_seeds_and_all_pairs(tmp_path):
     assert {'ldr-1-s1', 'ldr-1-s2', 'aldk-1-s2', 'eval-aldk-1-s2', 'eval-aldk-1-s2-all_pairs',
             'eval-ldr-1-s1-refine25', 'baseline-ants_syn-all_pairs'} <= set(names)
     assert 'eval-teacher-1-refine25' not in names
+    assert names.index('baseline-ants_syn') < names.index('teacher-1') < names.index('baseline-ants_syn-all_pairs')
     entries = report.method_entries(ctx, plan.plan(ctx), {})
     assert entries['ldr+refine-1']['label'] == 'LDR + 25 refinement iterations' and entries['ldr-1']['refine'] == 0
     train = {s.name: s for s in plan.plan(ctx) if s.kind == 'train'}
