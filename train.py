@@ -36,6 +36,8 @@ def build_parser():
     p.add_argument('--epochs', type=cli.positive_float, default=5, help='number of epochs')
     p.add_argument('--output', default=None, help='run name under weights/ (default: a timestamp)')
     p.add_argument('--lr', type=float, default=1e-4, help='initial Adam learning rate')
+    p.add_argument('--warmup', type=cli.positive_int, default=None, metavar='STEPS',
+                   help='raise the learning rate linearly from lr/STEPS to lr over the first STEPS steps (default: none)')
     p.add_argument('--image_size', type=int, nargs='+', default=None,
                    help="image size (one value or X Y Z; default: the spec's image_size)")
     p.add_argument('--net_args', default='', help="network options as key=value pairs, e.g. \"affine='light', head='deconv'\"")
@@ -88,9 +90,11 @@ FINETUNE_LR_FACTORS = [1 / 20, 1 / 20, 1 / 20, 1 / 40, 1 / 80]
 
 
 def learning_rate(args, step):
-    """Step decay per epoch (--round steps) as the original: x1 for 3 epochs, then halving."""
+    """The learning rate of 0-based ``step``: step decay per epoch (--round steps) as the original
+    (x1 for 3 epochs, then halving), times a linear warm-up (step + 1) / --warmup while step < --warmup."""
     factors = FINETUNE_LR_FACTORS if args.finetune else LR_FACTORS
-    return args.lr * factors[min(step // args.round, len(factors) - 1)]
+    warmup = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
+    return args.lr * factors[min(step // args.round, len(factors) - 1)] * warmup
 
 
 def given_flags(parser, argv):

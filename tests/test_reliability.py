@@ -105,9 +105,11 @@ def test_kill_9_then_resume_continues_from_the_newest_complete_checkpoint(synthe
 @pytest.mark.slow
 def test_bare_resume_keeps_every_setting_of_the_run(synthetic_spec, tmp_path):
     """A run started with non-default flags, killed, and resumed with -c alone goes on with its
-    own batch, schedule, learning rate, seed and checkpoint interval (not train.py's defaults)."""
+    own batch, schedule, learning rate and its warm-up, seed and checkpoint interval (not train.py's
+    defaults)."""
     run_dir = _train_then_kill(tmp_path, 'settings', 4, [
         '-b', 'LDR', '-d', synthetic_spec, '--batch', '1', '--round', '200', '--epochs', '0.05', '--lr', '5e-4',
+        '--warmup', '20',
         '--val_steps', '0', '--save_steps', '4', '--print_steps', '1', '--seed', '3', '--no_augment'])
     env = dict(os.environ, PYTHONPATH=ROOT)
     newest = max(runs.list_checkpoints(str(run_dir)))
@@ -123,11 +125,11 @@ def test_bare_resume_keeps_every_setting_of_the_run(synthetic_spec, tmp_path):
         resumed.kill()          # the defaults would train for 100,000 steps
     resumed.wait(timeout=300)
     assert 'step {}/10 '.format(newest + 1) in lines[-1], lines
-    assert 'lr 5.00e-04' in lines[-1], lines[-1]
+    assert 'lr {:.2e}'.format(5e-4 * (newest + 1) / 20) in lines[-1], lines[-1]   # still warming up
     assert resumed.returncode == 0
     stored = json.loads((run_dir / 'args.json').read_text())
     assert (stored['batch'], stored['round'], stored['epochs'], stored['save_steps'], stored['seed'],
-            stored['lr'], stored['no_augment']) == (1, 200, 0.05, 4, 3, 5e-4, True)
+            stored['lr'], stored['warmup'], stored['no_augment']) == (1, 200, 0.05, 4, 3, 5e-4, 20, True)
     assert sorted(runs.list_checkpoints(str(run_dir)))[-1] == 10
 
 

@@ -108,3 +108,15 @@ def test_bad_input_gives_one_line_error(synthetic_spec, tmp_path):
 def test_eval_bad_checkpoint_and_subset(synthetic_spec, tmp_path):
     proc = run_script('eval.py', '-c', tmp_path / 'nope', '-d', synthetic_spec, cwd=tmp_path)
     assert proc.returncode == 2 and error_lines(proc)[0].startswith('error: checkpoint not found')
+
+
+def test_learning_rate_schedule_warm_up_then_step_decay():
+    """lr x (step + 1) / warmup for the first --warmup steps, then x1 for 3 epochs and halving per
+    epoch; without --warmup the first step already has the full rate."""
+    import argparse
+    import train
+    args = argparse.Namespace(lr=1e-3, round=100, finetune=None, warmup=10)
+    rates = [train.learning_rate(args, step) for step in (0, 4, 9, 10, 299, 300, 450, 10 ** 6)]
+    assert np.allclose(rates, [1e-4, 5e-4, 1e-3, 1e-3, 1e-3, 5e-4, 2.5e-4, 1e-3 / 64])
+    args.warmup = None
+    assert train.learning_rate(args, 0) == 1e-3
