@@ -124,7 +124,8 @@ def test_run_of_the_old_format_evaluates_predicts_and_resumes(old_run):
     assert max(runs.list_checkpoints(str(old_run / 'weights' / 'old'))) == 4
     resumed = json.loads((old_run / 'weights' / 'old' / 'args.json').read_text())
     assert resumed.pop('schema') == 2
-    assert resumed == dict(old_settings(), epochs=2.0, checkpoint='weights/old', output=None, init_from=None)
+    assert resumed == dict(old_settings(), epochs=2.0, checkpoint='weights/old', output=None, init_from=None,
+                              warmup=None)
 
 
 def test_init_from_a_run_at_another_image_size_keeps_what_fits(tiny_run, tmp_path):
