@@ -16,7 +16,8 @@ Stages (each a subprocess of the project's own command-line tools, run with cwd 
   voxelmorph-N    train.py -b VoxelMorph -n N              (VTN affine + VoxelMorph), smallest N only
   eval-<run>      eval.py -c weights/<run> -v SUBSET       metrics + network-only CPU seconds per pair
   baseline-<m>    python -m baselines.evaluate <m>         no registration, ANTs SyN, Elastix B-spline (+ affine)
-  sections        python -m reproduction.sections ...      warped sections of figure 2
+  sections-<run>  python -m reproduction.sections ...      figure 2's warped sections of a run (ldr, aldk,
+                  teacher at their first seed), right after its evaluations
 
 A stage is finished when its record stages/<stage>.json exists (written atomically after the
 command succeeded); a re-run skips finished stages, and a training stage stopped half-way
@@ -29,7 +30,7 @@ versions of Python, TensorFlow and the baseline packages.
 
 This script is the command line; the work is done in reproduction/: plan.py (settings, stages),
 run.py (running and resuming them), report.py (results.json, tables, figures) and sections.py
-(figure 2's TensorFlow worker, a subprocess of the sections stage).
+(figure 2's TensorFlow worker, a subprocess of the sections stages).
 
 Choices:
   - Timing (table 1, "CPU s/pair"): eval.py's median network-only seconds per pair at batch 1;

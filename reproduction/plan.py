@@ -47,6 +47,7 @@ PRESETS = {
                'seconds_per_step': {'ldr': 0.30, 'teacher': 0.49, 'aldk': 0.95, 'l2': 0.75, 'voxelmorph': 0.45}},
 }
 FIGURE_PAIRS = 4
+FIGURE_METHODS = ('ldr', 'aldk', 'teacher')   # figure 2's rows, in order: each at its first seed
 SAVE_STEPS = 500          # a training stage cut off by the end of a session loses at most this many steps
 ALL_PAIRS_BASELINES = ('identity', 'ants_syn')   # ANTs SyNCC and Elastix would take hours on 72 pairs
 REFINED = ('ldr', 'aldk')                           # the students --refine evaluates with refinement too
@@ -196,16 +197,17 @@ def baseline_stage(ctx, method, all_pairs=False):
                  method=method, all_pairs=all_pairs)
 
 
-def sections_stage(ctx, runs):
-    """Warped sections of figure 2 for the given {label: run} at the smallest cascade count: up to
-    FIGURE_PAIRS moving scans of the subset against its first fixed scan (all pairs, not --paired)."""
+def sections_stage(ctx, method, n, seed):
+    """Figure 2's warped sections of one run: up to FIGURE_PAIRS moving scans of the subset against
+    its first fixed scan (all pairs, not --paired). Planned right after the run's evaluations, so
+    that the figure needs no weights a later session may no longer have."""
     a = ctx.args
-    command = python('-m', 'reproduction.sections', '-d', ctx.spec, '-v', a.subset, '--output',
-                     os.path.join('figure2', 'sections.npz'), '--pairs', FIGURE_PAIRS)
-    for label, run in runs.items():
-        command += ['--run', '{}={}'.format(label, os.path.join('weights', run))]
-    return Stage('sections', 'sections', command, [os.path.join('figure2', 'sections.npz')],
-                 'warp sections for figure 2 ({})'.format(', '.join(runs)))
+    run = run_name(ctx, method, n, seed)
+    output = os.path.join('figure2', run + '.npz')
+    command = python('-m', 'reproduction.sections', '-d', ctx.spec, '-v', a.subset, '--output', output,
+                     '--pairs', FIGURE_PAIRS, '--run', '{}={}'.format(LEARNED[method][0], os.path.join('weights', run)))
+    return Stage('sections-' + run, 'sections', command, [output], 'warp sections of {} for figure 2'.format(run),
+                 method=method, cascades=n, run=run, seed=seed)
 
 
 def flows_stage(ctx, n):
@@ -271,15 +273,13 @@ def plan(ctx):
                     stages.append(eval_stage(ctx, method, n, seed, all_pairs=True))
                 if a.refine and method in REFINED:
                     stages.append(eval_stage(ctx, method, n, seed, refine=a.refine))
+                if n == smallest and method in FIGURE_METHODS and seed == seeds_of(ctx, method)[0]:
+                    stages.append(sections_stage(ctx, method, n, seed))
             if method == 'teacher' and a.teacher_flows == 'offline' and any(LEARNED[m][2] for m in a.methods):
                 stages.append(flows_stage(ctx, n))
     for method in a.baselines:
         if a.all_pairs and method in ALL_PAIRS_BASELINES:
             stages.append(baseline_stage(ctx, method, all_pairs=True))
-    figure_runs = {LEARNED[m][0]: run_name(ctx, m, smallest, seeds_of(ctx, m)[0])
-                   for m in ('ldr', 'aldk', 'teacher') if m in a.methods}
-    if figure_runs:
-        stages.append(sections_stage(ctx, figure_runs))
     return stages
 
 

@@ -3,7 +3,7 @@
 Owns results.json (settings, versions, every stage's record, every method's evaluation summary,
 the tables' rows, the figures' data), table1.md and table2.md (rows and rendering; at several
 seeds the mean and the spread over seeds: combine_seeds), figure1.png and figure2.png (matplotlib
-imported when drawn; figure 2 draws the sections reproduction.sections saved) and versions().
+imported when drawn; figure 2 draws the sections reproduction.sections saved per run) and versions().
 Every table number is a number of results.json.
 """
 import datetime
@@ -14,7 +14,7 @@ import sys
 
 import baselines
 import cli
-from reproduction.plan import BASELINES, LEARNED, ROOT, read_json
+from reproduction.plan import BASELINES, FIGURE_METHODS, LEARNED, ROOT, read_json
 
 
 def stage_records(ctx, stages):
@@ -252,7 +252,7 @@ def write(ctx, stages, figures=False):
     cli.write_atomic(ctx.path('table1.md'), render_table1(t1, meta))
     cli.write_atomic(ctx.path('table2.md'), render_table2(t2, meta))
     if figures:
-        results['figures'] = {'figure1.png': figure1(ctx, methods), 'figure2.png': figure2(ctx)}
+        results['figures'] = {'figure1.png': figure1(ctx, methods), 'figure2.png': figure2(ctx, stages)}
     elif os.path.exists(ctx.path('results.json')):
         results['figures'] = read_json(ctx.path('results.json')).get('figures', {})
     cli.write_json(ctx.path('results.json'), results)
@@ -312,18 +312,27 @@ def overlay(fixed_seg, warped_seg):
     return rgb
 
 
-def figure2(ctx):
-    """Sections of the warped images and warped segmentations per method, like the paper's figure 2."""
-    path = ctx.path('figure2', 'sections.npz')
-    if not os.path.exists(path):
+def figure2(ctx, stages):
+    """Sections of the warped images and warped segmentations per method, like the paper's figure 2:
+    one row per sections stage whose file exists, in FIGURE_METHODS order."""
+    import numpy as np
+    order = {m: i for i, m in enumerate(FIGURE_METHODS)}
+    found = sorted((s for s in stages if s.kind == 'sections' and os.path.exists(ctx.path(s.outputs[0]))),
+                   key=lambda s: order[s.info['method']])
+    if not found:
         return None
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    import numpy as np
-    with np.load(path, allow_pickle=False) as data:
-        sections = {k: data[k] for k in data.files}
-    labels = [str(s) for s in sections['labels']]
+    runs = []
+    for stage in found:
+        with np.load(ctx.path(stage.outputs[0]), allow_pickle=False) as data:
+            runs.append({k: data[k] for k in data.files})
+    sections = runs[0]
+    for other, stage in zip(runs[1:], found[1:]):
+        if list(other['pair_ids']) != list(sections['pair_ids']) or int(other['index']) != int(sections['index']):
+            raise ValueError('{} holds other pairs or another slice than {}'.format(stage.outputs[0], found[0].outputs[0]))
+    labels = [str(r['label']) for r in runs]
     pairs = len(sections['moving'])
     columns = 2 * pairs
     fig, axes = plt.subplots(len(labels) + 2, columns, figsize=(1.6 * columns + 0.8, 1.7 * (len(labels) + 2)),
@@ -341,8 +350,8 @@ def figure2(ctx):
         show(axes[1, 2 * p + 1], overlay(sections['fixed_seg'], sections['moving_seg'][p]))
         axes[0, 2 * p].set_title('pair {}'.format(p + 1), fontsize=8)
         for i, label in enumerate(labels):
-            show(axes[i + 2, 2 * p], sections['warped'][i, p], cmap='gray', vmin=0, vmax=255)
-            show(axes[i + 2, 2 * p + 1], overlay(sections['fixed_seg'], sections['warped_seg'][i, p]))
+            show(axes[i + 2, 2 * p], runs[i]['warped'][p], cmap='gray', vmin=0, vmax=255)
+            show(axes[i + 2, 2 * p + 1], overlay(sections['fixed_seg'], runs[i]['warped_seg'][p]))
     for i, label in enumerate(['fixed', 'moving'] + labels):
         axes[i, 0].set_ylabel(label, fontsize=8)
     fig.suptitle('Warped images and segmentations, slice {} of axis {}\nwhite = matched, red = mismatched'
@@ -350,5 +359,6 @@ def figure2(ctx):
     fig.tight_layout()
     fig.savefig(ctx.path('figure2.png'), dpi=110)
     plt.close(fig)
-    return {'sections': ctx.rel(path), 'methods': labels, 'pairs': [str(p) for p in sections['pair_ids']]}
+    return {'sections': [s.outputs[0] for s in found], 'methods': labels,
+            'pairs': [str(p) for p in sections['pair_ids']]}
 

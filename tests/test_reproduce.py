@@ -43,7 +43,8 @@ def test_demo_end_to_end_then_resume(tmp_path):
     for name in OUTPUTS:
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / 'results.json').read_text())
-    stages = ['data', 'teacher-1', 'eval-teacher-1', 'ldr-1', 'eval-ldr-1', 'aldk-1', 'eval-aldk-1', 'sections']
+    stages = ['data', 'teacher-1', 'eval-teacher-1', 'sections-teacher-1', 'ldr-1', 'eval-ldr-1', 'sections-ldr-1',
+              'aldk-1', 'eval-aldk-1', 'sections-aldk-1']
     stages += ['baseline-ants_syn'] if ants else []
     assert sorted(results['stages']) == sorted(stages)
     for name, record in results['stages'].items():
@@ -169,8 +170,9 @@ def test_list_shows_stages(tmp_path, synthetic_spec):
                       '--teacher_flows', 'offline', '--baselines', 'none', '--list', cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[2] for line in proc.stdout.splitlines()]
-    assert names[:4] == ['teacher-1', 'eval-teacher-1', 'flows-1', 'ldr-1']
-    assert 'voxelmorph-1' in names and 'voxelmorph-2' not in names and 'l2-2' in names and names[-1] == 'sections'
+    assert names[:5] == ['teacher-1', 'eval-teacher-1', 'sections-teacher-1', 'flows-1', 'ldr-1']
+    assert 'voxelmorph-1' in names and 'voxelmorph-2' not in names and 'l2-2' in names
+    assert [n for n in names if n.startswith('sections')] == ['sections-teacher-1', 'sections-ldr-1', 'sections-aldk-1']
     assert all(line.startswith('to do') for line in proc.stdout.splitlines())
     assert '--pretrained_flow_path flows/teacher-2.h5' in proc.stdout
 
@@ -225,14 +227,14 @@ def test_training_whose_weights_are_gone_runs_again_when_a_stage_to_do_reads_the
     assert run.runs_read(next(s for s in stages if s.name == 'aldk-1-s1')) == {'teacher-1'}
     again = {s.name for s in run.stale_stages(ctx, stages)}
     assert again == {'teacher-1', 'eval-teacher-1', 'eval-teacher-1-all_pairs', 'ldr-1-s1', 'eval-ldr-1-s1',
-                     'eval-ldr-1-s1-all_pairs', 'eval-ldr-1-s1-refine25'}  # the sections stage reads ldr-1-s1
+                     'eval-ldr-1-s1-all_pairs', 'eval-ldr-1-s1-refine25'}  # sections-ldr-1-s1 reads ldr-1-s1
     teacher = tmp_path / 'lpba40' / 'weights' / 'teacher-1'
     teacher.mkdir(parents=True)
     for suffix in ('.index', '.data-00000-of-00001', '.complete'):
         (teacher / ('model-8000' + suffix)).write_text('')
     assert {s.name for s in run.stale_stages(ctx, stages)} == {'ldr-1-s1', 'eval-ldr-1-s1', 'eval-ldr-1-s1-all_pairs',
                                                              'eval-ldr-1-s1-refine25'}
-    sections = next(s for s in stages if s.name == 'sections')
+    sections = next(s for s in stages if s.name == 'sections-ldr-1-s1')
     open(sections.record_path(ctx), 'w').write('{}')
     assert run.stale_stages(ctx, stages) == []
 
@@ -244,3 +246,38 @@ def test_seeds_combine_into_mean_and_spread():
     assert combined['dice'] == {'mean': pytest.approx(0.68), 'std': pytest.approx(0.02)}
     assert combined['seconds_per_pair'] == pytest.approx(0.3) and combined['std_over'] == 'seeds'
     assert report.combine_seeds(summaries[:1]) is summaries[0]
+
+
+def test_figure2_draws_the_runs_whose_sections_exist_in_figure_order(tmp_path):
+    """Each figure run's sections stage writes its own file right after the run's evaluations;
+    figure 2 draws those that exist (teacher trained first, drawn last) and refuses files of
+    other pairs."""
+    import numpy as np
+    args = plan.resolve_args(reproduce.build_parser().parse_args(
+        ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'none']))
+    ctx = plan.Context(args)
+    ctx.skipped_baselines = {}
+    stages = plan.plan(ctx)
+    sections = {s.info['method']: s for s in stages if s.kind == 'sections'}
+    assert sorted(sections) == ['aldk', 'ldr', 'teacher'] and sections['ldr'].info['run'] == 'ldr-1-s1'
+    names = [s.name for s in stages]
+    assert names.index('eval-teacher-1-all_pairs') < names.index('sections-teacher-1') < names.index('ldr-1-s1')
+    rng = np.random.default_rng(0)
+
+    def write(method, pair_ids):
+        path = ctx.path(sections[method].outputs[0])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path, label=np.array(plan.LEARNED[method][0]), pair_ids=np.array(pair_ids),
+                 fixed=rng.uniform(0, 255, (8, 8)), fixed_seg=rng.integers(0, 3, (8, 8)),
+                 moving=rng.uniform(0, 255, (2, 8, 8)), moving_seg=rng.integers(0, 3, (2, 8, 8)),
+                 warped=rng.uniform(0, 255, (2, 8, 8)), warped_seg=rng.integers(0, 3, (2, 8, 8)), axis=2, index=4)
+
+    assert report.figure2(ctx, stages) is None
+    write('teacher', ['S01 S02', 'S01 S03'])
+    write('ldr', ['S01 S02', 'S01 S03'])
+    drawn = report.figure2(ctx, stages)
+    assert drawn['methods'] == ['LDR', 'VTN + affine (teacher)'] and drawn['pairs'] == ['S01 S02', 'S01 S03']
+    assert os.path.getsize(ctx.path('figure2.png')) > 0
+    write('aldk', ['S01 S04', 'S01 S05'])
+    with pytest.raises(ValueError, match='other pairs'):
+        report.figure2(ctx, stages)
