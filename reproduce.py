@@ -23,8 +23,8 @@ A stage is finished when its record stages/<stage>.json exists (written atomical
 command succeeded); a re-run skips finished stages, and a training stage stopped half-way
 resumes from its last checkpoint (train.py -c). A failed stage stops the run with one line
 naming the stage and its log (stage_logs/<stage>.log). After every stage results.json,
-table1.md and table2.md are rewritten from the stage records and the evaluation JSON files;
-figure1.png and figure2.png at the end. Every table number is a number of results.json,
+table1.md, table2.md, figure1.png and figure2.png are rewritten from the stage records and the
+evaluation JSON files. Every table number is a number of results.json,
 which also holds each stage's command line, return code, wall time and outputs, and the
 versions of Python, TensorFlow and the baseline packages.
 

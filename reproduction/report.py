@@ -235,8 +235,9 @@ def versions():
     return out
 
 
-def write(ctx, stages, figures=False):
-    """Write results.json, table1.md, table2.md (and the figures) from the finished stages."""
+def write(ctx, stages):
+    """Write results.json, table1.md, table2.md, figure1.png and figure2.png from the finished stages
+    (after every stage: a run cut off by the end of a session leaves a complete report of what it did)."""
     a = ctx.args
     records = stage_records(ctx, stages)
     methods = method_entries(ctx, stages, records)
@@ -251,29 +252,25 @@ def write(ctx, stages, figures=False):
                'updated': datetime.datetime.now().isoformat(timespec='seconds')}
     cli.write_atomic(ctx.path('table1.md'), render_table1(t1, meta))
     cli.write_atomic(ctx.path('table2.md'), render_table2(t2, meta))
-    if figures:
-        results['figures'] = {'figure1.png': figure1(ctx, methods), 'figure2.png': figure2(ctx, stages)}
-    elif os.path.exists(ctx.path('results.json')):
-        results['figures'] = read_json(ctx.path('results.json')).get('figures', {})
+    results['figures'] = {'figure1.png': figure1(ctx, methods), 'figure2.png': figure2(ctx, stages)}
     cli.write_json(ctx.path('results.json'), results)
     return results
 
 
 def figure1(ctx, methods):
-    """Dice (lines) and CPU seconds per pair (bars) against the number of cascades, teacher vs student."""
+    """Dice (lines) and CPU seconds per pair (bars) against the number of cascades: the teacher, LDR and LDR + ALDK."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import numpy as np
     a = ctx.args
-    student = 'aldk' if 'aldk' in a.methods else 'ldr'
-    series = [(m, LEARNED[m][0]) for m in ('teacher', student) if m in a.methods]
+    series = [(m, LEARNED[m][0]) for m in ('teacher', 'ldr', 'aldk') if m in a.methods]
     x = np.arange(len(a.cascades))
     width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
     ax2 = ax.twinx()
     used = {}
-    colours = {'teacher': '#4c72b0', student: '#dd8452'}
+    colours = {'teacher': '#4c72b0', 'ldr': '#55a868', 'aldk': '#dd8452'}
     for i, (m, label) in enumerate(series):
         entries = [methods.get('{}-{}'.format(m, n), {}) for n in a.cascades]
         seconds = [metric(e, 'seconds_per_pair') if e else None for e in entries]
@@ -290,11 +287,14 @@ def figure1(ctx, methods):
     ax.set_xlabel('number of cascades')
     ax.set_ylabel('CPU seconds per pair ({} threads)'.format(a.threads))
     ax2.set_ylabel('Dice')
+    measured = [d for m in used.values() for d in m['dice'] if d is not None]
+    if measured:
+        ax2.set_ylim(max(0.0, min(measured) - 0.05), min(1.0, max(measured) + 0.02))
     handles = ax.get_legend_handles_labels()
     handles2 = ax2.get_legend_handles_labels()
-    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc='upper left', fontsize=8)
     ax.set_title('Dice and CPU time vs cascades ({})'.format(os.path.basename(ctx.spec)))
-    fig.tight_layout()
+    fig.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc='lower center', ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.01 + 0.045 * len(series), 1, 1))
     fig.savefig(ctx.path('figure1.png'), dpi=120)
     plt.close(fig)
     return used

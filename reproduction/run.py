@@ -151,7 +151,7 @@ def run_stages(ctx, stages):
     for stage in stages:
         if run_stage(ctx, stage):
             report.write(ctx, stages)
-    results = report.write(ctx, stages, figures=True)
+    results = report.write(ctx, stages)
     print()
     with open(ctx.path('table1.md')) as f:
         print(f.read())
