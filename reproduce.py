@@ -109,6 +109,9 @@ def build_parser():
     p.add_argument('--image_size', type=int, default=DEMO['image_size'], help='demo image size (default 64)')
     p.add_argument('--demo_scans', type=int, default=DEMO['n_scans'], help='demo scans (default 16)')
     p.add_argument('--demo_test', type=int, default=DEMO['n_test'], help='demo test scans (default 3)')
+    p.add_argument('--only', nargs='+', default=None, metavar='STAGE',
+                   help="run only these stages (names or shell patterns, e.g. 'baseline-*' 'voxelmorph-*'), with "
+                        "the training a chosen stage needs again; the report still covers every finished stage")
     p.add_argument('--list', action='store_true', help='print the stages and whether they are finished, then exit')
     return p
 

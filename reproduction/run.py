@@ -12,6 +12,7 @@ for distillation, runs for figure 2) is trained again, and the stages that read 
 weights (its evaluations) run again with it, so that the tables describe the weights used.
 """
 import datetime
+import fnmatch
 import glob
 import os
 import re
@@ -123,22 +124,43 @@ def runs_read(stage):
             if m}
 
 
-def stale_stages(ctx, stages):
+def chosen_stages(ctx, stages):
+    """The stages --only names (shell-style patterns of stage names; all stages without it)."""
+    patterns = ctx.args.only or ['*']
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(s.name, pattern) for s in stages):
+            raise cli.UserError('--only {!r} matches no stage of this plan (--list shows them)'.format(pattern))
+    return [s for s in stages if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+
+
+def stale_stages(ctx, stages, chosen):
     """[stage] to run again: finished training stages whose weights are gone from weights/ while a
-    stage still to run reads them, and the finished stages that read those weights."""
-    pending = set().union(*[runs_read(s) for s in stages if not s.finished(ctx)])
-    gone = {s.info['run'] for s in stages if s.kind == 'train' and s.finished(ctx) and s.info['run'] in pending
-            and not (os.path.isdir(ctx.path('weights', s.info['run']))
-                     and runs.list_checkpoints(ctx.path('weights', s.info['run'])))}
-    return [s for s in stages if s.finished(ctx) and (s.kind == 'train' and s.info['run'] in gone
-                                                       or s.kind != 'train' and runs_read(s) & gone)]
+    chosen stage still to run, or a stage run again, reads them (a student trained again needs its
+    teacher), and the finished stages that read those weights."""
+    def weights_here(run):
+        return os.path.isdir(ctx.path('weights', run)) and runs.list_checkpoints(ctx.path('weights', run))
+
+    stale = []
+    while True:
+        pending = set().union(*[runs_read(s) for s in chosen if not s.finished(ctx)],
+                              *[runs_read(s) for s in stale if s.kind == 'train'])
+        gone = {s.info['run'] for s in stages if s.kind == 'train' and s.finished(ctx) and s.info['run'] in pending
+                and not weights_here(s.info['run'])}
+        found = [s for s in stages if s.finished(ctx) and (s.kind == 'train' and s.info['run'] in gone
+                                                            or s.kind != 'train' and runs_read(s) & gone)]
+        if found == stale:
+            return stale
+        stale = found
 
 
 def run_stages(ctx, stages):
-    """Run every stage not finished yet, rewriting the report after each; print the tables."""
+    """Run every chosen stage not finished yet (and those it needs run again), rewriting the report
+    of the whole plan after each; print the tables."""
     args = ctx.args
+    chosen = chosen_stages(ctx, stages)
     os.makedirs(ctx.out, exist_ok=True)
-    for stage in stale_stages(ctx, stages):
+    stale = stale_stages(ctx, stages, chosen)
+    for stage in stale:
         ctx.say('{}: run again: the weights it {} are not on this machine and a stage still to run needs them'.format(
             stage.name, 'wrote' if stage.kind == 'train' else 'read'))
         os.remove(stage.record_path(ctx))
@@ -149,7 +171,7 @@ def run_stages(ctx, stages):
         ctx.say('baselines not installed, marked so in the table: {} (pip install -r requirements-baselines.txt)'
                 .format(', '.join(sorted(ctx.skipped_baselines))))
     for stage in stages:
-        if run_stage(ctx, stage):
+        if (stage in chosen or stage in stale) and run_stage(ctx, stage):
             report.write(ctx, stages)
     results = report.write(ctx, stages)
     print()
@@ -165,12 +187,14 @@ def run_stages(ctx, stages):
 def list_stages(ctx, stages):
     """Print every stage with its state, its CPU-hours estimate and its command; then the training still to do."""
     hours = [s.info.get('cpu_hours') for s in stages]
-    stale = stale_stages(ctx, stages)
+    chosen = chosen_stages(ctx, stages)
+    stale = stale_stages(ctx, stages, chosen)
     for stage, cpu_hours in zip(stages, hours):
-        state = 'again' if stage in stale else 'finished' if stage.finished(ctx) else 'to do'
+        state = 'again' if stage in stale else 'finished' if stage.finished(ctx) else \
+            'to do' if stage in chosen else 'not now'
         print('{:9} {:28} {:>9} {}'.format(state, stage.name,
                                            '{:.1f} CPU-h'.format(cpu_hours) if cpu_hours else '', ' '.join(stage.command)))
-    todo = sum(h for s, h in zip(stages, hours) if h and (s in stale or not s.finished(ctx)))
+    todo = sum(h for s, h in zip(stages, hours) if h and (s in stale or s in chosen and not s.finished(ctx)))
     if todo:
         print('training still to do: ~{:.1f} CPU-hours ({:.1f} hours on {} cores; estimates from the preset\'s '
               'seconds per step)'.format(todo, todo / ctx.args.threads, ctx.args.threads))

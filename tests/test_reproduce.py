@@ -225,18 +225,51 @@ def test_training_whose_weights_are_gone_runs_again_when_a_stage_to_do_reads_the
             os.makedirs(os.path.dirname(stage.record_path(ctx)), exist_ok=True)
             open(stage.record_path(ctx), 'w').write('{}')
     assert run.runs_read(next(s for s in stages if s.name == 'aldk-1-s1')) == {'teacher-1'}
-    again = {s.name for s in run.stale_stages(ctx, stages)}
+    again = {s.name for s in run.stale_stages(ctx, stages, stages)}
     assert again == {'teacher-1', 'eval-teacher-1', 'eval-teacher-1-all_pairs', 'ldr-1-s1', 'eval-ldr-1-s1',
                      'eval-ldr-1-s1-all_pairs', 'eval-ldr-1-s1-refine25'}  # sections-ldr-1-s1 reads ldr-1-s1
     teacher = tmp_path / 'lpba40' / 'weights' / 'teacher-1'
     teacher.mkdir(parents=True)
     for suffix in ('.index', '.data-00000-of-00001', '.complete'):
         (teacher / ('model-8000' + suffix)).write_text('')
-    assert {s.name for s in run.stale_stages(ctx, stages)} == {'ldr-1-s1', 'eval-ldr-1-s1', 'eval-ldr-1-s1-all_pairs',
+    assert {s.name for s in run.stale_stages(ctx, stages, stages)} == {'ldr-1-s1', 'eval-ldr-1-s1', 'eval-ldr-1-s1-all_pairs',
                                                              'eval-ldr-1-s1-refine25'}
     sections = next(s for s in stages if s.name == 'sections-ldr-1-s1')
     open(sections.record_path(ctx), 'w').write('{}')
-    assert run.stale_stages(ctx, stages) == []
+    assert run.stale_stages(ctx, stages, stages) == []
+
+
+def test_only_runs_the_chosen_stages_and_what_they_need_again(tmp_path):
+    """--only picks stages by name pattern; a chosen stage that reads gone weights pulls in their
+    training again, and a student trained again pulls in its teacher; a pattern that matches
+    nothing is one error line; --list marks the stages left out 'not now'."""
+    args = plan.resolve_args(reproduce.build_parser().parse_args(
+        ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'identity',
+         '--only', 'sections-aldk-1-s1']))
+    ctx = plan.Context(args)
+    ctx.skipped_baselines = {}
+    stages = plan.plan(ctx)
+    done = {'teacher-1', 'eval-teacher-1', 'sections-teacher-1', 'aldk-1-s1', 'eval-aldk-1-s1'}
+    for stage in stages:
+        if stage.name in done:
+            os.makedirs(os.path.dirname(stage.record_path(ctx)), exist_ok=True)
+            open(stage.record_path(ctx), 'w').write('{}')
+    chosen = run.chosen_stages(ctx, stages)
+    assert [s.name for s in chosen] == ['sections-aldk-1-s1']
+    assert {s.name for s in run.stale_stages(ctx, stages, chosen)} == done
+    ctx.args.only = ['baseline-*', 'voxelmorph-1-s?']
+    assert [s.name for s in run.chosen_stages(ctx, stages)] == ['baseline-identity', 'voxelmorph-1-s1',
+                                                                'voxelmorph-1-s2', 'baseline-identity-all_pairs']
+    ctx.args.only = ['teacher-2']
+    with pytest.raises(cli.UserError, match="--only 'teacher-2' matches no stage"):
+        run.chosen_stages(ctx, stages)
+    proc = run_script('reproduce.py', '--preset', 'lpba40', '--results', str(tmp_path / 'listed'), '--baselines',
+                      'identity', '--only', 'baseline-*', '--list', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith('to do') and 'baseline-identity ' in lines[0]
+    assert any(line.startswith('not now') and ' teacher-1 ' in line for line in lines)
+    assert 'training still to do' not in proc.stdout
 
 
 def test_seeds_combine_into_mean_and_spread():
