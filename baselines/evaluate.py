@@ -6,8 +6,9 @@ Writes OUTPUT.json (eval.py's schema: 'summary' {dice, jacc, landmark_dist, jaco
 folding: {mean, std}, seconds_per_pair}, 'per_class', 'pairs', 'parameters' None) and
 OUTPUT.txt (eval.py's text report). The metrics are network/metrics.py's, run in a small
 TensorFlow graph on each pair's flow, so their definitions are eval.py's exactly; seconds per
-pair is the registration call alone (median over pairs), on ITK's 2 threads. Finished pairs
-are kept in OUTPUT.partial.json, so a stopped run resumes where it stopped.
+pair is the registration call alone (median over pairs), on ITK's 2 threads, in a child
+process (baselines.Isolated: Ctrl-C and SIGTERM stop at once, no file is left behind).
+Finished pairs are kept in OUTPUT.partial.json, so a stopped run resumes where it stopped.
 """
 import argparse
 import json
@@ -85,7 +86,6 @@ def main(argv=None):
     subset = int(args.val_subset) if args.val_subset.isdigit() else args.val_subset
     dataset = Dataset(args.dataset, batch_size=1, paired=args.paired, all_pairs=args.all_pairs)
     dataset.check([subset])
-    register = baselines.registration_function(args.method)
     metric = MetricGraph(dataset.image_size, list(dataset.segmentation_class_value.values())
                          if dataset.segmentation_class_value else None)
     class_names = list(dataset.segmentation_class_value) if dataset.segmentation_class_value else None
@@ -95,18 +95,19 @@ def main(argv=None):
     done = {(r['id1'], r['id2']) for r in records}
     total = dataset.num_pairs(subset) if args.max_pairs is None else min(args.max_pairs, dataset.num_pairs(subset))
     progress = cli.progress(total, '{} on {}'.format(args.method, subset), 'pair', initial=len(records))
-    for index, batch in enumerate(dataset.generator(subset, batch_size=1)):
-        if index >= total:
-            break
-        if (str(batch['id1'][0]), str(batch['id2'][0])) in done:
-            continue
-        flow, seconds = register(batch['voxel1'][0, ..., 0], batch['voxel2'][0, ..., 0])
-        records.append(pair_record(dataset, batch, 0, metric(batch, flow), flow, seconds, values))
-        cli.write_json(partial_path, {'method': args.method, 'dataset': args.dataset, 'subset': str(subset),
-                                      'pairs': records})
-        progress.update(1)
-        print('{} {}: Dice {:.4f}, {:.2f} s'.format(records[-1]['id1'], records[-1]['id2'], records[-1]['dice'],
-                                                    seconds), flush=True)
+    with baselines.Isolated(*baselines.target(args.method)) as register:
+        for index, batch in enumerate(dataset.generator(subset, batch_size=1)):
+            if index >= total:
+                break
+            if (str(batch['id1'][0]), str(batch['id2'][0])) in done:
+                continue
+            flow, seconds = register(batch['voxel1'][0, ..., 0], batch['voxel2'][0, ..., 0])
+            records.append(pair_record(dataset, batch, 0, metric(batch, flow), flow, seconds, values))
+            cli.write_json(partial_path, {'method': args.method, 'dataset': args.dataset, 'subset': str(subset),
+                                          'pairs': records})
+            progress.update(1)
+            print('{} {}: Dice {:.4f}, {:.2f} s'.format(records[-1]['id1'], records[-1]['id2'], records[-1]['dice'],
+                                                        seconds), flush=True)
     progress.close()
     summary, per_class = summarize(records, class_names)
     cli.write_atomic(args.output + '.txt', report_text(records, summary))

@@ -8,13 +8,18 @@ The tests skip, saying which package is missing, when antspyx / itk-elastix are 
 (pip install -r requirements-baselines.txt).
 """
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
 import baselines
+from conftest import ROOT
 from helpers import warp_reference
 
 SIZE = 48
@@ -106,6 +111,42 @@ def test_registration_function_and_missing_report():
     for method in baselines.METHODS:
         reason = baselines.missing(method)
         assert reason is None or 'not installed' in reason
+
+
+def test_isolated_registration_gives_the_in_process_result():
+    fixed, moving = np.zeros((4, 5, 6), np.float32), np.ones((4, 5, 6), np.float32)
+    with baselines.Isolated(*baselines.target('identity')) as register:
+        flow, seconds = register(fixed, moving)
+        again, _ = register(fixed, moving)
+    expected, _ = baselines.registration_function('identity')(fixed, moving)
+    np.testing.assert_array_equal(flow, expected)
+    np.testing.assert_array_equal(again, expected)
+    assert flow.dtype == np.float32 and seconds >= 0
+
+
+def test_sigterm_during_a_registration_stops_at_once_and_leaves_no_file(tmp_path):
+    """A library call that does not return (ANTs SyNCC takes ~20 minutes per pair) no longer
+    holds a SIGTERM back: the script ends with one line within seconds, the child process is
+    gone and the temporary file it wrote is removed with its directory."""
+    code = ('import sys, numpy as np, cli, baselines; sys.path.insert(0, "tests")\n'
+            'def main():\n'
+            '    with baselines.Isolated("stalled_registration", {}) as register:\n'
+            '        register(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)))\n'
+            'cli.run(main)\n')
+    proc = subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    line = proc.stdout.readline()
+    assert line.startswith('pid '), line + proc.stderr.read()
+    _, pid, _, _, temp_file = line.split(' ', 4)
+    temp_file = temp_file.strip()
+    assert int(pid) != proc.pid
+    assert os.path.exists(temp_file) and temp_file.startswith(str(tmp_path))
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 30
+    assert proc.returncode == 2 and err.strip().splitlines()[-1] == 'error: interrupted', err
+    assert not os.path.exists(temp_file) and os.listdir(tmp_path) == []
 
 
 def test_missing_package_is_reported(monkeypatch):
