@@ -70,7 +70,7 @@ def add_evaluations(ctx, entry, stages, records):
         if len(done) < len(chosen) or target.get('status') == 'not installed':
             continue
         data = {s.info.get('seed'): read_json(ctx.path(s.outputs[0])) for s in done}
-        summary = combine_seeds([d['summary'] for d in data.values()])
+        summary = combine_seeds([with_refinement_seconds(d['summary']) for d in data.values()])
         first = next(iter(data.values()))
         target.update({'status': 'ok', 'sources': [s.outputs[0] for s in done], 'summary': summary,
                        'per_class': first.get('per_class') if len(data) == 1 else None,
@@ -80,6 +80,15 @@ def add_evaluations(ctx, entry, stages, records):
         if len(data) > 1:
             target['per_seed'] = {str(k): d['summary'] for k, d in data.items()}
     return entry
+
+
+def with_refinement_seconds(summary):
+    """eval.py's summary with seconds_per_pair the whole registration: the network's seconds plus
+    the refinement's (kept apart by eval.py as seconds_refine_per_pair) when it refined."""
+    if not summary.get('seconds_refine_per_pair'):
+        return summary
+    return dict(summary, seconds_per_pair=summary['seconds_per_pair'] + summary['seconds_refine_per_pair'],
+                seconds_network_per_pair=summary['seconds_per_pair'])
 
 
 def combine_seeds(summaries):
@@ -165,8 +174,8 @@ def render_table1(rows, meta):
             + (['Landmark dist. (vox)'] if landmarks else []) + ['Jacobian std', 'Folding %', 'CPU s/pair', 'Parameters']
             + (['Dice, all pairs'] if all_pairs else []))
     lines = ['# Table 1: registration accuracy, speed and size', '',
-             '{} pairs of {} ({}), {}; CPU seconds per pair: median, network only (learned) or the '
-             'registration call only (classical), {} threads. Dice and Jaccard of the label maps on the '
+             '{} pairs of {} ({}), {}; CPU seconds per pair: median, network only (learned; with refinement: '
+             'network + refinement) or the registration call only (classical), {} threads. Dice and Jaccard of the label maps on the '
              'fixed scans\' own grids (eval.py); mean ± standard deviation over the pairs, or over the seeds\' '
              'means for rows trained at several seeds.{}'.format(
                  meta['pairs'], meta['dataset'], meta['subset'], meta['pairing'], meta['threads'],

@@ -272,6 +272,14 @@ def test_only_runs_the_chosen_stages_and_what_they_need_again(tmp_path):
     assert 'training still to do' not in proc.stdout
 
 
+def test_refined_rows_count_the_refinement_in_their_seconds():
+    plain = {'dice': {'mean': 0.69, 'std': 0.01}, 'seconds_per_pair': 0.09}
+    assert report.with_refinement_seconds(plain) is plain
+    refined = report.with_refinement_seconds(dict(plain, seconds_refine_per_pair=1.25))
+    assert refined['seconds_per_pair'] == pytest.approx(1.34) and refined['seconds_network_per_pair'] == 0.09
+    assert refined['dice'] == plain['dice']
+
+
 def test_seeds_combine_into_mean_and_spread():
     summaries = [{'dice': {'mean': 0.70, 'std': 0.02}, 'seconds_per_pair': 0.2},
                  {'dice': {'mean': 0.66, 'std': 0.03}, 'seconds_per_pair': 0.4}]
