@@ -125,12 +125,13 @@ def runs_read(stage):
 
 
 def chosen_stages(ctx, stages):
-    """The stages --only names (shell-style patterns of stage names; all stages without it)."""
+    """The stages --only names (shell-style patterns of stage names; all stages without it), and
+    the data stage, which every other one needs."""
     patterns = ctx.args.only or ['*']
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(s.name, pattern) for s in stages):
             raise cli.UserError('--only {!r} matches no stage of this plan (--list shows them)'.format(pattern))
-    return [s for s in stages if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+    return [s for s in stages if s.kind == 'data' or any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
 
 
 def stale_stages(ctx, stages, chosen):
