@@ -36,7 +36,8 @@ Choices:
   - Timing (table 1, "CPU s/pair"): eval.py's median network-only seconds per pair at batch 1;
     the baselines' registration call alone (median). Every stage runs with TF_NUM_INTRAOP_THREADS,
     TF_NUM_INTEROP_THREADS and ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS set to --threads (2).
-  - Learning rate: Adam --lr (students) and --teacher_lr (teachers) with the original's step
+  - Learning rate: Adam --lr (the LDR students) and --teacher_lr (the teacher and VoxelMorph, whose
+    VTN affine stem diverged at 5e-4 on LPBA40) with the original's step
     decay: --round = steps / 5, five epochs, so the last 40 % of the steps run at 1/2 and 1/4
     of the rate.
   - Intermediate checkpoints of a finished training stage are deleted (the final one stays);
@@ -74,9 +75,10 @@ def build_parser():
                    help='training steps of the teacher (default --steps; demo 240)')
     p.add_argument('--batch', type=int, default=None, help='pairs per training step (default 4; demo 2)')
     p.add_argument('--lr', type=float, default=None,
-                   help='initial Adam learning rate of the students (default 1e-4; demo 1e-3)')
+                   help='initial Adam learning rate of the LDR students (default 1e-4; demo 1e-3)')
     p.add_argument('--teacher_lr', type=float, default=None,
-                   help='initial Adam learning rate of the teachers (default --lr; demo 1e-4)')
+                   help='initial Adam learning rate of the teachers and VoxelMorph, the methods with the VTN '
+                        'affine stem (default --lr; demo 1e-4)')
     p.add_argument('--methods', nargs='+', choices=list(LEARNED), default=None,
                    help='learned methods (default: all; demo: teacher ldr aldk)')
     p.add_argument('--baselines', nargs='+', choices=list(BASELINES) + ['none'], default=None,

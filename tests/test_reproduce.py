@@ -205,6 +205,8 @@ def test_lpba40_preset_plans_seeds_and_all_pairs(tmp_path):
     assert entries['ldr+refine-1']['label'] == 'LDR + 25 refinement iterations' and entries['ldr-1']['refine'] == 0
     train = {s.name: s for s in plan.plan(ctx) if s.kind == 'train'}
     assert train['ldr-1-s2'].command[train['ldr-1-s2'].command.index('--seed') + 1] == '2'
+    lr = {name: float(stage.command[stage.command.index('--lr') + 1]) for name, stage in train.items()}
+    assert lr['teacher-1'] == lr['voxelmorph-1-s1'] == 1e-4 and lr['ldr-1-s1'] == lr['aldk-1-s2'] == 5e-4
     assert "train_pairs='all'" in train['teacher-1'].command
     assert all(s.info['cpu_hours'] > 0 for s in train.values())
 
