@@ -37,11 +37,13 @@ PRESETS = {
     # lr 5e-4 (an LDR student with the affine augmentation below diverged at 1e-3 after 1700 steps:
     # its light affine stem's determinant loss jumped from 1e-5 to 1e3; without that augmentation
     # 1e-3 trained stably), the VTN teacher and VoxelMorph (its VTN affine stem) at 1e-4 (that stem
-    # diverged at 5e-4 here and at 1e-3 in the demo), training on every ordered pair of the training scans and the atlas; 2 seeds per student; every test pair and the 72
-    # inter-subject pairs; a random affine map added to the B-spline augmentation (rotations up to 10
-    # degrees, scales exp(+-0.05), shifts up to 4 voxels = 6 mm) so that models take scans as users send
-    # them (bench/robustness.py measures it). seconds_per_step: one step on 2 cores (ldr measured at 3.3 steps/s on an idle
-    # 2-core AMD EPYC; the others scaled by bench.train_step's ratios to the student), for --list's CPU-hours.
+    # diverged at 5e-4 here and at 1e-3 in the demo), training on every ordered pair of the training
+    # scans and the atlas; 2 seeds per student; every test pair and the 72 inter-subject pairs; a
+    # random affine map added to the B-spline augmentation (rotations up to 10 degrees, scales
+    # exp(+-0.05), shifts up to 4 voxels = 6 mm) so that models take scans as users send them
+    # (bench/robustness.py measures it). seconds_per_step: one step on 2 cores (ldr measured at 3.3
+    # steps/s on an idle 2-core AMD EPYC; the others scaled by bench.train_step's ratios to the
+    # student), for --list's CPU-hours.
     'lpba40': {'dataset': os.path.join(ROOT, 'datasets', 'lpba.json'),
                'lpba40': LPBA40_DIR if os.path.isdir(LPBA40_DIR) else None, 'name': 'lpba40',
                'steps': 6000, 'teacher_steps': 8000, 'batch': 1, 'lr': 5e-4, 'teacher_lr': 1e-4, 'val_steps': 500,
