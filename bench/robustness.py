@@ -1,4 +1,5 @@
-"""How a trained model copes with what users send: moving scans shifted, rotated, cut short.
+"""How a trained model copes with what users send: moving scans shifted, rotated, cut short,
+stored otherwise, acquired otherwise.
 
     python -m bench.robustness -c weights/RUN [--lpba40 ../shared/data/LPBA40] [--pairs 9]
 
@@ -6,9 +7,14 @@ Each LPBA40 test scan S02.. is registered to the atlas S01 through predict.py's 
 (its preprocessing, network and displacement field; the model loaded once), first as it is and
 then perturbed the way scans from elsewhere differ: the moving scan's content (image and label
 map alike, resampled on its own grid) shifted by 10 mm, rotated by 10 degrees about the
-left-right or the inferior-superior axis, or its field of view cut 25 mm short at the bottom.
-The table gives the mean label Dice on S01's 1 mm grid (56 labels) per perturbation, before
-registration (identity) and after, and the loss against the unperturbed scans.
+left-right or the inferior-superior axis, or its field of view cut 25 mm short at the bottom; then
+as scans from other sites and scanners differ with the same anatomy: stored with other axes
+(permuted and flipped, the physical content unchanged), thick slices (3 mm along the
+inferior-superior axis, each the mean of three 1 mm slices; the label map takes the middle one),
+a smooth multiplicative bias field (0.8 at one corner to 1.2 at the opposite one), and Rician
+noise (sigma 4 % of the scan's 99th intensity percentile; a fixed seed). The table gives the
+mean label Dice on S01's 1 mm grid (56 labels) per perturbation, before registration (identity)
+and after, and the loss against the unperturbed scans.
 """
 import argparse
 import os
@@ -24,6 +30,10 @@ import cli  # noqa: E402
 SHIFT_MM = 10.0
 ANGLE_DEG = 10.0
 CUT_MM = 25.0
+STORED_ORIENTATION = 'SRA'
+SLICE_FACTOR = 3
+BIAS = 0.2
+NOISE = 0.04
 
 
 def _about_centre(image, transform):
@@ -33,6 +43,32 @@ def _about_centre(image, transform):
     if isinstance(transform, sitk.Euler3DTransform):
         transform.SetCenter(centre)
     return transform
+
+
+def _array(image):
+    import SimpleITK as sitk
+    return sitk.GetArrayFromImage(image).astype(np.float64)
+
+
+def _with_array(image, values):
+    """values (array order z, y, x) on image's grid, in image's pixel type."""
+    import SimpleITK as sitk
+    out = sitk.Cast(sitk.GetImageFromArray(values), image.GetPixelID())
+    out.CopyInformation(image)
+    return out
+
+
+def bias_field(shape, strength=BIAS):
+    """A multiplicative field over an array of shape, linear in the index along the main
+    diagonal: 1 - strength at index 0 to 1 + strength at the opposite corner."""
+    ramps = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in shape], indexing='ij')
+    return 1.0 + strength * sum(ramps) / len(shape)
+
+
+def rician_noise(values, rng, level=NOISE):
+    """|values + n1 + i n2|, n1 and n2 Gaussian with sigma = level x the 99th percentile of values."""
+    sigma = level * np.percentile(values, 99)
+    return np.hypot(values + rng.normal(0.0, sigma, values.shape), rng.normal(0.0, sigma, values.shape))
 
 
 def perturbations():
@@ -60,11 +96,28 @@ def perturbations():
         start = [0, 0, rows if image.GetDirection()[8] > 0 else 0]
         return sitk.RegionOfInterest(image, size, start), sitk.RegionOfInterest(labels, size, start)
 
+    def stored_otherwise(image, labels):
+        return sitk.DICOMOrient(image, STORED_ORIENTATION), sitk.DICOMOrient(labels, STORED_ORIENTATION)
+
+    def thick_slices(image, labels):
+        thick = sitk.BinShrink(image, [1, 1, SLICE_FACTOR])
+        return thick, sitk.Resample(labels, thick, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+
+    def biased(image, labels):
+        return _with_array(image, bias_field(image.GetSize()[::-1]) * _array(image)), labels
+
+    def noisy(image, labels):
+        return _with_array(image, rician_noise(_array(image), np.random.default_rng(0))), labels
+
     return {'as given': lambda image, labels: (image, labels),
             'shifted {:g} mm'.format(SHIFT_MM): resampled(sitk.TranslationTransform(3, [SHIFT_MM, -SHIFT_MM / 2, SHIFT_MM / 2])),
             'rotated {:g} deg (L-R axis)'.format(ANGLE_DEG): resampled(rotation(0)),
             'rotated {:g} deg (I-S axis)'.format(ANGLE_DEG): resampled(rotation(2)),
-            'field of view {:g} mm short'.format(CUT_MM): cut}
+            'field of view {:g} mm short'.format(CUT_MM): cut,
+            'stored with axes {}'.format(STORED_ORIENTATION): stored_otherwise,
+            'thick slices ({} mm, I-S axis)'.format(SLICE_FACTOR): thick_slices,
+            'bias field ({:g}-{:g})'.format(1 - BIAS, 1 + BIAS): biased,
+            'Rician noise ({:g} %)'.format(100 * NOISE): noisy}
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import LPBA40, ROOT
@@ -54,3 +55,61 @@ def test_batch_benchmark_prints_a_row_per_outputs_choice(tmp_path):
     assert rows == ['--outputs', 'warped', 'warped,field'], proc.stdout
     assert 'nan' not in proc.stdout
     assert [row['pairs'] for row in json.loads((tmp_path / 'rows.json').read_text())] == [2, 2]
+
+
+def _labelled_image():
+    """A 20 x 24 x 18 (x, y, z) float image with a 2 x 1.5 x 1 mm grid, a rotated direction and an
+    offset origin, and an integer label map on the same grid."""
+    import SimpleITK as sitk
+    rng = np.random.default_rng(3)
+    values = rng.uniform(0.0, 100.0, (18, 24, 20))
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing([2.0, 1.5, 1.0])
+    image.SetOrigin([-10.0, 4.0, 7.0])
+    image.SetDirection([0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    labels = sitk.GetImageFromArray(rng.integers(0, 5, values.shape).astype(np.int16))
+    labels.CopyInformation(image)
+    return image, labels
+
+
+def test_robustness_perturbations_stored_otherwise_keeps_the_physical_content():
+    import SimpleITK as sitk
+    from bench.robustness import STORED_ORIENTATION, perturbations
+    image, labels = _labelled_image()
+    moved, moved_labels = perturbations()['stored with axes {}'.format(STORED_ORIENTATION)](image, labels)
+    assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(moved.GetDirection()) == STORED_ORIENTATION
+    assert moved.GetSize() != image.GetSize()
+    for out, original, interpolator in ((moved, image, sitk.sitkLinear), (moved_labels, labels, sitk.sitkNearestNeighbor)):
+        back = sitk.Resample(out, original, sitk.Transform(), interpolator, -1)
+        np.testing.assert_allclose(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(original), atol=1e-9)
+
+
+def test_robustness_perturbations_thick_slices_average_three_slices_and_keep_the_middle_label():
+    import SimpleITK as sitk
+    from bench.robustness import SLICE_FACTOR, perturbations
+    image, labels = _labelled_image()
+    thick, thick_labels = perturbations()['thick slices ({} mm, I-S axis)'.format(SLICE_FACTOR)](image, labels)
+    assert thick.GetSpacing() == (2.0, 1.5, 1.0 * SLICE_FACTOR)
+    values, label_values = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(labels)
+    expected = values.reshape(6, SLICE_FACTOR, 24, 20).mean(axis=1)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(thick), expected, rtol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(thick_labels), label_values[1::SLICE_FACTOR])
+
+
+def test_robustness_perturbations_bias_and_noise():
+    import SimpleITK as sitk
+    from bench.robustness import BIAS, NOISE, bias_field, perturbations, rician_noise
+    field = bias_field((18, 24, 20))
+    assert field[0, 0, 0] == pytest.approx(1 - BIAS) and field[-1, -1, -1] == pytest.approx(1 + BIAS)
+    assert field[9, 12, 10] == pytest.approx(1.0, abs=0.02)
+    image, labels = _labelled_image()
+    biased, same = perturbations()['bias field ({:g}-{:g})'.format(1 - BIAS, 1 + BIAS)](image, labels)
+    assert same is labels and biased.GetSpacing() == image.GetSpacing()
+    np.testing.assert_allclose(sitk.GetArrayFromImage(biased), field * sitk.GetArrayFromImage(image))
+    flat = np.full((40, 40, 40), 50.0)
+    noisy = rician_noise(flat, np.random.default_rng(0))
+    sigma = NOISE * 50.0
+    assert noisy.min() >= 0.0
+    # the Rician mean at signal A >> sigma is ~ sqrt(A^2 + sigma^2); its spread ~ sigma
+    assert np.mean(noisy) == pytest.approx(np.hypot(50.0, sigma), rel=2e-3)
+    assert np.std(noisy) == pytest.approx(sigma, rel=0.05)
