@@ -1,7 +1,9 @@
 """3D layers on plain ``tf.compat.v1`` variables (no tflearn, no Keras).
 
-All tensors are ``[batch, X, Y, Z, channels]``. Weights default to the original code's
-tflearn initialisation: truncated normal, stddev 0.02; biases start at 0.
+All tensors are ``[batch, X, Y, Z, channels]``. Weights default to a truncated normal of stddev
+0.02 (tflearn's default for dense layers; the original code's convolutions use tflearn's
+'uniform_scaling', U(+-sqrt(3 / fan_in)), under which the VTN's x20 flow output starts rough);
+biases start at 0.
 """
 from .tfv1 import tf
 
