@@ -41,15 +41,15 @@ PRESETS = {
     # scans and the atlas; 2 seeds per student; every test pair and the 72 inter-subject pairs; a
     # random affine map added to the B-spline augmentation (rotations up to 10 degrees, scales
     # exp(+-0.05), shifts up to 4 voxels = 6 mm) so that models take scans as users send them
-    # (bench/robustness.py measures it). seconds_per_step: one step on 2 cores (ldr measured at 3.3
-    # steps/s on an idle 2-core AMD EPYC; the others scaled by bench.train_step's ratios to the
-    # student), for --list's CPU-hours.
+    # (bench/robustness.py measures it). seconds_per_step: wall seconds of one step on 2 cores,
+    # validation and checkpoints included, as this preset's own stages took them (their records in
+    # results/lpba40/stages: seconds over the steps run), for --list's CPU-hours.
     'lpba40': {'dataset': os.path.join(ROOT, 'datasets', 'lpba.json'),
                'lpba40': LPBA40_DIR if os.path.isdir(LPBA40_DIR) else None, 'name': 'lpba40',
                'steps': 6000, 'teacher_steps': 8000, 'batch': 1, 'lr': 5e-4, 'teacher_lr': 1e-4, 'val_steps': 500,
                'seeds': [1, 2], 'seed': 1, 'all_pairs': True, 'refine': 25,
                'train_flags': ['--data_args', "train_pairs='all'", '--augment_affine', '10', '0.05', '4'],
-               'seconds_per_step': {'ldr': 0.30, 'teacher': 0.49, 'aldk': 0.95, 'l2': 0.75, 'voxelmorph': 0.45}},
+               'seconds_per_step': {'ldr': 0.39, 'teacher': 1.31, 'aldk': 0.87, 'l2': 0.47, 'voxelmorph': 1.57}},
 }
 FIGURE_PAIRS = 4
 FIGURE_METHODS = ('ldr', 'aldk', 'teacher')   # figure 2's rows, in order: each at its first seed
