@@ -2,8 +2,7 @@
 
 All tensors are ``[batch, X, Y, Z, channels]``. Weights default to a truncated normal of stddev
 0.02 (tflearn's default for dense layers; the original code's convolutions use tflearn's
-'uniform_scaling', U(+-sqrt(3 / fan_in)), under which the VTN's x20 flow output starts rough);
-biases start at 0.
+'uniform_scaling', U(+-sqrt(3 / fan_in)), instead); biases start at 0.
 """
 from .tfv1 import tf
 

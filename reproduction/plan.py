@@ -43,7 +43,7 @@ PRESETS = {
     # exp(+-0.05), shifts up to 4 voxels = 6 mm) so that models take scans as users send them
     # (bench/robustness.py measures it). seconds_per_step: wall seconds of one step on 2 cores,
     # validation and checkpoints included, as this preset's own stages took them (their records in
-    # results/lpba40/stages: seconds over the steps run), for --list's CPU-hours.
+    # results/lpba40/stages: seconds over the steps run; VoxelMorph: its log's steps/s), for --list.
     'lpba40': {'dataset': os.path.join(ROOT, 'datasets', 'lpba.json'),
                'lpba40': LPBA40_DIR if os.path.isdir(LPBA40_DIR) else None, 'name': 'lpba40',
                'steps': 6000, 'teacher_steps': 8000, 'batch': 1, 'lr': 5e-4, 'teacher_lr': 1e-4, 'val_steps': 500,
