@@ -14,6 +14,8 @@ Stages (each a subprocess of the project's own command-line tools, run with cwd 
   aldk-N          train.py -b LDR -n N --aldk --teacher weights/teacher-N   (or the flow store)
   l2-N            train.py -b LDR -n N --distill l2 ...    plain flow distillation (ablation)
   voxelmorph-N    train.py -b VoxelMorph -n N              (VTN affine + VoxelMorph), smallest N only
+  <run>-coarse    with --coarse_to_fine: the run's first --coarse_steps steps on --coarse_dataset; then
+                  <run> trains the remaining steps at full size from its weights (train.py --init_from)
   eval-<run>      eval.py -c weights/<run> -v SUBSET       metrics + network-only CPU seconds per pair
   baseline-<m>    python -m baselines.evaluate <m>         no registration, ANTs SyN, Elastix B-spline (+ affine)
   sections-<run>  python -m reproduction.sections ...      figure 2's warped sections of a run (ldr, aldk,
@@ -89,6 +91,12 @@ def build_parser():
     p.add_argument('--teacher_flows', choices=('online', 'offline'), default='online',
                    help='distillation from the teacher in the student graph (online, default) or from flows '
                         'extracted once by eval.py --writing_flow (offline; no augmentation)')
+    p.add_argument('--coarse_to_fine', nargs='+', choices=list(LEARNED), default=None, metavar='METHOD',
+                   help='train these methods coarse-to-fine: --coarse_steps steps on --coarse_dataset first (run '
+                        '<run>-coarse), the rest on -d starting from those weights (train.py --init_from)')
+    p.add_argument('--coarse_dataset', default=None, metavar='SPEC',
+                   help='the same scans at a coarser size (e.g. datasets/lpba64.json), for --coarse_to_fine')
+    p.add_argument('--coarse_steps', type=int, default=None, help='steps of the coarse phase (of --steps)')
     p.add_argument('--student_net_args', default='', help="--net_args of the LDR students, e.g. \"head='deconv'\"")
     p.add_argument('--val_steps', type=int, default=None, help='validate every N training steps (default: never)')
     p.add_argument('--seed', type=int, default=0, help='data order / augmentation seed (and the demo data)')

@@ -41,15 +41,21 @@ PRESETS = {
     # scans and the atlas; 2 seeds per student; every test pair and the 72 inter-subject pairs; a
     # random affine map added to the B-spline augmentation (rotations up to 10 degrees, scales
     # exp(+-0.05), shifts up to 4 voxels = 6 mm) so that models take scans as users send them
-    # (bench/robustness.py measures it). seconds_per_step: wall seconds of one step on 2 cores,
-    # validation and checkpoints included, as this preset's own stages took them (their records in
-    # results/lpba40/stages: seconds over the steps run; VoxelMorph: its log's steps/s), for --list.
+    # (bench/robustness.py measures it). VoxelMorph trains coarse-to-fine, 4000 of its 6000 steps at
+    # 64^3 (README "LPBA40": for the LDR student that gave the same test Dice for 40 % of the CPU
+    # time), so that its stage fits a session: at 128^3 throughout it took 2.6 hours.
+    # seconds_per_step: wall seconds of one step on 2 cores, validation and checkpoints included, as
+    # this preset's own stages took them (their records in results/lpba40/stages: seconds over the
+    # steps run; VoxelMorph: its log's steps/s), for --list; 'coarse': the same at the coarse size.
     'lpba40': {'dataset': os.path.join(ROOT, 'datasets', 'lpba.json'),
                'lpba40': LPBA40_DIR if os.path.isdir(LPBA40_DIR) else None, 'name': 'lpba40',
                'steps': 6000, 'teacher_steps': 8000, 'batch': 1, 'lr': 5e-4, 'teacher_lr': 1e-4, 'val_steps': 500,
                'seeds': [1, 2], 'seed': 1, 'all_pairs': True, 'refine': 25,
+               'coarse_to_fine': ['voxelmorph'], 'coarse_dataset': os.path.join(ROOT, 'datasets', 'lpba64.json'),
+               'coarse_steps': 4000,
                'train_flags': ['--data_args', "train_pairs='all'", '--augment_affine', '10', '0.05', '4'],
-               'seconds_per_step': {'ldr': 0.39, 'teacher': 1.31, 'aldk': 0.87, 'l2': 0.47, 'voxelmorph': 1.57}},
+               'seconds_per_step': {'ldr': 0.39, 'teacher': 1.31, 'aldk': 0.87, 'l2': 0.47, 'voxelmorph': 1.57,
+                                    'coarse': {'voxelmorph': 0.22}}},
 }
 FIGURE_PAIRS = 4
 FIGURE_METHODS = ('ldr', 'aldk', 'teacher')   # figure 2's rows, in order: each at its first seed
@@ -67,6 +73,7 @@ class Context:
         self.out = os.path.abspath(os.path.join(args.results, args.name))
         self.started = time.time()
         self.spec = None
+        self.coarse_spec = None
 
     def path(self, *parts):
         return os.path.join(self.out, *parts)
@@ -142,18 +149,38 @@ def seeds_of(ctx, method):
     return ctx.args.seeds[:1] if method == 'teacher' else ctx.args.seeds
 
 
-def train_stage(ctx, method, n, seed):
-    """The training stage of a learned method at n cascades and one seed."""
+def phases(ctx, method):
+    """A method's training phases, as (phase, steps): [('coarse', S), ('fine', rest)] for the methods
+    of --coarse_to_fine, else [(None, steps)]."""
+    a = ctx.args
+    steps = a.teacher_steps if method == 'teacher' else a.steps
+    if method in a.coarse_to_fine:
+        return [('coarse', a.coarse_steps), ('fine', steps - a.coarse_steps)]
+    return [(None, steps)]
+
+
+def final_steps(ctx, method):
+    """The step of a method's final checkpoint (a coarse-to-fine run's fine phase starts at 0)."""
+    return phases(ctx, method)[-1][1]
+
+
+def train_stage(ctx, method, n, seed, phase=None, steps=None):
+    """The training stage of a learned method at n cascades and one seed; phase 'coarse' trains
+    run '<run>-coarse' on --coarse_dataset, 'fine' starts the run from its weights (--init_from)."""
     a = ctx.args
     label, flags, needs_teacher = LEARNED[method]
-    steps = a.teacher_steps if method == 'teacher' else a.steps
+    steps = steps or final_steps(ctx, method)
     run = run_name(ctx, method, n, seed)
-    command = script('train.py', *flags) + ['-n', str(n), '-d', ctx.spec, '--batch', str(a.batch)]
+    coarse_run = run + '-coarse'
+    spec, name = (ctx.coarse_spec, coarse_run) if phase == 'coarse' else (ctx.spec, run)
+    command = script('train.py', *flags) + ['-n', str(n), '-d', spec, '--batch', str(a.batch)]
     lr = a.teacher_lr if method in VTN_AFFINE_STEM else a.lr
-    command += schedule(steps) + ['--lr', repr(lr), '--seed', str(seed), '--output', run,
+    command += schedule(steps) + ['--lr', repr(lr), '--seed', str(seed), '--output', name,
                                   '--val_steps', str(a.val_steps if a.val_steps is not None else 0),
                                   '--save_steps', str(min(max(1, steps // 4), SAVE_STEPS)),
                                   '--print_steps', str(max(1, steps // 10))] + list(a.train_flags)
+    if phase == 'fine':
+        command += ['--init_from', os.path.join('weights', coarse_run)]
     if method != 'teacher' and method != 'voxelmorph' and a.student_net_args:
         command += ['--net_args', a.student_net_args]
     if needs_teacher:
@@ -161,10 +188,15 @@ def train_stage(ctx, method, n, seed):
             command += ['--pretrained_flow_path', os.path.join('flows', 'teacher-{}.h5'.format(n))]
         else:
             command += ['--teacher', os.path.join('weights', 'teacher-{}'.format(n))]
-    hours = steps * ctx.preset.get('seconds_per_step', {}).get(method, 0.0) * a.threads / 3600.0
-    return Stage(run, 'train', command, [os.path.join('weights', run)],
-                 'train {} ({} cascade{}, {} steps, seed {})'.format(label, n, 's' if n > 1 else '', steps, seed),
-                 method=method, cascades=n, run=run, steps=steps, seed=seed, cpu_hours=hours or None)
+    per_step = ctx.preset.get('seconds_per_step', {})
+    per_step = per_step.get('coarse', {}) if phase == 'coarse' else per_step
+    hours = steps * per_step.get(method, 0.0) * a.threads / 3600.0
+    size = ' at {}^3'.format(read_json(spec)['image_size'][0]) if phase else ''
+    return Stage(name, 'train', command, [os.path.join('weights', name)],
+                 'train {} ({} cascade{}, {} steps{}{}, seed {})'.format(
+                     label, n, 's' if n > 1 else '', steps, size, ', from ' + coarse_run if phase == 'fine' else '',
+                     seed),
+                 method=method, cascades=n, run=name, steps=steps, seed=seed, phase=phase, cpu_hours=hours or None)
 
 
 def eval_stage(ctx, method, n, seed, all_pairs=False, refine=0):
@@ -182,7 +214,7 @@ def eval_stage(ctx, method, n, seed, all_pairs=False, refine=0):
         command.append('--all_pairs')
     suffix = ('-refine{}'.format(refine) if refine else '') + ('-all_pairs' if all_pairs else '')
     return Stage('eval-' + run + suffix, 'eval', command, [os.path.join('evaluate', '{}-{}{}-{}.json'.format(
-        run, a.teacher_steps if method == 'teacher' else a.steps, suffix, a.subset))],
+        run, final_steps(ctx, method), suffix, a.subset))],
         'evaluate {} on {}{}{}'.format(run, a.subset, ' (all pairs)' if all_pairs else '',
                                        ' with {} refinement iterations'.format(refine) if refine else ''),
         method=method, cascades=n, run=run, seed=seed, all_pairs=all_pairs, refine=refine)
@@ -225,7 +257,8 @@ def flows_stage(ctx, n):
 
 
 def data_stages(ctx):
-    """The demo's synthetic set or the LPBA40 HDF5 when missing; sets ctx.spec."""
+    """The demo's synthetic set, or the HDF5 files of the spec and of --coarse_dataset that are
+    missing (built from --lpba40); sets ctx.spec and ctx.coarse_spec."""
     a = ctx.args
     if a.demo:
         ctx.spec = ctx.path('data', 'synthetic.json')
@@ -234,18 +267,31 @@ def data_stages(ctx):
         return [Stage('data', 'data', command, ['data/synthetic.json', 'data/synthetic.h5'],
                       'synthetic liver-like data: {} scans of {}^3'.format(a.demo_scans, a.image_size))]
     ctx.spec = os.path.abspath(a.dataset)
-    if not os.path.exists(ctx.spec):
-        raise cli.UserError('dataset spec {} not found'.format(a.dataset))
-    missing = missing_files(ctx.spec)
+    stages = spec_data_stage(ctx, a.dataset, 'data')
+    if a.coarse_to_fine:
+        ctx.coarse_spec = os.path.abspath(a.coarse_dataset)
+        stages += spec_data_stage(ctx, a.coarse_dataset, 'data-coarse')
+    return stages
+
+
+def spec_data_stage(ctx, spec_path, name):
+    """[] when every HDF5 file of the spec exists, else the stage building its one missing file
+    from --lpba40 at the spec's image size."""
+    a = ctx.args
+    if not os.path.exists(spec_path):
+        raise cli.UserError('dataset spec {} not found'.format(spec_path))
+    missing = missing_files(spec_path)
     if not missing:
         return []
     if not a.lpba40:
         raise cli.UserError('{} of spec {} is missing; build it with data_util.prepare (for LPBA40: '
-                            'python reproduce.py ... --lpba40 DIR)'.format(missing[0], a.dataset))
+                            'python reproduce.py ... --lpba40 DIR)'.format(missing[0], spec_path))
     if len(missing) != 1:
-        raise cli.UserError('--lpba40 builds one HDF5 file, but {} lists {} missing'.format(a.dataset, len(missing)))
-    command = python('-m', 'data_util.prepare', '--lpba40', os.path.abspath(a.lpba40), '--output', missing[0])
-    return [Stage('data', 'data', command, [missing[0]], 'LPBA40 -> {}'.format(missing[0]))]
+        raise cli.UserError('--lpba40 builds one HDF5 file, but {} lists {} missing'.format(spec_path, len(missing)))
+    size = read_json(spec_path)['image_size']
+    command = python('-m', 'data_util.prepare', '--lpba40', os.path.abspath(a.lpba40), '--output', missing[0],
+                     '--image_size', size[0] if isinstance(size, list) else size)
+    return [Stage(name, 'data', command, [missing[0]], 'LPBA40 -> {}'.format(missing[0]))]
 
 
 def missing_files(spec_path):
@@ -272,7 +318,7 @@ def plan(ctx):
             if method == 'voxelmorph' and n != smallest:
                 continue
             for seed in seeds_of(ctx, method):
-                stages.append(train_stage(ctx, method, n, seed))
+                stages += [train_stage(ctx, method, n, seed, phase, steps) for phase, steps in phases(ctx, method)]
                 stages.append(eval_stage(ctx, method, n, seed))
                 if a.all_pairs:
                     stages.append(eval_stage(ctx, method, n, seed, all_pairs=True))
@@ -290,7 +336,7 @@ def plan(ctx):
 
 CONFIG_KEYS = ('demo', 'dataset', 'steps', 'teacher_steps', 'batch', 'lr', 'teacher_lr', 'subset', 'paired', 'teacher_flows',
                'student_net_args', 'seed', 'image_size', 'demo_scans', 'demo_test', 'threads', 'seeds', 'all_pairs',
-               'train_flags', 'refine')
+               'train_flags', 'refine', 'coarse_to_fine', 'coarse_dataset', 'coarse_steps')
 
 
 def resolve_args(args):
@@ -323,6 +369,7 @@ def resolve_args(args):
         if args.subset is None:
             args.subset = 'test' if 'test' in read_json(args.dataset).get('schemes', {}) else '2'
     args.seeds = list(dict.fromkeys(args.seeds or [args.seed]))
+    check_coarse_to_fine(args)
     if min(args.steps, args.teacher_steps, args.batch, args.threads) < 1 or min(args.cascades) < 1:
         raise cli.UserError('--steps, --teacher_steps, --batch, --threads and --cascades must be positive')
     args.cascades = sorted(set(args.cascades))
@@ -338,21 +385,42 @@ def resolve_args(args):
     return args
 
 
+def check_coarse_to_fine(args):
+    """--coarse_to_fine needs --coarse_dataset and 0 < --coarse_steps < the method's steps."""
+    args.coarse_to_fine = [m for m in LEARNED if m in (args.coarse_to_fine or [])]
+    if not args.coarse_to_fine:
+        args.coarse_dataset = args.coarse_steps = None
+        return
+    if args.demo or not args.coarse_dataset:
+        raise cli.UserError('--coarse_to_fine needs -d SPEC and --coarse_dataset SPEC (the same scans at a coarser size)')
+    if not os.path.isfile(args.coarse_dataset):
+        raise cli.UserError('coarse dataset spec {} not found'.format(args.coarse_dataset))
+    shortest = min(args.teacher_steps if m == 'teacher' else args.steps for m in args.coarse_to_fine)
+    if not args.coarse_steps or not 0 < args.coarse_steps < shortest:
+        raise cli.UserError('--coarse_steps must be between 0 and the steps of {} ({}), got {}'.format(
+            ' '.join(args.coarse_to_fine), shortest, args.coarse_steps))
+
+
 def check_config(ctx, store=True):
-    """Store the run's settings (unless ``store`` is false); refuse to continue a run made with other settings."""
+    """Store the run's settings (unless ``store`` is false); refuse to continue a run made with other
+    settings. A setting the stored config lacks (one added to reproduce.py since) is added to it."""
     config = {k: getattr(ctx.args, k) for k in CONFIG_KEYS}
-    inside = os.path.abspath(ctx.spec).startswith(ROOT + os.sep)
-    config['dataset'] = os.path.relpath(ctx.spec, ROOT) if inside else ctx.spec   # a project moved is the same run
+    config['dataset'] = project_relative(ctx.spec)
+    config['coarse_dataset'] = ctx.coarse_spec and project_relative(ctx.coarse_spec)
     path = ctx.path('config.json')
-    if os.path.exists(path):
-        stored = read_json(path)
-        changed = [k for k in CONFIG_KEYS if k in stored and stored[k] != config[k]]
-        if changed:
-            raise cli.UserError('{} was made with other settings ({}); use another --name or remove it'.format(
-                ctx.out, ', '.join('{} {!r} -> {!r}'.format(k, stored[k], config[k]) for k in changed)))
-    elif store:
+    stored = read_json(path) if os.path.exists(path) else {}
+    changed = [k for k in CONFIG_KEYS if k in stored and stored[k] != config[k]]
+    if changed:
+        raise cli.UserError('{} was made with other settings ({}); use another --name or remove it'.format(
+            ctx.out, ', '.join('{} {!r} -> {!r}'.format(k, stored[k], config[k]) for k in changed)))
+    if store and stored != config:
         cli.write_json(path, config)
     ctx.config = dict(config, cascades=ctx.args.cascades, methods=ctx.args.methods, baselines=ctx.args.baselines)
+
+
+def project_relative(path):
+    """A path inside the project relative to it (a project moved is the same run), else as given."""
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
 
 
 def drop_missing_baselines(ctx):

@@ -14,7 +14,7 @@ import sys
 
 import baselines
 import cli
-from reproduction.plan import BASELINES, FIGURE_METHODS, LEARNED, ROOT, read_json
+from reproduction.plan import BASELINES, FIGURE_METHODS, LEARNED, ROOT, project_relative, read_json
 
 
 def stage_records(ctx, stages):
@@ -251,7 +251,7 @@ def write(ctx, stages):
     records = stage_records(ctx, stages)
     methods = method_entries(ctx, stages, records)
     evaluated = [e for e in methods.values() if e.get('status') == 'ok']
-    meta = {'dataset': os.path.relpath(ctx.spec, ROOT) if ctx.spec.startswith(ROOT) else ctx.spec,
+    meta = {'dataset': project_relative(ctx.spec),
             'subset': a.subset, 'pairing': 'adjacent pairs' if a.paired else 'all pairs (atlas pairs with an atlas)',
             'pairs': max([e['pairs'] for e in evaluated], default=0), 'threads': a.threads}
     t1 = table1_rows(methods)

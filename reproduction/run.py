@@ -36,8 +36,9 @@ def echo(line):
 
 
 def train_command(ctx, stage):
-    """The command of a training stage: resume its run with -c when a checkpoint exists, else start
-    afresh (a run directory without a complete checkpoint is removed first)."""
+    """The command of a training stage: resume its run with -c (instead of the options that start a
+    run: --output, --init_from) when a checkpoint exists, else start afresh (a run directory without
+    a complete checkpoint is removed first)."""
     run_dir = ctx.path('weights', stage.info['run'])
     if not os.path.isdir(run_dir):
         return stage.command, None
@@ -47,8 +48,10 @@ def train_command(ctx, stage):
         shutil.rmtree(ctx.path('logs', stage.info['run']), ignore_errors=True)
         return stage.command, None
     command = list(stage.command)
-    i = command.index('--output')
-    del command[i:i + 2]
+    for option in ('--output', '--init_from'):
+        if option in command:
+            i = command.index(option)
+            del command[i:i + 2]
     return command + ['-c', os.path.join('weights', stage.info['run'])], max(found)
 
 
