@@ -133,7 +133,7 @@ def script(name, *args):
 def schedule(steps):
     """train.py --round/--epochs running exactly ``steps`` steps, decaying over the last 2 of 5 epochs."""
     rounds = max(1, steps // 5)
-    return ['--round', str(rounds), '--epochs', repr((steps + 0.5) / rounds)]
+    return ['--round', str(rounds), '--epochs', repr(steps / rounds)]
 
 
 def run_name(ctx, method, n, seed):

@@ -116,10 +116,11 @@ def test_orchestrator_needs_no_tensorflow(tmp_path):
 
 
 def test_schedule_runs_exactly_the_steps():
-    for steps in (1, 2, 4, 7, 300, 20000, 12345):
+    """train.py runs round(--epochs x --round) steps."""
+    for steps in (1, 2, 4, 7, 300, 2000, 4000, 6000, 8000, 20000, 12345):
         args = plan.schedule(steps)
         rounds, epochs = int(args[1]), float(args[3])
-        assert int(epochs * rounds) == steps
+        assert int(round(epochs * rounds)) == steps
 
 
 def test_argument_errors(tmp_path):
@@ -209,6 +210,51 @@ def test_lpba40_preset_plans_seeds_and_all_pairs(tmp_path):
     assert lr['teacher-1'] == lr['voxelmorph-1-s1'] == 1e-4 and lr['ldr-1-s1'] == lr['aldk-1-s2'] == 5e-4
     assert "train_pairs='all'" in train['teacher-1'].command
     assert all(s.info['cpu_hours'] > 0 for s in train.values())
+
+
+def test_coarse_to_fine_trains_a_coarse_run_then_the_run_from_its_weights(tmp_path):
+    """--coarse_to_fine (preset lpba40: VoxelMorph): '<run>-coarse' trains --coarse_steps on the
+    coarse spec, then '<run>' the rest on the spec with --init_from; its evaluations name the fine
+    run's final step; resuming the fine run drops --init_from; the coarse HDF5, when missing, is
+    built at the coarse spec's size; --coarse_steps must leave steps for the fine phase."""
+    parse = lambda *a: plan.resolve_args(reproduce.build_parser().parse_args(list(a)))  # noqa: E731
+    args = parse('--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'none')
+    ctx = plan.Context(args)
+    stages = {s.name: s for s in plan.plan(ctx)}
+    coarse, fine = stages['voxelmorph-1-s2-coarse'], stages['voxelmorph-1-s2']
+    names = list(stages)
+    assert names.index('voxelmorph-1-s2-coarse') + 1 == names.index('voxelmorph-1-s2')
+    assert 'teacher-1-coarse' not in stages and 'ldr-1-s1-coarse' not in stages
+    option = lambda stage, flag: stage.command[stage.command.index(flag) + 1]  # noqa: E731
+    assert option(coarse, '-d').endswith('lpba64.json') and option(fine, '-d').endswith('lpba.json')
+    assert option(fine, '--init_from') == os.path.join('weights', 'voxelmorph-1-s2-coarse')
+    assert '--init_from' not in coarse.command and (coarse.info['steps'], fine.info['steps']) == (4000, 2000)
+    assert run.runs_read(fine) == {'voxelmorph-1-s2-coarse'}
+    assert stages['eval-voxelmorph-1-s2'].outputs == [os.path.join('evaluate', 'voxelmorph-1-s2-2000-test.json')]
+    assert 0 < coarse.info['cpu_hours'] < fine.info['cpu_hours']
+    checkpoint = tmp_path / 'lpba40' / 'weights' / 'voxelmorph-1-s2'
+    checkpoint.mkdir(parents=True)
+    (checkpoint / 'args.json').write_text('{}')
+    for suffix in ('.index', '.data-00000-of-00001', '.complete'):
+        (checkpoint / ('model-500' + suffix)).write_text('')
+    command, resumed = run.train_command(ctx, fine)
+    assert resumed == 500 and '--init_from' not in command and '--output' not in command
+    assert command[-2:] == ['-c', os.path.join('weights', 'voxelmorph-1-s2')]
+
+    spec = json.loads(open(os.path.join(ROOT, 'datasets', 'lpba64.json')).read())
+    spec['files'] = {'lpba': {'path': str(tmp_path / 'missing64.h5'), 'type': 'HDF5'}}
+    (tmp_path / 'coarse.json').write_text(json.dumps(spec))
+    lpba40 = tmp_path / 'LPBA40'
+    lpba40.mkdir()
+    args = parse('--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'none', '--lpba40', str(lpba40),
+                 '--coarse_dataset', str(tmp_path / 'coarse.json'), '--name', 'other')
+    data = [s for s in plan.plan(plan.Context(args)) if s.kind == 'data']
+    assert [s.name for s in data][-1] == 'data-coarse'
+    assert data[-1].command[-4:] == ['--output', str(tmp_path / 'missing64.h5'), '--image_size', '64']
+    with pytest.raises(cli.UserError, match='--coarse_steps must be between 0 and the steps of voxelmorph'):
+        parse('--preset', 'lpba40', '--results', str(tmp_path), '--coarse_steps', '6000')
+    with pytest.raises(cli.UserError, match='coarse dataset spec nope.json not found'):
+        parse('--preset', 'lpba40', '--results', str(tmp_path), '--coarse_dataset', 'nope.json')
 
 
 def test_training_whose_weights_are_gone_runs_again_when_a_stage_to_do_reads_them(tmp_path):
