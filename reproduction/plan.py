@@ -164,12 +164,12 @@ def final_steps(ctx, method):
     return phases(ctx, method)[-1][1]
 
 
-def train_stage(ctx, method, n, seed, phase=None, steps=None):
-    """The training stage of a learned method at n cascades and one seed; phase 'coarse' trains
-    run '<run>-coarse' on --coarse_dataset, 'fine' starts the run from its weights (--init_from)."""
+def train_stage(ctx, method, n, seed, phase, steps):
+    """The training stage of a learned method at n cascades and one seed, ``steps`` steps of one of
+    its ``phases``: 'coarse' trains run '<run>-coarse' on --coarse_dataset, 'fine' starts the run
+    from its weights (--init_from), None trains the run alone."""
     a = ctx.args
     label, flags, needs_teacher = LEARNED[method]
-    steps = steps or final_steps(ctx, method)
     run = run_name(ctx, method, n, seed)
     coarse_run = run + '-coarse'
     spec, name = (ctx.coarse_spec, coarse_run) if phase == 'coarse' else (ctx.spec, run)
