@@ -46,7 +46,8 @@ PRESETS = {
     # time), so that its stage fits a session: at 128^3 throughout it took 2.6 hours.
     # seconds_per_step: wall seconds of one step on 2 cores, validation and checkpoints included, as
     # this preset's own stages took them (their records in results/lpba40/stages: seconds over the
-    # steps run; VoxelMorph: its log's steps/s), for --list; 'coarse': the same at the coarse size.
+    # steps run; VoxelMorph at 128^3: the steps/s of its first attempt's log), for --list; 'coarse':
+    # the same at the coarse size.
     'lpba40': {'dataset': os.path.join(ROOT, 'datasets', 'lpba.json'),
                'lpba40': LPBA40_DIR if os.path.isdir(LPBA40_DIR) else None, 'name': 'lpba40',
                'steps': 6000, 'teacher_steps': 8000, 'batch': 1, 'lr': 5e-4, 'teacher_lr': 1e-4, 'val_steps': 500,
@@ -55,7 +56,7 @@ PRESETS = {
                'coarse_steps': 4000,
                'train_flags': ['--data_args', "train_pairs='all'", '--augment_affine', '10', '0.05', '4'],
                'seconds_per_step': {'ldr': 0.39, 'teacher': 1.31, 'aldk': 0.87, 'l2': 0.47, 'voxelmorph': 1.57,
-                                    'coarse': {'voxelmorph': 0.22}}},
+                                    'coarse': {'voxelmorph': 0.57}}},
 }
 FIGURE_PAIRS = 4
 FIGURE_METHODS = ('ldr', 'aldk', 'teacher')   # figure 2's rows, in order: each at its first seed
