@@ -113,10 +113,12 @@ def run_stage(ctx, stage):
 
 
 def write_record(ctx, stage, command, code, seconds, resumed, log):
-    """The stage's record (its 'finished' marker): command line, return code, wall seconds, outputs."""
+    """The stage's record (its 'finished' marker): command line, return code, wall seconds, outputs,
+    and the versions and machine that ran it (a protocol's stages may run on several machines)."""
     record = {'stage': stage.name, 'kind': stage.kind, 'command': command, 'cwd': ctx.out, 'returncode': code,
               'seconds': seconds, 'resumed_from_step': resumed, 'outputs': stage.outputs, 'log': log,
-              'finished': datetime.datetime.now().isoformat(timespec='seconds'), 'info': stage.info}
+              'finished': datetime.datetime.now().isoformat(timespec='seconds'), 'info': stage.info,
+              'versions': ctx.versions}
     cli.write_json(stage.record_path(ctx), record)
 
 
