@@ -46,7 +46,8 @@ def method_entries(ctx, stages, records):
                 continue
             evaluations = [s for s in stages if s.kind == 'eval' and s.info['method'] == method
                            and s.info['cascades'] == n and s.info.get('refine', 0) == refine]
-            label = LEARNED[method][0] + (' + {} refinement iterations'.format(refine) if refine else '')
+            label = LEARNED[method][0] + (' (coarse-to-fine)' if method in ctx.args.coarse_to_fine else '') + (
+                ' + {} refinement iterations'.format(refine) if refine else '')
             entry = {'label': label, 'method': method, 'cascades': n, 'kind': 'learned', 'status': 'pending',
                      'refine': refine}
             entries[key] = add_evaluations(ctx, entry, evaluations, records)

@@ -205,6 +205,7 @@ def test_lpba40_preset_plans_seeds_and_all_pairs(tmp_path):
     assert names.index('baseline-ants_syn') < names.index('teacher-1') < names.index('baseline-ants_syn-all_pairs')
     entries = report.method_entries(ctx, plan.plan(ctx), {})
     assert entries['ldr+refine-1']['label'] == 'LDR + 25 refinement iterations' and entries['ldr-1']['refine'] == 0
+    assert entries['voxelmorph-1']['label'] == 'VoxelMorph + affine (coarse-to-fine)'
     train = {s.name: s for s in plan.plan(ctx) if s.kind == 'train'}
     assert train['ldr-1-s2'].command[train['ldr-1-s2'].command.index('--seed') + 1] == '2'
     lr = {name: float(stage.command[stage.command.index('--lr') + 1]) for name, stage in train.items()}
