@@ -17,6 +17,8 @@ import json
 import os
 import re
 
+import numpy as np
+
 from cli import parse_kwargs, write_atomic, write_json
 from errors import UserError
 
@@ -302,19 +304,40 @@ def restore_first(sess, variables, candidates, warn):
 
 def restore_matching(sess, prefix, variables):
     """Initialise ``variables`` from checkpoint ``prefix`` wherever a stored variable has the same
-    name and shape (e.g. a run at another image size: only the affine heads, whose kernels span
-    the whole feature map, differ). Returns the names left as initialised; UserError if nothing
+    name and shape, or the same name and a kernel grown by integer factors along its three spatial
+    axes (a run at another image size: the affine heads, whose 'valid' kernels span the whole
+    feature map). A grown kernel is the stored one repeated over each factor-sized block and divided
+    by the block's size, so that features constant over each block (the coarse map upsampled) give
+    the same output. Returns (names resampled so, names left as initialised); UserError if nothing
     matches."""
     from network.tfv1 import tf
     try:
-        stored = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+        reader = tf.train.load_checkpoint(prefix)
     except (tf.errors.OpError, ValueError) as e:
         raise UserError('cannot read checkpoint {}: {}'.format(prefix, str(e).splitlines()[0]))
+    stored = reader.get_variable_to_shape_map()
     matching = [v for v in variables if stored.get(v.op.name) == v.shape.as_list()]
+    grown = {v: factors for v in variables if v not in matching
+             for factors in [kernel_growth(stored.get(v.op.name), v.shape.as_list())] if factors}
     if not matching:
         raise UserError('checkpoint {} has none of this network\'s variables (another base network?)'.format(prefix))
     tf.train.Saver(matching).restore(sess, prefix)
-    return [v.op.name for v in variables if v not in matching]
+    for v, factors in grown.items():
+        kernel = reader.get_tensor(v.op.name)
+        for axis, factor in enumerate(factors):
+            kernel = np.repeat(kernel, factor, axis=axis)
+        v.load(kernel / np.prod(factors), sess)
+    return [v.op.name for v in grown], [v.op.name for v in variables if v not in matching and v not in grown]
+
+
+def kernel_growth(old, new):
+    """(fx, fy, fz) when conv kernel shape ``new`` is ``old`` with its three spatial sizes multiplied
+    by those integers (channels equal), else None."""
+    if old is None or len(old) != 5 or len(new) != 5 or old[3:] != new[3:] or old == new:
+        return None
+    if any(n % o for o, n in zip(old[:3], new[:3])):
+        return None
+    return tuple(n // o for o, n in zip(old[:3], new[:3]))
 
 
 def load_framework(spec, image_size=None, class_values=None, rep=None, extra=None, threads=None):

@@ -299,10 +299,11 @@ def main(argv=None):
                 sess.run(framework.global_step.assign(step))
                 print('Restored {} at step {}'.format(checkpoint, step))
             if init:
-                fresh = runs.restore_matching(sess, init.prefix, framework.net.variables)
-                print('Initialised from {}: {} of {} variables{}'.format(
+                resampled, fresh = runs.restore_matching(sess, init.prefix, framework.net.variables)
+                print('Initialised from {}: {} of {} variables{}{}'.format(
                     init.prefix, len(framework.net.variables) - len(fresh), len(framework.net.variables),
-                    '; afresh (name or shape differs): ' + ', '.join(fresh) if fresh else ''))
+                    '; resampled to this size (kernels spanning the feature map): ' + ', '.join(resampled)
+                    if resampled else '', '; afresh (name or shape differs): ' + ', '.join(fresh) if fresh else ''))
             if run_dir:
                 os.makedirs(run_dir, exist_ok=True)
                 runs.RunConfig.from_flags(args).save(run_dir)

@@ -128,11 +128,20 @@ def test_run_of_the_old_format_evaluates_predicts_and_resumes(old_run):
                               warmup=None)
 
 
+@pytest.mark.parametrize('old, new, factors', [
+    ([1, 1, 1, 8, 9], [2, 2, 2, 8, 9], (2, 2, 2)), ([1, 2, 1, 8, 9], [3, 4, 2, 8, 9], (3, 2, 2)),
+    ([2, 2, 2, 8, 9], [3, 3, 3, 8, 9], None), ([1, 1, 1, 8, 9], [2, 2, 2, 16, 9], None),
+    ([1, 1, 1, 8, 9], [1, 1, 1, 8, 9], None), (None, [2, 2, 2, 8, 9], None), ([4, 9], [8, 9], None)])
+def test_kernel_growth_is_integer_spatial_factors_with_the_same_channels(old, new, factors):
+    assert runs.kernel_growth(old, new) == factors
+
+
 def test_init_from_a_run_at_another_image_size_keeps_what_fits(tiny_run, tmp_path):
-    """Coarse-to-fine: an 80^3 run starts from the 64^3 tiny run. Every variable but the light
-    affine stem's two heads (their kernels span the whole feature map: 1^3 at 64^3, 2^3 at
-    80^3) is taken over; with a learning rate of 1e-12 two Adam steps leave them equal to the
-    source's."""
+    """Coarse-to-fine: an 80^3 run starts from the 64^3 tiny run. Every variable is taken over,
+    the light affine stem's two heads (their kernels span the whole feature map: 1^3 at 64^3,
+    2^3 at 80^3) resampled: each stored kernel cell repeated over a 2^3 block and divided by 8,
+    so that the coarse map upsampled gives the same W and b; with a learning rate of 1e-12 two
+    Adam steps leave every variable equal to that."""
     from data_util.synthetic import make_synthetic
     from network.tfv1 import tf
     spec = make_synthetic(str(tmp_path / 'synthetic80'), n_scans=6, image_size=80, seed=1)
@@ -140,8 +149,8 @@ def test_init_from_a_run_at_another_image_size_keeps_what_fits(tiny_run, tmp_pat
                       '--lr', '1e-12', '--output', 'fine', '--val_steps', '0', cwd=tmp_path)
     assert proc.returncode == 0, error_lines(proc)
     line = next(line for line in proc.stdout.splitlines() if line.startswith('Initialised from'))
-    assert line.endswith('24 of 26 variables; afresh (name or shape differs): {0}/conv7_W/W, {0}/conv7_b/W'.format(
-        'rcn/affine_stem')), line
+    assert line.endswith('26 of 26 variables; resampled to this size (kernels spanning the feature map): '
+                         '{0}/conv7_W/W, {0}/conv7_b/W'.format('rcn/affine_stem')), line
     settings = json.loads((tmp_path / 'weights' / 'fine' / 'args.json').read_text())
     assert settings['base_network'] == 'LDR' and settings['image_size'] == [80, 80, 80]
     source = tf.train.load_checkpoint(runs.resolve_checkpoint(str(tiny_run))[1])
@@ -152,6 +161,15 @@ def test_init_from_a_run_at_another_image_size_keeps_what_fits(tiny_run, tmp_pat
     assert len(taken) > 10
     for name in taken:
         np.testing.assert_allclose(started.get_tensor(name), source.get_tensor(name), rtol=0, atol=1e-9)
+    features = np.random.default_rng(0).normal(size=[1, 1, 1, 128])   # the 64^3 stem's last map
+    for head in ('conv7_W', 'conv7_b'):
+        name = 'rcn/affine_stem/{}/W'.format(head)
+        coarse, fine = source.get_tensor(name), started.get_tensor(name)
+        assert coarse.shape[:3] == (1, 1, 1) and fine.shape[:3] == (2, 2, 2)
+        np.testing.assert_allclose(fine, np.broadcast_to(coarse / 8, fine.shape), rtol=0, atol=1e-9)
+        upsampled = np.broadcast_to(features, [2, 2, 2, 128])
+        np.testing.assert_allclose(np.einsum('xyzc,xyzco->o', upsampled, fine),
+                                   np.einsum('xyzc,xyzco->o', features, coarse), rtol=1e-9, atol=1e-12)
 
     proc = run_script('train.py', '-c', tiny_run, '--init_from', tiny_run, cwd=tmp_path)
     assert proc.returncode != 0 and error_lines(proc) == [
