@@ -49,7 +49,8 @@ def build_parser():
     p.add_argument('--clear_steps', action='store_true', help='restart the step counter when starting from a checkpoint')
     p.add_argument('--init_from', default=None, metavar='RUN',
                    help='start a new run from the network weights of RUN (DIR, DIR:STEP or a prefix) wherever name and '
-                        'shape agree, e.g. a run at a coarser --image_size (coarse-to-fine); the optimiser starts afresh')
+                        'shape agree, e.g. a run at a coarser --image_size (coarse-to-fine; the affine heads, whose '
+                        'kernels span the feature map, resampled to the new size); the optimiser starts afresh')
     p.add_argument('--debug', action='store_true', help='no files written; validate and print every step')
     p.add_argument('--logs', default='', help='TensorBoard sub-directory under logs/')
     p.add_argument('--name', default=None, help='suffix appended to the run name')
