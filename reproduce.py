@@ -59,7 +59,7 @@ import os
 import sys
 
 import cli
-from reproduction.plan import (BASELINES, DEMO, LEARNED, PRESETS, Context, check_config, drop_missing_baselines, plan,
+from reproduction.plan import (BASELINES, DEMO, LEARNED, PRESETS, Context, check_config, note_missing_baselines, plan,
                                resolve_args)
 from reproduction.run import list_stages, run_stages
 
@@ -131,7 +131,7 @@ def main(argv=None):
     args = resolve_args(build_parser().parse_args(argv))
     ctx = Context(args)
     ctx.argv = [os.path.abspath(__file__)] + argv
-    drop_missing_baselines(ctx)
+    note_missing_baselines(ctx)
     stages = plan(ctx)
     check_config(ctx, store=not args.list)
     if args.list:

@@ -424,12 +424,11 @@ def project_relative(path):
     return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
 
 
-def drop_missing_baselines(ctx):
-    """Take the baselines whose package is not installed out of the run; ctx.skipped_baselines
-    keeps them with the reason, for the table's 'not installed' rows."""
-    args = ctx.args
-    ctx.skipped_baselines = {m: baselines.missing(m) for m in args.baselines if baselines.missing(m)}
-    args.baselines = [m for m in args.baselines if m not in ctx.skipped_baselines]
+def note_missing_baselines(ctx):
+    """ctx.missing_baselines: {baseline: one-line reason} for the baselines whose package is not
+    installed here. They stay in the plan: their finished stages are reported, the others are
+    skipped and their rows say 'not installed'."""
+    ctx.missing_baselines = {m: baselines.missing(m) for m in ctx.args.baselines if baselines.missing(m)}
 
 
 def read_json(path):

@@ -29,13 +29,11 @@ def method_entries(ctx, stages, records):
     entries = {}
     for method in BASELINES:
         evaluations = [s for s in stages if s.kind == 'baseline' and s.info['method'] == method]
-        if not evaluations and method not in ctx.skipped_baselines:
+        if not evaluations:
             continue
         entry = {'label': baselines.METHODS[method]['label'], 'method': method, 'cascades': None,
                  'kind': 'classical', 'package': baselines.METHODS[method]['package'], 'status': 'pending'}
-        if method in ctx.skipped_baselines:
-            entry.update({'status': 'not installed', 'reason': ctx.skipped_baselines[method]})
-        entries[method] = add_evaluations(ctx, entry, evaluations, records)
+        entries[method] = add_evaluations(ctx, entry, evaluations, records, ctx.missing_baselines.get(method))
     for stage in stages:
         if stage.kind != 'train':
             continue
@@ -54,9 +52,11 @@ def method_entries(ctx, stages, records):
     return entries
 
 
-def add_evaluations(ctx, entry, stages, records):
+def add_evaluations(ctx, entry, stages, records, missing=None):
     """Fill a method entry from its finished evaluation stages' JSON (eval.py's schema): one per
-    seed, on the subset's pairs and (all_pairs) on every ordered pair of it."""
+    seed, on the subset's pairs and (all_pairs) on every ordered pair of it. ``missing``: why the
+    method cannot run here (a baseline's package not installed): its unfinished evaluations are
+    'not installed' rather than 'pending'."""
     for all_pairs in (False, True):
         chosen = [s for s in stages if s.info.get('all_pairs', False) == all_pairs]
         done = [s for s in chosen if s.name in records]
@@ -68,7 +68,9 @@ def add_evaluations(ctx, entry, stages, records):
         else:
             target = entry
         target['eval_stages'] = [s.name for s in chosen]
-        if len(done) < len(chosen) or target.get('status') == 'not installed':
+        if len(done) < len(chosen):
+            if missing:
+                target.update({'status': 'not installed', 'reason': missing})
             continue
         data = {s.info.get('seed'): read_json(ctx.path(s.outputs[0])) for s in done}
         summary = combine_seeds([with_refinement_seconds(d['summary']) for d in data.values()])

@@ -71,6 +71,9 @@ def run_stage(ctx, stage):
     if stage.finished(ctx):
         ctx.say('skip {} (finished)'.format(stage.name))
         return False
+    if stage.kind == 'baseline' and stage.info['method'] in ctx.missing_baselines:
+        ctx.say('skip {}: {}'.format(stage.name, ctx.missing_baselines[stage.info['method']]))
+        return False
     if stage.kind == 'data' and all(os.path.exists(ctx.path(p)) for p in stage.outputs):
         ctx.say('{}: outputs exist, kept'.format(stage.name))
         write_record(ctx, stage, None, 0, 0.0, None, None)
@@ -173,9 +176,11 @@ def run_stages(ctx, stages):
     ctx.versions = report.versions()
     ctx.say('reproduce {} -> {} ({} stages, {} finished)'.format(
         'demo' if args.demo else args.dataset, ctx.out, len(stages), sum(s.finished(ctx) for s in stages)))
-    if ctx.skipped_baselines:
+    unrunnable = sorted({s.info['method'] for s in chosen if s.kind == 'baseline' and not s.finished(ctx)
+                         and s.info['method'] in ctx.missing_baselines})
+    if unrunnable:
         ctx.say('baselines not installed, marked so in the table: {} (pip install -r requirements-baselines.txt)'
-                .format(', '.join(sorted(ctx.skipped_baselines))))
+                .format(', '.join(unrunnable)))
     for stage in stages:
         if (stage in chosen or stage in stale) and run_stage(ctx, stage):
             report.write(ctx, stages)
@@ -197,6 +202,7 @@ def list_stages(ctx, stages):
     stale = stale_stages(ctx, stages, chosen)
     for stage, cpu_hours in zip(stages, hours):
         state = 'again' if stage in stale else 'finished' if stage.finished(ctx) else \
+            'no pkg' if stage.kind == 'baseline' and stage.info['method'] in ctx.missing_baselines else \
             'to do' if stage in chosen else 'not now'
         print('{:9} {:28} {:>9} {}'.format(state, stage.name,
                                            '{:.1f} CPU-h'.format(cpu_hours) if cpu_hours else '', ' '.join(stage.command)))

@@ -189,6 +189,30 @@ def test_table_marks_missing_baseline():
     assert 'Landmark' not in text  # no column when no method has landmarks
 
 
+def test_baseline_not_installed_keeps_its_finished_results(tmp_path, capsys):
+    """A baseline whose package is missing here stays in the plan: its finished evaluation is
+    reported as measured, its unfinished one is skipped (not run, not an error) and 'not installed'."""
+    args = plan.resolve_args(reproduce.build_parser().parse_args(
+        ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'ants_syn']))
+    ctx = plan.Context(args)
+    ctx.missing_baselines = {'ants_syn': 'antspyx not installed (pip install -r requirements-baselines.txt)'}
+    stages = plan.plan(ctx)
+    atlas, all_pairs = [s for s in stages if s.kind == 'baseline']
+    assert (atlas.name, all_pairs.name) == ('baseline-ants_syn', 'baseline-ants_syn-all_pairs')
+    os.makedirs(os.path.dirname(atlas.record_path(ctx)), exist_ok=True)
+    open(atlas.record_path(ctx), 'w').write('{}')
+    summary = {'dice': {'mean': 0.69, 'std': 0.02}, 'seconds_per_pair': 60.0}
+    os.makedirs(os.path.dirname(ctx.path(atlas.outputs[0])), exist_ok=True)
+    cli.write_json(ctx.path(atlas.outputs[0]), {'summary': summary, 'pairs': [{}] * 9, 'parameters': None})
+    records = report.stage_records(ctx, stages)
+    entry = report.method_entries(ctx, stages, records)['ants_syn']
+    assert entry['status'] == 'ok' and entry['summary'] == summary and entry['pairs'] == 9
+    assert entry['all_pairs']['status'] == 'not installed'
+    assert not run.run_stage(ctx, all_pairs)
+    assert 'skip baseline-ants_syn-all_pairs: antspyx not installed' in capsys.readouterr().out
+    assert not all_pairs.finished(ctx) and not os.path.exists(ctx.path('stage_logs', all_pairs.name + '.log'))
+
+
 def test_lpba40_preset_plans_seeds_and_all_pairs(tmp_path):
     """--preset lpba40: every student at 2 seeds (runs <method>-1-s<seed>), one teacher, an
     evaluation on the atlas pairs and one on all pairs per run, and CPU-hour estimates."""
@@ -196,7 +220,7 @@ def test_lpba40_preset_plans_seeds_and_all_pairs(tmp_path):
         ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'identity', 'ants_syn']))
     assert (args.steps, args.lr, args.seeds, args.all_pairs, args.name) == (6000, 5e-4, [1, 2], True, 'lpba40')
     ctx = plan.Context(args)
-    ctx.skipped_baselines = {}
+    ctx.missing_baselines = {}
     names = [s.name for s in plan.plan(ctx)]
     assert 'teacher-1' in names and 'teacher-1-s1' not in names
     assert {'ldr-1-s1', 'ldr-1-s2', 'aldk-1-s2', 'eval-aldk-1-s2', 'eval-aldk-1-s2-all_pairs',
@@ -266,7 +290,7 @@ def test_training_whose_weights_are_gone_runs_again_when_a_stage_to_do_reads_the
     args = plan.resolve_args(reproduce.build_parser().parse_args(
         ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'identity']))
     ctx = plan.Context(args)
-    ctx.skipped_baselines = {}
+    ctx.missing_baselines = {}
     stages = plan.plan(ctx)
     done = {'teacher-1', 'eval-teacher-1', 'eval-teacher-1-all_pairs', 'ldr-1-s1', 'eval-ldr-1-s1',
             'eval-ldr-1-s1-all_pairs', 'eval-ldr-1-s1-refine25'}
@@ -297,7 +321,7 @@ def test_only_runs_the_chosen_stages_and_what_they_need_again(tmp_path):
         ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'identity',
          '--only', 'sections-aldk-1-s1']))
     ctx = plan.Context(args)
-    ctx.skipped_baselines = {}
+    ctx.missing_baselines = {}
     stages = plan.plan(ctx)
     done = {'teacher-1', 'eval-teacher-1', 'sections-teacher-1', 'aldk-1-s1', 'eval-aldk-1-s1'}
     for stage in stages:
@@ -349,7 +373,7 @@ def test_figure2_draws_the_runs_whose_sections_exist_in_figure_order(tmp_path):
     args = plan.resolve_args(reproduce.build_parser().parse_args(
         ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'none']))
     ctx = plan.Context(args)
-    ctx.skipped_baselines = {}
+    ctx.missing_baselines = {}
     stages = plan.plan(ctx)
     sections = {s.info['method']: s for s in stages if s.kind == 'sections'}
     assert sorted(sections) == ['aldk', 'ldr', 'teacher'] and sections['ldr'].info['run'] == 'ldr-1-s1'
