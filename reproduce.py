@@ -19,7 +19,8 @@ Stages (each a subprocess of the project's own command-line tools, run with cwd 
   eval-<run>      eval.py -c weights/<run> -v SUBSET       metrics + network-only CPU seconds per pair
   baseline-<m>    python -m baselines.evaluate <m>         no registration, ANTs SyN, Elastix B-spline (+ affine)
   sections-<run>  python -m reproduction.sections ...      figure 2's warped sections of a run (ldr, aldk,
-                  teacher at their first seed), right after its evaluations
+                  teacher, voxelmorph at their first seed), right after its evaluations; from the
+                  run's export in models/ when one is shipped (its final step), else its weights
 
 A stage is finished when its record stages/<stage>.json exists (written atomically after the
 command succeeded); a re-run skips finished stages, and a training stage stopped half-way

@@ -7,6 +7,7 @@ environment) and the stages themselves: Stage, one builder per kind (data, train
 baseline, sections) and ``plan(ctx)``, all of them in order. A stage is a command line of the
 project's own tools; reproduction.run runs it, reproduction.report reads what it wrote.
 """
+import glob
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ import baselines
 import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = os.path.join(ROOT, 'models')   # the shipped models (exports), each with its export.json
 LEARNED = {  # key: (label, train.py arguments, uses the teacher)
     'teacher': ('VTN + affine (teacher)', ['-b', 'VTN'], False),
     'ldr': ('LDR', ['-b', 'LDR'], False),
@@ -59,7 +61,7 @@ PRESETS = {
                                     'coarse': {'voxelmorph': 0.57}}},
 }
 FIGURE_PAIRS = 4
-FIGURE_METHODS = ('ldr', 'aldk', 'teacher')   # figure 2's rows, in order: each at its first seed
+FIGURE_METHODS = ('ldr', 'aldk', 'teacher', 'voxelmorph')   # figure 2's rows, in order: each at its first seed
 SAVE_STEPS = 500          # a training stage cut off by the end of a session loses at most this many steps
 ALL_PAIRS_BASELINES = ('identity', 'ants_syn')   # ANTs SyNCC and Elastix would take hours on 72 pairs
 REFINED = ('ldr', 'aldk')                           # the students --refine evaluates with refinement too
@@ -242,10 +244,24 @@ def sections_stage(ctx, method, n, seed):
     a = ctx.args
     run = run_name(ctx, method, n, seed)
     output = os.path.join('figure2', run + '.npz')
+    model = shipped_export(ctx, run, final_steps(ctx, method)) or os.path.join('weights', run)
     command = python('-m', 'reproduction.sections', '-d', ctx.spec, '-v', a.subset, '--output', output,
-                     '--pairs', FIGURE_PAIRS, '--run', '{}={}'.format(LEARNED[method][0], os.path.join('weights', run)))
+                     '--pairs', FIGURE_PAIRS, '--run', '{}={}'.format(LEARNED[method][0], model))
     return Stage('sections-' + run, 'sections', command, [output], 'warp sections of {} for figure 2'.format(run),
                  method=method, cascades=n, run=run, seed=seed)
+
+
+def shipped_export(ctx, run, step):
+    """The export in models/ frozen from this results directory's run at ``step`` (its export.json's
+    checkpoint is <results>/<name>/weights/<run>/model-<step>), or None. Figure 2 draws such a run
+    from it: the same network as the run's last weights (with the pure-TF warp), the model users
+    get, and on any machine, where the weights stay on the one that trained them."""
+    tail = os.path.join(ctx.args.name, 'weights', run, 'model-{}'.format(step))
+    for meta_path in sorted(glob.glob(os.path.join(MODELS, '*', 'export.json'))):
+        meta = read_json(meta_path)
+        if meta.get('step') == step and str(meta.get('checkpoint', '')).endswith(os.sep + tail):
+            return os.path.dirname(meta_path)
+    return None
 
 
 def flows_stage(ctx, n):

@@ -371,6 +371,6 @@ def figure2(ctx, stages):
     fig.tight_layout()
     fig.savefig(ctx.path('figure2.png'), dpi=110)
     plt.close(fig)
-    return {'sections': [s.outputs[0] for s in found], 'methods': labels,
+    return {'sections': [s.outputs[0] for s in found], 'methods': labels, 'models': [str(r['source']) for r in runs],
             'pairs': [str(p) for p in sections['pair_ids']]}
 

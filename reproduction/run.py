@@ -8,7 +8,7 @@ after every stage, and ``--list``'s table of the stages and their state.
 
 Weights are not kept with the results (weights/ stays on the machine that trained them): on
 another machine a finished training stage whose weights a stage still to run reads (a teacher
-for distillation, runs for figure 2) is trained again, and the stages that read the earlier
+for distillation, runs figure 2 draws from their weights) is trained again, and the stages that read the earlier
 weights (its evaluations) run again with it, so that the tables describe the weights used.
 """
 import datetime

@@ -174,7 +174,8 @@ def test_list_shows_stages(tmp_path, synthetic_spec):
     names = [line.split()[2] for line in proc.stdout.splitlines()]
     assert names[:5] == ['teacher-1', 'eval-teacher-1', 'sections-teacher-1', 'flows-1', 'ldr-1']
     assert 'voxelmorph-1' in names and 'voxelmorph-2' not in names and 'l2-2' in names
-    assert [n for n in names if n.startswith('sections')] == ['sections-teacher-1', 'sections-ldr-1', 'sections-aldk-1']
+    assert [n for n in names if n.startswith('sections')] == ['sections-teacher-1', 'sections-ldr-1', 'sections-aldk-1',
+                                                               'sections-voxelmorph-1']
     assert all(line.startswith('to do') for line in proc.stdout.splitlines())
     assert '--pretrained_flow_path flows/teacher-2.h5' in proc.stdout
 
@@ -283,10 +284,12 @@ def test_coarse_to_fine_trains_a_coarse_run_then_the_run_from_its_weights(tmp_pa
         parse('--preset', 'lpba40', '--results', str(tmp_path), '--coarse_dataset', 'nope.json')
 
 
-def test_training_whose_weights_are_gone_runs_again_when_a_stage_to_do_reads_them(tmp_path):
+def test_training_whose_weights_are_gone_runs_again_when_a_stage_to_do_reads_them(tmp_path, monkeypatch):
     """On another machine (results/ committed, weights/ not): the teacher trains again, with its
     evaluations, because ALDK still has to read it; a student's weights that nothing to do reads
-    stay gone; with the teacher's checkpoint present nothing runs again."""
+    stay gone; with the teacher's checkpoint present nothing runs again. (No shipped models here:
+    figure 2 reads the runs' weights.)"""
+    monkeypatch.setattr(plan, 'MODELS', str(tmp_path / 'models'))
     args = plan.resolve_args(reproduce.build_parser().parse_args(
         ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'identity']))
     ctx = plan.Context(args)
@@ -311,6 +314,93 @@ def test_training_whose_weights_are_gone_runs_again_when_a_stage_to_do_reads_the
     sections = next(s for s in stages if s.name == 'sections-ldr-1-s1')
     open(sections.record_path(ctx), 'w').write('{}')
     assert run.stale_stages(ctx, stages, stages) == []
+
+
+def test_figure2_draws_a_run_from_the_shipped_export_of_its_last_weights(tmp_path, monkeypatch):
+    """A run whose final checkpoint is frozen in models/ (export.json's checkpoint and step) is drawn
+    from that export: its sections stage reads no weights, so nothing trains again for it on a
+    machine without them; an export of another step, run or results directory is not used."""
+    models = tmp_path / 'models'
+    monkeypatch.setattr(plan, 'MODELS', str(models))
+
+    def ship(name, checkpoint, step):
+        (models / name).mkdir(parents=True)
+        (models / name / 'export.json').write_text(json.dumps({'checkpoint': checkpoint, 'step': step}))
+
+    ship('early', '/elsewhere/results/lpba40/weights/ldr-1-s1/model-5500', 5500)
+    ship('other-results', '/elsewhere/results/lpba40-old/weights/ldr-1-s1/model-6000', 6000)
+    ship('seed-2', '/elsewhere/results/lpba40/weights/ldr-1-s2/model-6000', 6000)
+    args = plan.resolve_args(reproduce.build_parser().parse_args(
+        ['--preset', 'lpba40', '--results', str(tmp_path / 'results'), '--baselines', 'none']))
+    ctx = plan.Context(args)
+    ctx.missing_baselines = {}
+
+    def sections_model():
+        stage = next(s for s in plan.plan(ctx) if s.name == 'sections-ldr-1-s1')
+        return stage.command[stage.command.index('--run') + 1]
+
+    assert sections_model() == 'LDR=' + os.path.join('weights', 'ldr-1-s1')
+    ship('shipped', '/elsewhere/results/lpba40/weights/ldr-1-s1/model-6000', 6000)
+    assert sections_model() == 'LDR=' + str(models / 'shipped')
+    stages = plan.plan(ctx)
+    for stage in stages:
+        if stage.name in ('ldr-1-s1', 'eval-ldr-1-s1'):
+            os.makedirs(os.path.dirname(stage.record_path(ctx)), exist_ok=True)
+            open(stage.record_path(ctx), 'w').write('{}')
+    assert run.stale_stages(ctx, stages, [s for s in stages if s.name == 'sections-ldr-1-s1']) == []
+
+
+def test_sections_worker_draws_a_checkpoint_and_its_export_alike(tiny_run, synthetic_spec, tmp_path):
+    """python -m reproduction.sections on a train.py run and on its export: the same pairs and
+    slice, warped sections equal within float error; a model of another size is one error line."""
+    import numpy as np
+    proc = run_script('predict.py', '-c', tiny_run, '--export', 'exported', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    arrays = {}
+    for name, model in (('run', str(tiny_run)), ('export', 'exported')):
+        proc = subprocess.run([sys.executable, '-m', 'reproduction.sections', '-d', synthetic_spec, '-v', 'test',
+                               '--pairs', '2', '--run', 'LDR=' + model, '--output', name + '.npz'],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        with np.load(tmp_path / (name + '.npz')) as data:
+            arrays[name] = {k: data[k] for k in data.files}
+    run_arrays, export_arrays = arrays['run'], arrays['export']
+    assert run_arrays['warped'].shape == (1, 64, 64)   # 2 test scans: one pair to the first fixed scan
+    for key in ('pair_ids', 'index', 'fixed', 'moving', 'moving_seg'):
+        assert np.array_equal(run_arrays[key], export_arrays[key]), key
+    assert np.abs(run_arrays['warped'] - export_arrays['warped']).max() < 0.05
+    assert np.mean(run_arrays['warped_seg'] != export_arrays['warped_seg']) < 0.001
+    small = tmp_path / 'small.json'
+    spec = json.loads(open(synthetic_spec).read())
+    small.write_text(json.dumps(dict(spec, image_size=[32, 32, 32])))
+    proc = subprocess.run([sys.executable, '-m', 'reproduction.sections', '-d', str(small), '-v', 'test',
+                           '--run', 'LDR=exported', '--output', 'small.npz'], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode != 0 and error_lines(proc) == [
+        'error: exported registers 64^3 volumes; {} holds 32x32x32'.format(small)]
+    assert not (tmp_path / 'small.npz').exists()
+
+
+def test_warp_section_is_the_warp_ops_section():
+    """reproduction.sections.warp_section (SciPy) against the project's warp op and its nearest
+    warp on a random volume and flow: the same section, inside and beyond the border."""
+    import numpy as np
+    from network.spatial_transformer import warp, warp_nearest
+    from network.tfv1 import tf
+    from reproduction.sections import warp_section
+    rng = np.random.default_rng(3)
+    volume = rng.uniform(0, 255, (12, 10, 8)).astype(np.float32)
+    labels = rng.integers(0, 5, (12, 10, 8)).astype(np.float32)
+    flow = rng.normal(0, 2.5, (12, 10, 8, 3)).astype(np.float32)
+    with tf.Graph().as_default(), tf.Session() as sess:
+        flow_t = tf.constant(flow[None])
+        linear, nearest = sess.run([warp(tf.constant(volume[None, ..., None]), flow_t),
+                                    warp_nearest(tf.constant(labels[None, ..., None]), flow_t)])
+    for index in (0, 5, 7):
+        assert np.allclose(warp_section(volume, flow, index, order=1), linear[0, :, :, index, 0], atol=1e-3)
+        differ = warp_section(labels, flow, index, order=0) != nearest[0, :, :, index, 0]
+        assert differ.mean() < 0.02   # only positions at a rounding tie may go either way
 
 
 def test_only_runs_the_chosen_stages_and_what_they_need_again(tmp_path):
@@ -376,7 +466,7 @@ def test_figure2_draws_the_runs_whose_sections_exist_in_figure_order(tmp_path):
     ctx.missing_baselines = {}
     stages = plan.plan(ctx)
     sections = {s.info['method']: s for s in stages if s.kind == 'sections'}
-    assert sorted(sections) == ['aldk', 'ldr', 'teacher'] and sections['ldr'].info['run'] == 'ldr-1-s1'
+    assert sorted(sections) == ['aldk', 'ldr', 'teacher', 'voxelmorph'] and sections['ldr'].info['run'] == 'ldr-1-s1'
     names = [s.name for s in stages]
     assert names.index('eval-teacher-1-all_pairs') < names.index('sections-teacher-1') < names.index('ldr-1-s1')
     rng = np.random.default_rng(0)
@@ -384,7 +474,8 @@ def test_figure2_draws_the_runs_whose_sections_exist_in_figure_order(tmp_path):
     def write(method, pair_ids):
         path = ctx.path(sections[method].outputs[0])
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path, label=np.array(plan.LEARNED[method][0]), pair_ids=np.array(pair_ids),
+        np.savez(path, label=np.array(plan.LEARNED[method][0]), source=np.array('weights/' + method),
+                 pair_ids=np.array(pair_ids),
                  fixed=rng.uniform(0, 255, (8, 8)), fixed_seg=rng.integers(0, 3, (8, 8)),
                  moving=rng.uniform(0, 255, (2, 8, 8)), moving_seg=rng.integers(0, 3, (2, 8, 8)),
                  warped=rng.uniform(0, 255, (2, 8, 8)), warped_seg=rng.integers(0, 3, (2, 8, 8)), axis=2, index=4)
@@ -394,6 +485,7 @@ def test_figure2_draws_the_runs_whose_sections_exist_in_figure_order(tmp_path):
     write('ldr', ['S01 S02', 'S01 S03'])
     drawn = report.figure2(ctx, stages)
     assert drawn['methods'] == ['LDR', 'VTN + affine (teacher)'] and drawn['pairs'] == ['S01 S02', 'S01 S03']
+    assert drawn['models'] == ['weights/ldr', 'weights/teacher']
     assert os.path.getsize(ctx.path('figure2.png')) > 0
     write('aldk', ['S01 S04', 'S01 S05'])
     with pytest.raises(ValueError, match='other pairs'):
