@@ -360,7 +360,8 @@ def figure2(ctx, stages):
         show(axes[0, 2 * p + 1], overlay(sections['fixed_seg'], sections['fixed_seg']))
         show(axes[1, 2 * p], sections['moving'][p], cmap='gray', vmin=0, vmax=255)
         show(axes[1, 2 * p + 1], overlay(sections['fixed_seg'], sections['moving_seg'][p]))
-        axes[0, 2 * p].set_title('pair {}'.format(p + 1), fontsize=8)
+        fixed_id, moving_id = str(sections['pair_ids'][p]).split()
+        axes[0, 2 * p].set_title('{} -> {}'.format(moving_id, fixed_id), fontsize=8)
         for i, label in enumerate(labels):
             show(axes[i + 2, 2 * p], runs[i]['warped'][p], cmap='gray', vmin=0, vmax=255)
             show(axes[i + 2, 2 * p + 1], overlay(sections['fixed_seg'], runs[i]['warped_seg'][p]))
