@@ -15,7 +15,7 @@ from network import ops
 from network import spatial_transformer as st
 from network.ops import build
 from network.tfv1 import tf
-from tests import warp_golden
+from tests import asan_warp, warp_golden
 from tests.helpers import edge_positions, warp_reference
 
 PADDINGS = ('border', 'zeros')
@@ -353,9 +353,17 @@ def runtime_library(compiler, name):
     return found if os.path.isabs(found) and os.path.exists(found) else None
 
 
+@pytest.fixture(scope='module')
+def asan_expected(tmp_path_factory):
+    """The pure-TF warp's results on tests/asan_warp.py's cases (.npz), for both ASan builds."""
+    path = str(tmp_path_factory.mktemp('asan') / 'expected.npz')
+    asan_warp.save_reference(path)
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('portable', [False, True], ids=['cpu_flags', 'portable'])
-def test_kernels_stay_inside_their_tensors_under_address_sanitizer(library, tmp_path, portable):
+def test_kernels_stay_inside_their_tensors_under_address_sanitizer(library, asan_expected, tmp_path, portable):
     """An AddressSanitizer build of the op runs forward and both gradients on shapes that reach
     every code path, with samples at the far corner, and matches the pure-TF warp
     (tests/asan_warp.py, in a child process with ASan preloaded). ASan aborts on any read or
@@ -373,7 +381,7 @@ def test_kernels_stay_inside_their_tensors_under_address_sanitizer(library, tmp_
     # ASan's interceptors need libstdc++ loaded before TensorFlow; Python's own leaks are no finding.
     env = dict(os.environ, LD_PRELOAD=' '.join(runtime), ASAN_OPTIONS='detect_leaks=0')
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'asan_warp.py')
-    result = subprocess.run([sys.executable, script, sanitized], env=env, stdout=subprocess.PIPE,
+    result = subprocess.run([sys.executable, script, sanitized, asan_expected], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True, timeout=1200)
     findings = [line for line in result.stderr.splitlines() if 'AddressSanitizer' in line]
     assert not findings, '\n'.join(findings + result.stderr.splitlines()[-30:])
