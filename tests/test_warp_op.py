@@ -354,7 +354,17 @@ def runtime_library(compiler, name):
 
 
 @pytest.fixture(scope='module')
-def asan_expected(tmp_path_factory):
+def asan_runtime():
+    """[libasan, libstdc++] of the compiler, to preload; skips where it has no ASan runtime."""
+    compiler = build.compiler()
+    runtime = [runtime_library(compiler, name) for name in ('libasan.so', 'libstdc++.so.6')]
+    if None in runtime:
+        pytest.skip('{} has no AddressSanitizer runtime (libasan.so)'.format(compiler))
+    return runtime
+
+
+@pytest.fixture(scope='module')
+def asan_expected(asan_runtime, tmp_path_factory):
     """The pure-TF warp's results on tests/asan_warp.py's cases (.npz), for both ASan builds."""
     path = str(tmp_path_factory.mktemp('asan') / 'expected.npz')
     asan_warp.save_reference(path)
@@ -363,23 +373,20 @@ def asan_expected(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('portable', [False, True], ids=['cpu_flags', 'portable'])
-def test_kernels_stay_inside_their_tensors_under_address_sanitizer(library, asan_expected, tmp_path, portable):
+def test_kernels_stay_inside_their_tensors_under_address_sanitizer(library, asan_runtime, asan_expected, tmp_path,
+                                                                   portable):
     """An AddressSanitizer build of the op runs forward and both gradients on shapes that reach
     every code path, with samples at the far corner, and matches the pure-TF warp
     (tests/asan_warp.py, in a child process with ASan preloaded). ASan aborts on any read or
     write outside a tensor. The portable build (no AVX2 flags) checks the code that other
     CPUs run."""
-    compiler = build.compiler()
-    runtime = [runtime_library(compiler, name) for name in ('libasan.so', 'libstdc++.so.6')]
-    if None in runtime:
-        pytest.skip('{} has no AddressSanitizer runtime (libasan.so)'.format(compiler))
     sanitized = str(tmp_path / 'warp_op_asan.so')
     flags = ['-fsanitize=address', '-fno-omit-frame-pointer']
     compiled = subprocess.run(build.command(sanitized, flags, portable), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, universal_newlines=True)
     assert compiled.returncode == 0, compiled.stdout[-2000:]
     # ASan's interceptors need libstdc++ loaded before TensorFlow; Python's own leaks are no finding.
-    env = dict(os.environ, LD_PRELOAD=' '.join(runtime), ASAN_OPTIONS='detect_leaks=0')
+    env = dict(os.environ, LD_PRELOAD=' '.join(asan_runtime), ASAN_OPTIONS='detect_leaks=0')
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'asan_warp.py')
     result = subprocess.run([sys.executable, script, sanitized, asan_expected], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True, timeout=1200)
