@@ -50,8 +50,9 @@ def build_parser():
     p.add_argument('--writing_flow', default=None, metavar='STORE',
                    help='instead of evaluating, write the final composed flow of every pair of the subsets '
                         '(default -v: scheme 1, training) of a VTN RCN teacher into the HDF5 store STORE '
-                        '(float16, keyed "id1-id2", for train.py --aldk --pretrained_flow_path); resumable: '
-                        'pairs already stored are skipped')
+                        '(float16, keyed "id1-id2", for train.py --aldk --pretrained_flow_path); with --refine N, '
+                        'each flow after N refinement iterations on its pair; resumable: pairs already stored '
+                        'are skipped')
     return p
 
 
@@ -100,15 +101,24 @@ def net_overrides(args):
     return extra
 
 
-def write_flows(args, prefix, dataset, subsets):
-    """--writing_flow: store the teacher's flow of every pair of ``subsets`` that the store lacks."""
+def write_flows(args, prefix, dataset, subsets, refine_options):
+    """--writing_flow: store the teacher's flow of every pair of ``subsets`` that the store lacks;
+    with --refine N, the flow after N refinement iterations on the pair (a teacher made stronger
+    by instance optimisation; the store's teacher names the iterations and settings)."""
     from data_util.flow_store import FlowStoreWriter
     from network.aldk import check_teacher_net
     sess, framework, _ = runs.load_framework(prefix, dataset.image_size, dataset.segmentation_class_value, args.rep,
                                              net_overrides(args))
     check_teacher_net(framework.net, prefix)
-    teacher = ' '.join([os.path.abspath(prefix)] + ['{}={}'.format(k, v) for k, v in (
-        ('rep', args.rep), ('flow_multiplier', args.flow_multiplier), ('net_args', args.net_args)) if v])
+    refiner = None
+    if args.refine:
+        from network.refine import Refiner
+        refiner = Refiner(dataset.image_size, **refine_options)
+    options = [('rep', args.rep), ('flow_multiplier', args.flow_multiplier), ('net_args', args.net_args)]
+    if refiner:
+        options.append(('refine', '{}({})'.format(args.refine, ', '.join(
+            '{}={}'.format(k, v) for k, v in sorted(refiner.settings.items()) if v is not None))))
+    teacher = ' '.join([os.path.abspath(prefix)] + ['{}={}'.format(k, v) for k, v in options if v])
     with FlowStoreWriter(args.writing_flow, list(dataset.image_size) + [3], teacher) as store:
         for subset in subsets:
             dataset.check([subset])
@@ -121,6 +131,9 @@ def write_flows(args, prefix, dataset, subsets):
                 if todo:
                     flows = framework.register(sess, {k: batch[k][todo] for k in ('voxel1', 'voxel2')})
                     for i, flow in zip(todo, flows):
+                        if refiner:
+                            flow, _ = refiner.refine(batch['voxel1'][i, ..., 0], batch['voxel2'][i, ..., 0], flow,
+                                                     args.refine)
                         store.write(ids[i][0], ids[i][1], flow)
                     written += len(todo)
                 progress.update(len(ids))
@@ -169,7 +182,7 @@ def main(argv=None):
     if args.writing_flow:
         select_warp(args)
         with cli.exclusive_output(args.writing_flow, 'flow store'):
-            return write_flows(args, prefix, dataset, subsets)
+            return write_flows(args, prefix, dataset, subsets, refine_options)
 
     prefix_name = '{}-{}'.format(run.name, run.step)
     if args.rep:

@@ -17,14 +17,16 @@ import h5py
 import numpy as np
 import pytest
 
+import cli
 import runs
 from conftest import ROOT
 from data_util.dataset import Dataset
-from data_util.flow_store import FlowStore, FlowStoreWriter, pair_key
+from data_util.flow_store import FlowStore, FlowStoreError, FlowStoreWriter, pair_key
 from data_util.synthetic import make_synthetic
 from network.aldk import Critic, DistillFramework, Teacher, gradient_penalty
 from network.cascade import make_net_args
 from network.module import count_parameters
+from network.refine import Refiner
 from network.tfv1 import tf
 
 SIZE = [64, 64, 64]
@@ -271,6 +273,31 @@ def test_writing_flow_round_trip_resume_and_online_agreement(work, store, online
     # resume: a second run finds every pair stored and writes nothing
     out = _in_process(eval_script, ['-c', 'weights/teacher', '--writing_flow', 'flows.h5', '-v', 'val'], work, capsys)
     assert 'val: 0 teacher flows written, 2 already stored' in out
+
+
+def test_writing_flow_with_refinement_stores_the_refined_flows(work, store, capsys):
+    """--writing_flow --refine N stores each pair's teacher flow after N refinement iterations
+    (the flow network.refine.Refiner gives from the teacher's), names them in the store's
+    teacher, and refuses to add them to a store of unrefined flows."""
+    import eval as eval_script
+    out = _in_process(eval_script, ['-c', 'weights/teacher', '--writing_flow', 'refined.h5', '-v', 'val',
+                                    '--refine', 5], work, capsys)
+    assert 'val: 2 teacher flows written, 0 already stored' in out
+    batch = _batch(work, 'val', 1)
+    sess, fw, _ = runs.load_framework(str(work / 'weights' / 'teacher'), SIZE)
+    network_flow = fw.register(sess, batch)[0]
+    sess.close()
+    args = eval_script.build_parser().parse_args(['-c', 'x', '--refine', '5'])
+    refiner = Refiner(SIZE, **cli.refine_settings(args))
+    refined, _ = refiner.refine(batch['voxel1'][0, ..., 0], batch['voxel2'][0, ..., 0], network_flow, 5)
+    with FlowStore(str(work / 'refined.h5'), SIZE) as flows:
+        assert 'refine=5(' in flows.teacher and 'factor=' in flows.teacher
+        stored = flows.flow(batch['id1'][0], batch['id2'][0])
+    assert np.abs(refined - network_flow).max() > 1e-3
+    assert np.all(np.abs(stored - refined) <= np.abs(refined) * 2.0 ** -10 + 1e-4)
+    with pytest.raises(FlowStoreError, match='holds flows of teacher'):
+        _in_process(eval_script, ['-c', 'weights/teacher', '--writing_flow', 'flows.h5', '-v', 'val',
+                                  '--refine', 5], work, capsys)
 
 
 @pytest.fixture(scope='module')
