@@ -48,8 +48,9 @@ def build_parser():
     p.add_argument('--tf_warp', action='store_true', help='force the pure-TensorFlow warp')
     cli.add_refine_flags(p)
     p.add_argument('--writing_flow', default=None, metavar='STORE',
-                   help='instead of evaluating, write the final composed flow of every pair of the subsets '
-                        '(default -v: scheme 1, training) of a VTN RCN teacher into the HDF5 store STORE '
+                   help='instead of evaluating, write the final composed flow of every training pair of the subsets '
+                        '(default -v: scheme 1, training; the pairs train.py draws, as --data_args train_pairs sets '
+                        'them) of a VTN RCN teacher into the HDF5 store STORE '
                         '(float16, keyed "id1-id2", for train.py --aldk --pretrained_flow_path); with --refine N, '
                         'each flow after N refinement iterations on its pair; resumable: pairs already stored '
                         'are skipped')
@@ -102,9 +103,11 @@ def net_overrides(args):
 
 
 def write_flows(args, prefix, dataset, subsets, refine_options):
-    """--writing_flow: store the teacher's flow of every pair of ``subsets`` that the store lacks;
-    with --refine N, the flow after N refinement iterations on the pair (a teacher made stronger
-    by instance optimisation; the store's teacher names the iterations and settings)."""
+    """--writing_flow: store the teacher's flow of every training pair of ``subsets`` (the pairs a
+    training run draws from them: with train_pairs='all' every ordered pair among their scans and
+    the atlas) that the store lacks; with --refine N, the flow after N refinement iterations on
+    the pair (a teacher made stronger by instance optimisation; the store's teacher names the
+    iterations and settings)."""
     from data_util.flow_store import FlowStoreWriter
     from network.aldk import check_teacher_net
     sess, framework, _ = runs.load_framework(prefix, dataset.image_size, dataset.segmentation_class_value, args.rep,
@@ -123,8 +126,9 @@ def write_flows(args, prefix, dataset, subsets, refine_options):
         for subset in subsets:
             dataset.check([subset])
             written = skipped = 0
-            progress = cli.progress(dataset.num_pairs(subset), 'flows of {}'.format(subset), 'pair')
-            for batch in dataset.generator(subset, batch_size=args.batch):
+            pairs = dataset.pairs(subset, training=True)
+            progress = cli.progress(len(pairs), 'flows of {}'.format(subset), 'pair')
+            for batch in dataset.batches(pairs, args.batch):
                 ids = list(zip(batch['id1'], batch['id2']))
                 todo = [i for i, (a, b) in enumerate(ids) if not store.has(a, b)]
                 skipped += len(ids) - len(todo)

@@ -191,7 +191,7 @@ def open_flow_store(path, dataset, subset, image_size):
     """The offline teacher-flow store, after counting the training pairs it lacks (logged, skipped)."""
     from data_util.flow_store import FlowStore
     store = FlowStore(path, image_size)
-    pairs = dataset.pairs(subset)
+    pairs = dataset.pairs(subset, training=True)
     missing = len(store.missing(pairs))
     if missing == len(pairs):
         raise cli.UserError('{} holds no flow of the {} training pairs'.format(path, len(pairs)))

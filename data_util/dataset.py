@@ -396,21 +396,24 @@ class Dataset:
             return _PairSequence(entries, 'atlas', self.atlas)
         return _PairSequence(entries, 'adjacent' if self.paired else 'all')
 
-    def pairs(self, subset):
+    def pairs(self, subset, training=False):
         """[(fixed entry, moving entry)] of a scheme key or a subset name.
 
         With an atlas: (atlas, scan) for every scan but the atlas itself; else with
         paired=True adjacent pairs; else all ordered pairs i != j. A scheme lists the pairs of
-        each of its subsets with fraction > 0, subset after subset.
+        each of its subsets with fraction > 0, subset after subset. training=True: the pairs
+        the training generator (loop=True) draws from instead, which differ with
+        train_pairs='all' (every ordered pair among the subset's scans and the atlas).
         """
         pairs = []
         for name, _ in self._subset_fractions(subset):
-            pairs.extend(self._subset_pairs(name))
+            pairs.extend(self._subset_pairs(name, training))
         return pairs
 
-    def num_pairs(self, subset):
-        """Number of pairs of a scheme key or subset name (one evaluation pass)."""
-        return sum(len(self._subset_pairs(name)) for name, _ in self._subset_fractions(subset))
+    def num_pairs(self, subset, training=False):
+        """Number of pairs of a scheme key or subset name (one evaluation pass; training=True:
+        the training generator's pairs, as in `pairs`)."""
+        return sum(len(self._subset_pairs(name, training)) for name, _ in self._subset_fractions(subset))
 
     # ---- scans ----
 
@@ -617,7 +620,7 @@ class Dataset:
                 raise DataError('scheme or subset {!r} has no pairs'.format(subset))
             if shuffle:
                 pairs = [pairs[i] for i in rng.permutation(len(pairs))]
-            return self._finite_batches(pairs, batch_size)
+            return self.batches(pairs, batch_size)
         fractions = self._subset_fractions(subset)
         pair_lists = [self._subset_pairs(name, training=True) for name, _ in fractions]
         for (name, _), pairs in zip(fractions, pair_lists):
@@ -628,7 +631,10 @@ class Dataset:
             next(stream)
         return (self._batch(pairs) for pairs in stream)
 
-    def _finite_batches(self, pairs, batch_size):
+    def batches(self, pairs, batch_size=None):
+        """Batches (as `generator` yields them) of the given [(fixed, moving)] entries, in order;
+        the last batch may be smaller."""
+        batch_size = self.batch_size if batch_size is None else batch_size
         for start in range(0, len(pairs), batch_size):
             yield self._batch(pairs[start:start + batch_size])
 

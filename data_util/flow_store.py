@@ -197,7 +197,7 @@ def with_teacher_flows(batches, store, batch_size):
 
     Yields batches of ``batch_size`` pairs (the last one of a finite source may be smaller),
     each with an extra 'teacher_flow' float32 [B, X, Y, Z, 3]; pairs without a stored flow are
-    dropped (count them beforehand with ``store.missing(dataset.pairs(subset))``).
+    dropped (count them beforehand with ``store.missing(dataset.pairs(subset, training=True))``).
     """
     pending = []
     for batch in batches:

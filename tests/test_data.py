@@ -240,7 +240,8 @@ def test_pairs_atlas_protocol(tmp_path):
 
 def test_pairs_beyond_the_atlas(tmp_path):
     """all_pairs: every ordered pair of a subset despite the atlas; train_pairs='all': the
-    training generator draws every ordered pair among the subset and the atlas."""
+    training generator draws every ordered pair among the subset and the atlas, and
+    pairs(training=True) lists them."""
     write_h5(tmp_path / 'data.h5', {'S{:02d}'.format(i): scan(i) for i in range(1, 6)})
     spec = write_spec(tmp_path, base_spec({'train': ['f/S{:02d}'.format(i) for i in range(2, 6)]}, atlas='f/S01'))
     everything = Dataset(spec, all_pairs=True).pairs('train')
@@ -254,6 +255,13 @@ def test_pairs_beyond_the_atlas(tmp_path):
         batch = next(generator)
         drawn.add((str(batch['id1'][0]), str(batch['id2'][0])))
     assert len(drawn) == 20 and ('f/S03', 'f/S01') in drawn     # 5 scans, 20 ordered pairs
+    # the training pairs, listed (what an offline teacher-flow store must hold): exactly those drawn
+    training = protocol.pairs('train', training=True)
+    assert len(training) == 20 == protocol.num_pairs('train', training=True) and set(training) == drawn
+    assert Dataset(spec).pairs('train', training=True) == protocol.pairs('train')
+    batches = list(protocol.batches(training[:5], batch_size=2))
+    assert [len(b['id1']) for b in batches] == [2, 2, 1]
+    assert [(str(a), str(b)) for batch in batches for a, b in zip(batch['id1'], batch['id2'])] == training[:5]
     with pytest.raises(DataError, match='train_pairs'):
         Dataset(spec, train_pairs='some')
 
