@@ -102,6 +102,14 @@ def net_overrides(args):
     return extra
 
 
+def make_refiner(args, dataset, refine_options):
+    """The network.refine.Refiner of --refine at the dataset's image size, or None without it."""
+    if not args.refine:
+        return None
+    from network.refine import Refiner
+    return Refiner(dataset.image_size, **refine_options)
+
+
 def write_flows(args, prefix, dataset, subsets, refine_options):
     """--writing_flow: store the teacher's flow of every training pair of ``subsets`` (the pairs a
     training run draws from them: with train_pairs='all' every ordered pair among their scans and
@@ -113,10 +121,7 @@ def write_flows(args, prefix, dataset, subsets, refine_options):
     sess, framework, _ = runs.load_framework(prefix, dataset.image_size, dataset.segmentation_class_value, args.rep,
                                              net_overrides(args))
     check_teacher_net(framework.net, prefix)
-    refiner = None
-    if args.refine:
-        from network.refine import Refiner
-        refiner = Refiner(dataset.image_size, **refine_options)
+    refiner = make_refiner(args, dataset, refine_options)
     options = [('rep', args.rep), ('flow_multiplier', args.flow_multiplier), ('net_args', args.net_args)]
     if refiner:
         options.append(('refine', '{}({})'.format(args.refine, ', '.join(
@@ -215,10 +220,7 @@ def main(argv=None):
         sess, framework, _ = runs.load_framework(prefix, dataset.image_size, seg_values, args.rep, net_overrides(args))
         print('Evaluating {} ({:,} parameters, warp: {})'.format(prefix, framework.parameter_count,
                                                                   spatial_transformer.warp_impl()))
-        refiner = None
-        if args.refine:
-            from network.refine import Refiner
-            refiner = Refiner(dataset.image_size, **refine_options)
+        refiner = make_refiner(args, dataset, refine_options)
         for subset, base in outputs.items():
             records = evaluate(sess, framework, dataset, subset, args.batch, args.refine, refiner)
             summary, per_class = summarize(records, framework.class_names)
