@@ -16,8 +16,8 @@ the shipped brain MRI model (models/lpba40-ldr). The warped outputs are exactly
 written (linear, default value --default_value, the moving file's pixel type, the fixed file's
 grid; label maps by nearest neighbour).
 
-Outputs in OUTDIR (format of the fixed file: .nii.gz, .nii, .mha, .mhd, .nrrd; DICOM -> .nii.gz;
-or --format):
+Outputs in OUTDIR (format of the fixed file: .nii.gz, .nii, .mha, .mhd, .nrrd; DICOM and
+FreeSurfer .mgz -> .nii.gz; or --format):
     warped.<ext>           the moving image resampled into the fixed file's grid
     field.<ext>            the displacement field: vector image of 3 float64 components in mm
                            along the physical x, y, z (LPS) axes (ITK order), on the fixed grid;
@@ -67,7 +67,7 @@ def build_parser():
     p.add_argument('-c', '--checkpoint', default=None,
                    help='train.py run directory, DIR:STEP or checkpoint prefix; or an export directory '
                         '(default: the shipped brain MRI model, models/lpba40-ldr)')
-    p.add_argument('--fixed', help='fixed image file (or DICOM directory)')
+    p.add_argument('--fixed', help='fixed image file (NIfTI, MHA/MHD, NRRD, FreeSurfer .mgz, ...) or DICOM directory')
     p.add_argument('--moving', help="moving image file (or DICOM directory); a pattern ('scans/*.nii.gz') "
                                     'registers every match to --fixed (batch mode)')
     p.add_argument('--pairs', metavar='CSV', help='batch mode: a CSV with a header row naming the columns fixed, '
@@ -107,7 +107,7 @@ def build_parser():
                    help="N of the N^3 network grid (default: the checkpoint's or export's image_size)")
     p.add_argument('-r', '--rep', type=int, default=None, help='shared-weight repeats per cascade (checkpoints)')
     p.add_argument('--format', choices=sorted(cohort.FORMATS), default=None,
-                   help="output image format (default: the fixed file's; DICOM -> nii.gz)")
+                   help="output image format (default: the fixed file's; DICOM, .mgz -> nii.gz)")
     p.add_argument('--default_value', type=float, default=0.0,
                    help='warped intensity where the field points outside the moving image (default 0, as sitk.Resample)')
     p.add_argument('--threads', type=int, default=2,

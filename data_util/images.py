@@ -3,8 +3,9 @@
 
 `preprocess` works all in SimpleITK and in physical space (mm, LPS):
 
-1. read: a file, or a directory holding a DICOM series (the largest series if several);
-   the image must be a 3-D scalar volume.
+1. read: a file (any format SimpleITK reads; FreeSurfer .mgz/.mgh through nibabel), or a
+   directory holding a DICOM series (the largest series if several); the image must be a 3-D
+   scalar volume.
 2. orientation: the output grid's direction D is the direction of
    ``sitk.DICOMOrient(image, 'LPS')``, i.e. the identity for every scan whose axes lie along
    the world axes (array axis 0/1/2 then runs to patient Left/Posterior/Superior); an oblique
@@ -68,6 +69,9 @@ SPACING_TOLERANCE = 1e-3
 ORIGIN_TOLERANCE = 0.01
 DIRECTION_TOLERANCE = 1e-3
 MODALITIES = ('mr', 'ct')
+FREESURFER_EXTENSIONS = ('.mgz', '.mgh')
+ORTHOGONALITY_TOLERANCE = 1e-4
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 ARRAY_CONVENTION = 'arrays [X,Y,Z] = sitk.GetArrayFromImage(img).transpose(2,1,0); physical mm, LPS'
 
 
@@ -78,9 +82,59 @@ class PrepareError(UserError):
         super().__init__(' '.join(str(message).split()))
 
 
+def image_from_voxel_to_ras(array, affine, path):
+    """A volume as nibabel gives it -> sitk.Image with the same physical geometry.
+
+    array: [i, j, k] (voxel index order, as stored), any numeric dtype and byte order (kept,
+    in native order; bool and float16 become float32); affine: 4x4 mapping a
+    voxel index (i, j, k, 1) to RAS mm. ITK keeps LPS mm: spacing = the column norms of the
+    affine's 3x3 part, direction = its normalised columns turned to LPS, origin = voxel (0, 0, 0)
+    in LPS. PrepareError naming ``path`` if the axes are not orthogonal (ITK cannot hold a shear).
+    """
+    affine = np.asarray(affine, np.float64)
+    matrix = RAS_TO_LPS @ affine[:3, :3]
+    spacing = np.linalg.norm(matrix, axis=0)
+    if np.any(spacing <= 0):
+        raise PrepareError('{}: the voxel-to-world matrix has a zero-length axis'.format(path))
+    direction = matrix / spacing
+    if np.max(np.abs(direction.T @ direction - np.eye(3))) > ORTHOGONALITY_TOLERANCE:
+        raise PrepareError('{}: the voxel axes are not orthogonal (a sheared voxel-to-world matrix); '
+                           'resample the image onto an orthogonal grid first'.format(path))
+    array = np.asarray(array)
+    native = np.float32 if array.dtype.kind == 'b' or array.itemsize == 2 and array.dtype.kind == 'f' \
+        else array.dtype.newbyteorder('=')
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(native, copy=False).transpose(2, 1, 0)))
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetDirection([float(v) for v in direction.ravel()])
+    image.SetOrigin([float(v) for v in RAS_TO_LPS @ affine[:3, 3]])
+    return image
+
+
+def _read_freesurfer(path):
+    """A FreeSurfer .mgz / .mgh file (read by nibabel) -> 3-D sitk.Image; PrepareError for a
+    damaged file or more than one frame."""
+    import zlib
+    import nibabel
+    from nibabel.freesurfer.mghformat import MGHError
+    from nibabel.spatialimages import HeaderDataError
+    try:
+        loaded = nibabel.load(path)
+        array = np.asanyarray(loaded.dataobj)
+    except (nibabel.filebasedimages.ImageFileError, MGHError, HeaderDataError, OSError, EOFError,
+            ValueError, zlib.error) as e:
+        raise PrepareError('{}: cannot read image ({}: {})'.format(path, type(e).__name__, e))
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise PrepareError('{}: a 3-D volume is needed, got size {}'.format(
+            path, 'x'.join(str(n) for n in array.shape)))
+    return image_from_voxel_to_ras(array, loaded.affine, path)
+
+
 def read_image(path):
-    """Read a 3-D scalar image: a file SimpleITK reads, or a directory with a DICOM series
-    (the series with the most files). Returns a sitk.Image; PrepareError otherwise."""
+    """Read a 3-D scalar image: a file SimpleITK reads (NIfTI, MHA/MHD, NRRD, ...), a
+    FreeSurfer .mgz/.mgh file, or a directory with a DICOM series (the series with
+    the most files). Returns a sitk.Image; PrepareError otherwise."""
     if not os.path.exists(path):
         raise PrepareError('{}: no such file or directory'.format(path))
     try:
@@ -100,6 +154,8 @@ def read_image(path):
                     path, len(series), len(files)))
             reader.SetFileNames(files)
             image = reader.Execute()
+        elif path.lower().endswith(FREESURFER_EXTENSIONS):
+            image = _read_freesurfer(path)
         else:
             image = sitk.ReadImage(path)
     except RuntimeError as e:

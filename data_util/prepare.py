@@ -1,4 +1,4 @@
-"""Convert real scans (NIfTI, MHA/MHD, NRRD, DICOM series) into the project's HDF5 + JSON spec.
+"""Convert real scans (NIfTI, MHA/MHD, NRRD, FreeSurfer MGZ, DICOM series) into the project's HDF5 + JSON spec.
 
     python -m data_util.prepare --images 'scans/*.nii.gz' [--labels 'labels/{id}_seg.nii.gz']
                                 [--landmarks 'points/{id}.csv'] [--id_regex REGEX]
@@ -57,7 +57,7 @@ from data_util.images import (ARRAY_CONVENTION, DEFAULT_CT_WINDOW, DEFAULT_IMAGE
                               DEFAULT_PERCENTILES, MODALITIES, PrepareError, check_finite, check_options, label_array,
                               landmarks_to_voxels, preprocess, preprocessing_record, read_image, read_landmarks)
 
-IMAGE_EXTENSIONS = ('.nii.gz', '.nii', '.mha', '.mhd', '.nrrd', '.nhdr', '.dcm')
+IMAGE_EXTENSIONS = ('.nii.gz', '.nii', '.mha', '.mhd', '.nrrd', '.nhdr', '.dcm', '.mgz', '.mgh')
 
 LPBA40_ATLAS = 'S01'
 LPBA40_FIELD_OF_VIEW = 192.0

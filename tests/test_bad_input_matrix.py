@@ -102,6 +102,12 @@ CASES = [
 
     Case('predict-unreadable-nifti', 'predict.py', given(*PREDICT, '--moving', 'garbage.nii.gz'),
          'garbage.nii.gz: cannot read image'),
+    Case('predict-damaged-mgz', 'predict.py', given(*PREDICT, '--fixed', 'damaged.mgz'),
+         'damaged.mgz: cannot read image'),
+    Case('predict-sheared-mgz', 'predict.py', given(*PREDICT, '--moving', 'sheared.mgz'),
+         'sheared.mgz: the voxel axes are not orthogonal'),
+    Case('predict-two-frame-mgz', 'predict.py', given(*PREDICT, '--moving', 'frames.mgz'),
+         'frames.mgz: a 3-D volume is needed, got size 24x24x24x2'),
     Case('predict-2d-image', 'predict.py', given(*PREDICT, '--fixed', 'slice.nii.gz'),
          'slice.nii.gz: a 3-D volume is needed'),
     Case('predict-label-map-of-another-size', 'predict.py',
@@ -246,7 +252,8 @@ def make_specs(directory, spec_path):
 
 
 def make_images(directory):
-    """NIfTI inputs of predict.py and the converter: a good pair, garbage, a 2-D slice, a small label map."""
+    """Image inputs of predict.py and the converter: a good NIfTI pair, garbage, a 2-D slice, a small
+    label map, a NaN voxel, and FreeSurfer files that are damaged, sheared or of two frames."""
     index = np.indices([24] * 3).astype(np.float32)
     ball = 200.0 * (np.sum((index - 11.5) ** 2, axis=0) < 64) + 20.0
     for name in ('fixed', 'moving'):
@@ -257,6 +264,15 @@ def make_images(directory):
         f.write(b'\x1f\x8b not an image' * 50)
     sitk.WriteImage(sitk.Image([20, 20], sitk.sitkFloat32), os.path.join(directory, 'slice.nii.gz'))
     sitk.WriteImage(sitk.Image([10, 10, 10], sitk.sitkUInt8), os.path.join(directory, 'small_seg.nii.gz'))
+    import nibabel
+    sheared = np.diag([2.0, 2.0, 2.0, 1.0])
+    sheared[0, 1] = 0.5
+    nibabel.save(nibabel.MGHImage(ball.astype(np.float32), sheared), os.path.join(directory, 'sheared.mgz'))
+    nibabel.save(nibabel.MGHImage(np.stack([ball, ball], -1).astype(np.float32), np.eye(4)),
+                 os.path.join(directory, 'frames.mgz'))
+    nibabel.save(nibabel.MGHImage(ball.astype(np.float32), np.eye(4)), os.path.join(directory, 'damaged.mgz'))
+    with open(os.path.join(directory, 'damaged.mgz'), 'r+b') as f:
+        f.truncate(os.path.getsize(os.path.join(directory, 'damaged.mgz')) // 2)
     holed = ball.astype(np.float32)
     holed[3, 4, 5] = np.nan
     image = sitk.GetImageFromArray(holed)

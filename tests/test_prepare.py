@@ -219,6 +219,34 @@ def test_ct_window_roi_and_spacing(converted):
     np.testing.assert_allclose(fixed.grid_spacing, 3.0)
 
 
+@pytest.mark.parametrize('dtype', [np.uint8, np.int16, np.int32, np.float32])
+def test_freesurfer_mgz_reads_as_its_nifti_twin(tmp_path, dtype):
+    """A FreeSurfer .mgz (big-endian, FreeSurfer's own header fields) is read with the geometry
+    and voxels that SimpleITK's NIfTI reader gives the same array and voxel-to-RAS matrix
+    (both files written by nibabel): an oblique, flipped, anisotropic grid, and FreeSurfer's
+    conformed LIA orientation."""
+    import nibabel
+    rng = np.random.default_rng(3)
+    array = (rng.random((12, 9, 7)) * 100).astype(dtype)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    oblique = np.eye(4)
+    oblique[:3, :3] = lps_to_ras @ DIRECTION @ np.diag(SPACING)
+    oblique[:3, 3] = lps_to_ras @ np.asarray(ORIGIN)
+    conformed = np.array([[-1.0, 0, 0, 6], [0, 0, 1, -4], [0, -1, 0, 5], [0, 0, 0, 1]])
+    for name, affine in (('oblique', oblique), ('conformed', conformed)):
+        nibabel.save(nibabel.MGHImage(array, affine), str(tmp_path / (name + '.mgz')))
+        nibabel.save(nibabel.Nifti1Image(array, affine), str(tmp_path / (name + '.nii.gz')))
+        ours = images.read_image(str(tmp_path / (name + '.mgz')))
+        twin = sitk.ReadImage(str(tmp_path / (name + '.nii.gz')))
+        assert ours.GetSize() == twin.GetSize() == array.shape
+        np.testing.assert_allclose(ours.GetSpacing(), twin.GetSpacing(), rtol=1e-6)
+        np.testing.assert_allclose(ours.GetOrigin(), twin.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(ours.GetDirection(), twin.GetDirection(), atol=1e-6)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(twin))
+    np.testing.assert_allclose(ours.TransformIndexToPhysicalPoint((2, 3, 4)), (-6 + 2, -(-4 + 4), 5 - 3))
+    assert prepare.scan_id_from_path('scans/sub01.mgz') == 'sub01'
+
+
 def test_label_map_never_changes_the_grid():
     """The crop comes from the image alone (as predict.py must do): a label outside the
     foreground changes neither the grid nor the volume; it is kept on the original grid."""
