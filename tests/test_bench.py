@@ -113,3 +113,57 @@ def test_robustness_perturbations_bias_and_noise():
     # the Rician mean at signal A >> sigma is ~ sqrt(A^2 + sigma^2); its spread ~ sigma
     assert np.mean(noisy) == pytest.approx(np.hypot(50.0, sigma), rel=2e-3)
     assert np.std(noisy) == pytest.approx(sigma, rel=0.05)
+
+
+@pytest.mark.slow
+def test_foreign_benchmark_carries_labels_through_another_brain(tmp_path):
+    """The shipped model through bench.foreign with another LPBA40 scan (S05) stored as a
+    FreeSurfer .mgz in RAS as the 'other brain': labels carried S02 -> S05 -> S01 overlap S01's
+    better than the unregistered S02's do, and the table has one row per method."""
+    if not os.path.isdir(LPBA40):
+        pytest.skip('LPBA40 data absent at {} (tests/conftest.py LPBA40)'.format(LPBA40))
+    import nibabel
+    import SimpleITK as sitk
+    image = sitk.DICOMOrient(sitk.ReadImage(os.path.join(LPBA40, 'test', 'S05.delineation.skullstripped.nii.gz')),
+                             'RAS')
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ np.reshape(image.GetDirection(), (3, 3)) @ np.diag(image.GetSpacing())
+    affine[:3, 3] = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(image.GetOrigin())
+    nibabel.save(nibabel.MGHImage(sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(np.float32), affine), str(tmp_path / 'other.mgz'))
+    proc = subprocess.run([sys.executable, '-m', 'bench.foreign', '--pairs', '1', '--refine', '1',
+                           '--template', str(tmp_path / 'other.mgz')], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split('|')[1].strip(): line.split('|')[2:4] for line in proc.stdout.splitlines() if line.startswith('| ')}
+    assert list(rows) == ['method', 'identity', 'model', 'model, 1 refinement iterations'], proc.stdout
+    identity = float(rows['identity'][0].split()[0])
+    assert float(rows['model'][0].split()[0]) > identity + 0.05, proc.stdout
+    assert float(rows['model'][1].split()[0]) > identity, proc.stdout
+
+
+def test_foreign_benchmark_ants_carries_a_label_map_in_physical_space():
+    """bench.foreign's ANTs row: a labelled ball, shifted 8 mm and stored with another origin and
+    axis order, carried back onto the fixed grid overlaps the fixed label far better than before."""
+    from baselines import missing
+    if missing('ants_syn'):
+        pytest.skip(missing('ants_syn'))
+    import SimpleITK as sitk
+    from bench.foreign import AntsMethod, mean_dice
+    index = np.indices([32] * 3).astype(np.float64)
+
+    def ball(centre):
+        inside = np.sum((index - np.reshape(centre, (3, 1, 1, 1))) ** 2, axis=0) < 81
+        image = sitk.GetImageFromArray((200.0 * inside + 20.0 + 10 * np.sin(index[0] / 3)).astype(np.float32))
+        labels = sitk.GetImageFromArray(inside.astype(np.uint8) * 3)
+        image.SetSpacing([2.0] * 3)
+        labels.CopyInformation(image)
+        return image, labels
+
+    fixed, fixed_seg = ball([15.5, 15.5, 15.5])
+    moving, moving_seg = ball([11.5, 15.5, 15.5])
+    moving, moving_seg = (sitk.DICOMOrient(x, 'RAS') for x in (moving, moving_seg))
+    carried, seconds = AntsMethod().carry(fixed, moving, moving_seg)
+    before = sitk.Resample(moving_seg, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, moving_seg.GetPixelID())
+    assert carried.GetSize() == fixed.GetSize() and carried.GetPixelID() == moving_seg.GetPixelID()
+    assert mean_dice(fixed_seg, carried) > 0.95 > mean_dice(fixed_seg, before) + 0.1
+    assert seconds > 0
