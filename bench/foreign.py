@@ -92,7 +92,9 @@ def main(argv=None):
     if not os.path.isfile(fixed_path):
         raise cli.UserError('{}: no LPBA40 atlas there (--lpba40)'.format(fixed_path))
     if args.ants:
-        import baselines  # noqa: F401  (ITK's thread count before ants loads)
+        import baselines  # ITK's thread count set before ants loads
+        if baselines.missing('ants_syn'):
+            raise cli.UserError('--ants: ' + baselines.missing('ants_syn'))
     import SimpleITK as sitk
     import registration
     template = registration.read_image(template_path, 'the template')
