@@ -84,9 +84,12 @@ def main(argv=None):
     p.add_argument('--template', default=None, help='the other brain (default: nilearn\'s MNI152 2009a T1)')
     p.add_argument('--lpba40', default=os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'LPBA40'))
     p.add_argument('--pairs', type=cli.positive_int, default=9, help='test scans S02.. to use (default all 9)')
-    p.add_argument('--refine', type=cli.positive_int, default=25, help='iterations of the refined row (default 25)')
+    p.add_argument('--refine', type=int, default=25,
+                   help='iterations of the refined row (default 25; 0: no refined row)')
     p.add_argument('--ants', action='store_true', help='add ANTs SyN (antspyx)')
     args = p.parse_args(argv)
+    if args.refine < 0:
+        raise cli.UserError('--refine {}: a number of iterations >= 0'.format(args.refine))
     template_path = args.template or default_template()
     fixed_path = os.path.join(args.lpba40, 'fixed.nii.gz')
     if not os.path.isfile(fixed_path):
@@ -101,8 +104,9 @@ def main(argv=None):
     fixed = sitk.ReadImage(fixed_path)
     fixed_seg = sitk.ReadImage(os.path.join(args.lpba40, 'label', LABELS.format(1)))
     model = registration.load_model(args.checkpoint)
-    methods = {'model': ModelMethod(model, 0),
-               'model, {} refinement iterations'.format(args.refine): ModelMethod(model, args.refine)}
+    methods = {'model': ModelMethod(model, 0)}
+    if args.refine:
+        methods['model, {} refinement iterations'.format(args.refine)] = ModelMethod(model, args.refine)
     if args.ants:
         methods['ANTs SyN'] = AntsMethod()
     rows = {'identity': {'direct': [], 'via': [], 'seconds': []}}

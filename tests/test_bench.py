@@ -130,12 +130,12 @@ def test_foreign_benchmark_carries_labels_through_another_brain(tmp_path):
     affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ np.reshape(image.GetDirection(), (3, 3)) @ np.diag(image.GetSpacing())
     affine[:3, 3] = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(image.GetOrigin())
     nibabel.save(nibabel.MGHImage(sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(np.float32), affine), str(tmp_path / 'other.mgz'))
-    proc = subprocess.run([sys.executable, '-m', 'bench.foreign', '--pairs', '1', '--refine', '1',
+    proc = subprocess.run([sys.executable, '-m', 'bench.foreign', '--pairs', '1', '--refine', '0',
                            '--template', str(tmp_path / 'other.mgz')], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {line.split('|')[1].strip(): line.split('|')[2:4] for line in proc.stdout.splitlines() if line.startswith('| ')}
-    assert list(rows) == ['method', 'identity', 'model', 'model, 1 refinement iterations'], proc.stdout
+    assert list(rows) == ['method', 'identity', 'model'], proc.stdout
     identity = float(rows['identity'][0].split()[0])
     assert float(rows['model'][0].split()[0]) > identity + 0.05, proc.stdout
     assert float(rows['model'][1].split()[0]) > identity, proc.stdout
