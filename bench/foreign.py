@@ -109,8 +109,7 @@ def main(argv=None):
         methods['model, {} refinement iterations'.format(args.refine)] = ModelMethod(model, args.refine)
     if args.ants:
         methods['ANTs SyN'] = AntsMethod()
-    rows = {'identity': {'direct': [], 'via': [], 'seconds': []}}
-    rows.update({name: {'direct': [], 'via': [], 'seconds': []} for name in methods})
+    rows = {name: {'direct': [], 'via': [], 'seconds': []} for name in ['identity'] + list(methods)}
     for i in range(2, 2 + args.pairs):
         image = sitk.ReadImage(os.path.join(args.lpba40, 'test', SCANS.format(i)))
         labels = sitk.ReadImage(os.path.join(args.lpba40, 'label', LABELS.format(i)))

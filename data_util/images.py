@@ -101,9 +101,10 @@ def image_from_voxel_to_ras(array, affine, path):
         raise PrepareError('{}: the voxel axes are not orthogonal (a sheared voxel-to-world matrix); '
                            'resample the image onto an orthogonal grid first'.format(path))
     array = np.asarray(array)
-    native = np.float32 if array.dtype.kind == 'b' or array.itemsize == 2 and array.dtype.kind == 'f' \
-        else array.dtype.newbyteorder('=')
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(native, copy=False).transpose(2, 1, 0)))
+    if array.dtype.kind == 'b' or (array.dtype.kind == 'f' and array.itemsize == 2):
+        array = array.astype(np.float32)
+    array = array.astype(array.dtype.newbyteorder('='), copy=False)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     image.SetSpacing([float(v) for v in spacing])
     image.SetDirection([float(v) for v in direction.ravel()])
     image.SetOrigin([float(v) for v in RAS_TO_LPS @ affine[:3, 3]])
