@@ -12,7 +12,13 @@ as scans from other sites and scanners differ with the same anatomy: stored with
 (permuted and flipped, the physical content unchanged), thick slices (3 mm along the
 inferior-superior axis, each the mean of three 1 mm slices; the label map takes the middle one),
 a smooth multiplicative bias field (0.8 at one corner to 1.2 at the opposite one), and Rician
-noise (sigma 4 % of the scan's 99th intensity percentile; a fixed seed). The table gives the
+noise (sigma 4 % of the scan's 99th intensity percentile; a fixed seed), another contrast (each
+intensity v mapped to m (v / m)^gamma, m the scan's maximum: gamma 0.6 brightens grey matter
+towards white, 1.6 darkens it). Last, both scans of the pair stored with headers that misstate
+their orientation the same way (each header's physical space turned by 90 degrees about the
+left-right axis, or 180 degrees about the anterior-posterior one: the arrays and the scans'
+relative position unchanged, as when files are written from arrays with a wrong or default
+header), so that the network sees the pair in another orientation. The table gives the
 mean label Dice on S01's 1 mm grid (56 labels) per perturbation, before registration (identity)
 and after, and the loss against the unperturbed scans.
 """
@@ -34,6 +40,9 @@ STORED_ORIENTATION = 'SRA'
 SLICE_FACTOR = 3
 BIAS = 0.2
 NOISE = 0.04
+GAMMAS = (0.6, 1.6)
+HEADER_TURNS = {'90 deg (L-R axis)': ((1, 0, 0), (0, 0, -1), (0, 1, 0)),
+                '180 deg (A-P axis)': ((-1, 0, 0), (0, 1, 0), (0, 0, -1))}
 
 
 def _about_centre(image, transform):
@@ -69,6 +78,23 @@ def rician_noise(values, rng, level=NOISE):
     """|values + n1 + i n2|, n1 and n2 Gaussian with sigma = level x the 99th percentile of values."""
     sigma = level * np.percentile(values, 99)
     return np.hypot(values + rng.normal(0.0, sigma, values.shape), rng.normal(0.0, sigma, values.shape))
+
+
+def contrast(values, gamma):
+    """m (values / m)^gamma, m = the maximum of values (negative values taken as 0)."""
+    top = values.max()
+    return top * (np.clip(values, 0.0, None) / top) ** gamma
+
+
+def turned_header(image, rotation):
+    """A copy of image whose physical space is turned by rotation (3 x 3, LPS): the same array,
+    direction rotation @ D, origin rotation @ origin."""
+    import SimpleITK as sitk
+    rotation = np.asarray(rotation, dtype=np.float64)
+    out = sitk.Image(image)
+    out.SetDirection((rotation @ np.reshape(image.GetDirection(), (3, 3))).ravel().tolist())
+    out.SetOrigin((rotation @ np.asarray(image.GetOrigin())).tolist())
+    return out
 
 
 def perturbations():
@@ -109,7 +135,10 @@ def perturbations():
     def noisy(image, labels):
         return _with_array(image, rician_noise(_array(image), np.random.default_rng(0))), labels
 
-    return {'as given': lambda image, labels: (image, labels),
+    def contrasted(gamma):
+        return lambda image, labels: (_with_array(image, contrast(_array(image), gamma)), labels)
+
+    rows = {'as given': lambda image, labels: (image, labels),
             'shifted {:g} mm'.format(SHIFT_MM): resampled(sitk.TranslationTransform(3, [SHIFT_MM, -SHIFT_MM / 2, SHIFT_MM / 2])),
             'rotated {:g} deg (L-R axis)'.format(ANGLE_DEG): resampled(rotation(0)),
             'rotated {:g} deg (I-S axis)'.format(ANGLE_DEG): resampled(rotation(2)),
@@ -118,6 +147,16 @@ def perturbations():
             'thick slices ({} mm, I-S axis)'.format(SLICE_FACTOR): thick_slices,
             'bias field ({:g}-{:g})'.format(1 - BIAS, 1 + BIAS): biased,
             'Rician noise ({:g} %)'.format(100 * NOISE): noisy}
+    rows.update(('contrast (gamma {:g})'.format(gamma), contrasted(gamma)) for gamma in GAMMAS)
+    return rows
+
+
+def pair_perturbations():
+    """{name: function(image, labels) -> (image, labels)}, applied to the fixed and the moving scan
+    alike."""
+    def turned(rotation):
+        return lambda image, labels: (turned_header(image, rotation), turned_header(labels, rotation))
+    return {'both scans, headers turned ' + name: turned(rotation) for name, rotation in HEADER_TURNS.items()}
 
 
 def main(argv=None):
@@ -139,19 +178,24 @@ def main(argv=None):
     model = registration.load_model(args.checkpoint)
     fixed, fixed_seg = sitk.ReadImage(fixed_path), label(1)
     rows = {}
+
+    def record(i, name, target, target_seg, moving, moving_seg):
+        dice = model.register(target, moving, moving_seg, target_seg).report['dice']
+        rows.setdefault(name, []).append((dice['mean_before'], dice['mean']))
+        print('S{:02d} {}: Dice {:.4f} (before {:.4f})'.format(i, name, dice['mean'], dice['mean_before']),
+              flush=True)
+
     for i in range(2, 2 + args.pairs):
         image = sitk.ReadImage(os.path.join(root, 'test', 'S{:02d}.delineation.skullstripped.nii.gz'.format(i)))
         labels = label(i)
         for name, perturb in perturbations().items():
-            moved, moved_labels = perturb(image, labels)
-            dice = model.register(fixed, moved, moved_labels, fixed_seg).report['dice']
-            rows.setdefault(name, []).append((dice['mean_before'], dice['mean']))
-            print('S{:02d} {}: Dice {:.4f} (before {:.4f})'.format(i, name, dice['mean'], dice['mean_before']),
-                  flush=True)
+            record(i, name, fixed, fixed_seg, *perturb(image, labels))
+        for name, perturb in pair_perturbations().items():
+            record(i, name, *perturb(fixed, fixed_seg), *perturb(image, labels))
     base = np.mean([after for _, after in rows['as given']])
     print('\nModel {} ({}^3), {} LPBA40 test scans to S01, Dice on S01\'s 1 mm grid:\n'.format(
         args.checkpoint, model.image_size, args.pairs))
-    print('| moving scan | Dice before | Dice after | change vs as given |')
+    print('| perturbation | Dice before | Dice after | change vs as given |')
     print('|---|---:|---:|---:|')
     for name, values in rows.items():
         before, after = np.mean(values, axis=0)

@@ -115,6 +115,43 @@ def test_robustness_perturbations_bias_and_noise():
     assert np.std(noisy) == pytest.approx(sigma, rel=0.05)
 
 
+def test_robustness_perturbations_contrast_maps_each_intensity_by_a_power():
+    import SimpleITK as sitk
+    from bench.robustness import GAMMAS, perturbations
+    image, labels = _labelled_image()
+    values = sitk.GetArrayFromImage(image)
+    for gamma in GAMMAS:
+        out, same = perturbations()['contrast (gamma {:g})'.format(gamma)](image, labels)
+        assert same is labels and out.GetSpacing() == image.GetSpacing()
+        expected = [values.max() * (v / values.max()) ** gamma for v in values.ravel()[:50]]
+        np.testing.assert_allclose(sitk.GetArrayFromImage(out).ravel()[:50], expected, rtol=1e-12)
+
+
+def test_robustness_pair_perturbations_turn_both_headers_and_keep_the_pair_as_it_was():
+    """Each scan keeps its array; its physical space is the original turned by the rotation; the
+    moving label map resampled onto the fixed grid is the same before and after the turn."""
+    import SimpleITK as sitk
+    from bench.robustness import HEADER_TURNS, pair_perturbations
+    fixed, fixed_labels = _labelled_image()
+    moving, moving_labels = (sitk.Image(x) for x in _labelled_image())
+    for x in (moving, moving_labels):
+        x.SetOrigin([-13.0, 5.5, 9.0])
+    resampled = sitk.Resample(moving_labels, fixed_labels, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    for name, rotation in HEADER_TURNS.items():
+        turn = pair_perturbations()['both scans, headers turned ' + name]
+        (f, f_labels), (m, m_labels) = turn(fixed, fixed_labels), turn(moving, moving_labels)
+        for out, original in ((f, fixed), (f_labels, fixed_labels), (m, moving), (m_labels, moving_labels)):
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(original))
+            for index in ((0, 0, 0), (19, 0, 5), (3, 23, 17)):
+                np.testing.assert_allclose(out.TransformIndexToPhysicalPoint(index),
+                                           np.asarray(rotation) @ original.TransformIndexToPhysicalPoint(index),
+                                           atol=1e-12)
+        assert f.GetDirection() != fixed.GetDirection()
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(sitk.Resample(m_labels, f_labels, sitk.Transform(), sitk.sitkNearestNeighbor, 0)),
+            sitk.GetArrayFromImage(resampled))
+
+
 @pytest.mark.slow
 def test_foreign_benchmark_carries_labels_through_another_brain(tmp_path):
     """The shipped model through bench.foreign with another LPBA40 scan (S05) stored as a
