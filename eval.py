@@ -3,6 +3,7 @@
     python eval.py -c weights/my_run -d datasets/liver.json -v sliver-val
     python eval.py -c weights/my_run:20000 -r 2 --paired -v lspig-val
     python eval.py -c weights/teacher --writing_flow flows.h5 -v 1   # teacher flows for offline ALDK
+    python eval.py -c models/lpba40-ldr -d datasets/lpba.json -v test   # an export (the shipped model)
 
 Writes <eval_output_dir>/<run>-<step>[-rep<R>][-<name>]-<subset>.txt (a line per pair and a
 Summary block, like the original) and the same name .json (per-pair, per-class and summary
@@ -10,6 +11,10 @@ metrics, seconds per pair, parameter count). Existing results are kept unless --
 
 Dice and Jaccard are measured on the fixed scan's original grid, as predict.py measures them,
 when the dataset holds the scans' original geometry and label maps (see evaluation.py).
+
+-c may also be an export of predict.py --export (frozen: no -r, --net_args, --flow_multiplier,
+--tf_warp, --fast_reconstruction or --writing_flow); it runs as predict.py runs it (ONNX Runtime
+where installed, else TensorFlow) and its files are named <export directory>-export-<subset>.
 """
 import argparse  # noqa: F401  (RawDescriptionHelpFormatter)
 import contextlib
@@ -21,8 +26,11 @@ import time
 import numpy as np
 
 import cli
+import registration
 import runs
-from evaluation import overlap_values, pair_record, report_text, summarize
+from evaluation import (FrameworkEvaluator, MetricGraph, NetworkEvaluator, overlap_values, pair_record, report_text,
+                        summarize)
+from network.export import is_export
 
 
 def build_parser():
@@ -57,26 +65,27 @@ def build_parser():
     return p
 
 
-def evaluate(sess, framework, dataset, subset, batch_size, refine=0, refiner=None):
+def evaluate(evaluator, dataset, subset, batch_size, class_names, refine=0, refiner=None):
     """Per-pair records of one subset: ids, metrics, per-class dice/jacc, seconds (network only).
 
-    dice / jacc are measured on the original grids when the dataset has them (see the module
-    doc), else on the preprocessed grid; dice_grid / jacc_grid always on the grid. seconds:
-    wall time of ``framework.register`` per pair of its batch. The first batch is registered
-    once untimed beforehand, so TensorFlow's one-off graph set-up is not counted. refine: with a
-    network.refine.Refiner, that many iterations on each pair's flow before its metrics; the
-    record then holds 'refinement' (its seconds per iteration, losses) and seconds_refine.
+    evaluator: evaluation.FrameworkEvaluator or NetworkEvaluator. dice / jacc are measured on
+    the original grids when the dataset has them (see the module doc), else on the preprocessed
+    grid; dice_grid / jacc_grid always on the grid. seconds: wall time of the evaluator's
+    ``register`` per pair of its batch. The first batch is registered once untimed beforehand,
+    so the one-off graph set-up is not counted. refine: with a network.refine.Refiner, that many
+    iterations on each pair's flow before its metrics; the record then holds 'refinement' (its
+    seconds per iteration, losses) and seconds_refine.
     """
-    values = overlap_values(dataset.segmentation_class_value, framework.class_names)
+    values = overlap_values(dataset.segmentation_class_value, class_names)
     records = []
     warmed = False
     progress = cli.progress(dataset.num_pairs(subset), 'evaluating {}'.format(subset), 'pair')
     for batch in dataset.generator(subset, batch_size=batch_size):
         if not warmed:
-            framework.register(sess, batch)
+            evaluator.register(batch)
             warmed = True
         t0 = time.perf_counter()
-        flow = framework.register(sess, batch)
+        flow = evaluator.register(batch)
         seconds = (time.perf_counter() - t0) / len(flow)
         refined = []
         if refine:
@@ -84,7 +93,7 @@ def evaluate(sess, framework, dataset, subset, batch_size, refine=0, refiner=Non
             for i in range(len(flow)):
                 flow[i], record = refiner.refine(batch['voxel1'][i, ..., 0], batch['voxel2'][i, ..., 0], flow[i], refine)
                 refined.append(record)
-        res = framework.evaluate_batch(sess, batch, flow=flow)
+        res = evaluator.metrics(batch, flow)
         for i in range(len(flow)):
             records.append(pair_record(dataset, batch, i, res, flow[i], seconds, values))
             if refined:
@@ -162,6 +171,39 @@ def select_warp(args):
     return spatial_transformer
 
 
+def refuse_for_export(args):
+    """UserError naming the first flag that an export (frozen network, repeats and warp) cannot take."""
+    for flag, given in (('-r/--rep', args.rep is not None), ('--net_args', bool(args.net_args)),
+                        ('--flow_multiplier', args.flow_multiplier is not None), ('--tf_warp', args.tf_warp),
+                        ('--fast_reconstruction', args.fast_reconstruction),
+                        ('--writing_flow', args.writing_flow is not None)):
+        if given:
+            raise cli.UserError('{}: {} is an export, frozen with its network, repeats and warp; give a train.py '
+                                'run instead'.format(flag, args.checkpoint))
+    if not args.dataset:
+        raise cli.UserError('-d/--dataset: {} is an export, which names no dataset; give the JSON spec'.format(
+            args.checkpoint))
+
+
+def open_checkpoint(args, run, dataset):
+    """(FrameworkEvaluator of the run's checkpoint, its record for the result file)."""
+    spatial_transformer = select_warp(args)
+    sess, framework, _ = runs.load_framework(run.prefix, dataset.image_size, dataset.segmentation_class_value,
+                                             args.rep, net_overrides(args))
+    return FrameworkEvaluator(sess, framework), {'rep': args.rep or run.config.rep,
+                                                 'parameters': framework.parameter_count,
+                                                 'warp': spatial_transformer.warp_impl()}
+
+
+def open_export(open_network, dataset):
+    """(NetworkEvaluator of an export, opened by registration.resolve_network's function, as
+    predict.py runs it; its record for the result file)."""
+    network = open_network()
+    class_values = list(dataset.segmentation_class_value.values()) if dataset.segmentation_class_value else None
+    evaluator = NetworkEvaluator(network, MetricGraph(dataset.image_size, class_values, threads=0))
+    return evaluator, {key: network.info[key] for key in ('rep', 'parameters', 'warp', 'runtime')}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.parse_devices(args.gpu)
@@ -174,15 +216,26 @@ def main(argv=None):
         os.environ.setdefault('CUDA_VISIBLE_DEVICES', args.gpu)
     from data_util.dataset import Dataset
 
-    run = runs.Run(args.checkpoint)
-    prefix = run.prefix
-    dataset_path = args.dataset or run.config.get('dataset')
-    data_args = cli.parse_kwargs(args.data_args or run.config.get('data_args', ''), '--data_args')
+    export = is_export(args.checkpoint)
+    if export:
+        refuse_for_export(args)
+        run, prefix = None, os.path.abspath(args.checkpoint)
+        export_size, open_network, _ = registration.resolve_network(args.checkpoint)
+        prefix_name = os.path.basename(os.path.normpath(args.checkpoint)) + '-export'
+        dataset_path, data_args = args.dataset, args.data_args
+    else:
+        run = runs.Run(args.checkpoint)
+        prefix, prefix_name = run.prefix, '{}-{}'.format(run.name, run.step)
+        dataset_path, data_args = args.dataset or run.config.get('dataset'), args.data_args or run.config.get('data_args', '')
+    data_args = cli.parse_kwargs(data_args, '--data_args')
     if args.paired:
         data_args['paired'] = True
     if args.all_pairs:
         data_args['all_pairs'] = True
     dataset = Dataset(dataset_path, batch_size=args.batch, **data_args)
+    if export and list(dataset.image_size) != [export_size] * 3:
+        raise cli.UserError('{}: the export is frozen at {}^3, the dataset {} is {}'.format(
+            args.checkpoint, export_size, dataset_path, 'x'.join(map(str, dataset.image_size))))
     default_subset = 1 if args.writing_flow else 2
     subsets = [int(s) if s.isdigit() else s for s in args.val_subset.split(',')] if args.val_subset else [default_subset]
     for subset in subsets:
@@ -193,7 +246,6 @@ def main(argv=None):
         with cli.exclusive_output(args.writing_flow, 'flow store'):
             return write_flows(args, prefix, dataset, subsets, refine_options)
 
-    prefix_name = '{}-{}'.format(run.name, run.step)
     if args.rep:
         prefix_name += '-rep{}'.format(args.rep)
     if args.name:
@@ -215,27 +267,25 @@ def main(argv=None):
             dataset.check([subset])
             dataset.check_segmentations(subset)
 
-        spatial_transformer = select_warp(args)
-        seg_values = dataset.segmentation_class_value
-        sess, framework, _ = runs.load_framework(prefix, dataset.image_size, seg_values, args.rep, net_overrides(args))
-        print('Evaluating {} ({:,} parameters, warp: {})'.format(prefix, framework.parameter_count,
-                                                                  spatial_transformer.warp_impl()))
+        evaluator, model = open_export(open_network, dataset) if export else open_checkpoint(args, run, dataset)
+        parameters = 'unknown' if model['parameters'] is None else '{:,}'.format(model['parameters'])
+        print('Evaluating {} ({} parameters, warp: {})'.format(prefix, parameters, model['warp']))
+        class_names = list(dataset.segmentation_class_value) if dataset.segmentation_class_value else None
         refiner = make_refiner(args, dataset, refine_options)
         for subset, base in outputs.items():
-            records = evaluate(sess, framework, dataset, subset, args.batch, args.refine, refiner)
-            summary, per_class = summarize(records, framework.class_names)
+            records = evaluate(evaluator, dataset, subset, args.batch, class_names, args.refine, refiner)
+            summary, per_class = summarize(records, class_names)
             cli.write_atomic(base + '.txt', report_text(records, summary))
-            cli.write_json(base + '.json', {
-                'checkpoint': prefix, 'dataset': dataset_path, 'subset': subset, 'rep': args.rep or run.config.rep,
-                'parameters': framework.parameter_count, 'warp': spatial_transformer.warp_impl(),
-                'refinement': dict(refine_options, iterations=args.refine) if args.refine else None,
-                'summary': summary, 'per_class': per_class, 'pairs': records})
+            cli.write_json(base + '.json', dict(
+                model, checkpoint=prefix, dataset=dataset_path, subset=subset,
+                refinement=dict(refine_options, iterations=args.refine) if args.refine else None,
+                summary=summary, per_class=per_class, pairs=records))
             print('{}: Dice {:.4f} ({:.4f}), Jacc {:.4f}, landmark {:.3f}, Jacobian std {:.4f}, folding {:.5f}, '
                   '{:.3f} s/pair -> {}.txt'.format(subset, summary['dice']['mean'], summary['dice']['std'],
                                                    summary['jacc']['mean'], summary['landmark_dist']['mean'],
                                                    summary['jacobian_det']['mean'], summary['folding']['mean'],
                                                    summary['seconds_per_pair'], base))
-        sess.close()
+        evaluator.close()
 
 
 if __name__ == '__main__':

@@ -13,6 +13,11 @@ grid, with the moving label map pulled through the displacement field exactly as
 does (data_util.geometry.original_overlap), so evaluation and predict.py give the same
 numbers for the same pair. Without them (e.g. the original's HDF5 files) they are those of the
 preprocessed grid.
+
+What registers the pairs: a train.py checkpoint's evaluation graph (`FrameworkEvaluator`: flows
+and metrics in one graph), or any network with ``flow(fixed, moving)`` such as an export of
+predict.py (`NetworkEvaluator`), whose metrics come from `MetricGraph`, the same
+network/metrics.py functions in a small graph of their own (as for the classical baselines).
 """
 import numpy as np
 
@@ -66,6 +71,76 @@ def pair_record(dataset, batch, i, res, flow, seconds, values):
             'dices': overlap['dices'], 'jaccs': overlap['jaccs'],
             'dices_grid': grid['dices'], 'jaccs_grid': grid['jaccs'],
             'seconds': float(seconds)}
+
+
+class MetricGraph:
+    """network/metrics.py on one pair: feeds seg1, seg2 [1,X,Y,Z,1], points [1,K,3], flow [1,X,Y,Z,3].
+
+    image_size [X, Y, Z]; class_values as Framework's (None: 0/255 masks); threads: the
+    session's intra- and inter-op pool sizes (0: TensorFlow's choice).
+    """
+
+    def __init__(self, image_size, class_values, threads):
+        from network import metrics
+        from network.tfv1 import tf
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            shape = [1] + list(image_size)
+            self.feeds = {'seg1': tf.placeholder(tf.float32, shape + [1]), 'seg2': tf.placeholder(tf.float32, shape + [1]),
+                          'point1': tf.placeholder(tf.float32, [1, None, 3]),
+                          'point2': tf.placeholder(tf.float32, [1, None, 3]),
+                          'flow': tf.placeholder(tf.float32, shape + [3])}
+            f = self.feeds
+            dice, jacc = metrics.segmentation_overlap(f['seg1'], f['seg2'], f['flow'], class_values)
+            jac_std, folding = metrics.jacobian_stats(f['flow'])
+            self.outputs = {'dices': dice, 'jaccs': jacc, 'jacobian_det': jac_std, 'folding': folding,
+                            'landmark_dists': metrics.landmark_distances(f['point1'], f['point2'], f['flow'])}
+            self.session = tf.Session(config=tf.ConfigProto(intra_op_parallelism_threads=threads,
+                                                            inter_op_parallelism_threads=threads))
+
+    def __call__(self, batch, flow):
+        """Metrics of one pair (batch of 1 from Dataset.generator, flow [X,Y,Z,3]) as NumPy arrays
+        with a leading axis of 1."""
+        fd = {self.feeds[k]: batch[k] for k in ('seg1', 'seg2', 'point1', 'point2')}
+        fd[self.feeds['flow']] = flow[None]
+        return self.session.run(self.outputs, fd)
+
+
+class FrameworkEvaluator:
+    """A checkpoint's evaluation Framework (runs.load_framework) in its session."""
+
+    def __init__(self, sess, framework):
+        self.sess, self.framework = sess, framework
+
+    def register(self, batch):
+        """Flows [B, X, Y, Z, 3] of a Dataset batch."""
+        return self.framework.register(self.sess, batch)
+
+    def metrics(self, batch, flow):
+        """network/metrics.py's metrics of a batch and its flows, arrays with a leading axis B."""
+        return self.framework.evaluate_batch(self.sess, batch, flow=flow)
+
+    def close(self):
+        self.sess.close()
+
+
+class NetworkEvaluator:
+    """A network with ``flow(fixed, moving)`` ([X,Y,Z] in 0..255 -> [X,Y,Z,3]) and a MetricGraph."""
+
+    def __init__(self, network, metric_graph):
+        self.network, self.metric_graph = network, metric_graph
+
+    def register(self, batch):
+        return np.stack([self.network.flow(fixed[..., 0], moving[..., 0])
+                         for fixed, moving in zip(batch['voxel1'], batch['voxel2'])])
+
+    def metrics(self, batch, flow):
+        pairs = [self.metric_graph({k: batch[k][i:i + 1] for k in ('seg1', 'seg2', 'point1', 'point2')}, flow[i])
+                 for i in range(len(flow))]
+        return {k: np.concatenate([pair[k] for pair in pairs]) for k in pairs[0]}
+
+    def close(self):
+        self.metric_graph.session.close()
 
 
 def summarize(records, class_names):

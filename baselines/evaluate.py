@@ -37,34 +37,6 @@ def build_parser():
     return p
 
 
-class MetricGraph:
-    """network/metrics.py on one pair: feeds seg1, seg2 [1,X,Y,Z,1], points [1,K,3], flow [1,X,Y,Z,3]."""
-
-    def __init__(self, image_size, class_values):
-        from network import metrics
-        from network.tfv1 import tf
-        self.graph = tf.Graph()
-        with self.graph.as_default():
-            shape = [1] + list(image_size)
-            self.feeds = {'seg1': tf.placeholder(tf.float32, shape + [1]), 'seg2': tf.placeholder(tf.float32, shape + [1]),
-                          'point1': tf.placeholder(tf.float32, [1, None, 3]),
-                          'point2': tf.placeholder(tf.float32, [1, None, 3]),
-                          'flow': tf.placeholder(tf.float32, shape + [3])}
-            f = self.feeds
-            dice, jacc = metrics.segmentation_overlap(f['seg1'], f['seg2'], f['flow'], class_values)
-            jac_std, folding = metrics.jacobian_stats(f['flow'])
-            self.outputs = {'dices': dice, 'jaccs': jacc, 'jacobian_det': jac_std, 'folding': folding,
-                            'landmark_dists': metrics.landmark_distances(f['point1'], f['point2'], f['flow'])}
-            self.session = tf.Session(config=tf.ConfigProto(intra_op_parallelism_threads=baselines.THREADS,
-                                                            inter_op_parallelism_threads=baselines.THREADS))
-
-    def __call__(self, batch, flow):
-        """Metrics of one pair (batch of 1 from Dataset.generator, flow [X,Y,Z,3]) as NumPy arrays."""
-        fd = {self.feeds[k]: batch[k] for k in ('seg1', 'seg2', 'point1', 'point2')}
-        fd[self.feeds['flow']] = flow[None]
-        return self.session.run(self.outputs, fd)
-
-
 def load_partial(path, method, dataset_path, subset):
     """Records of a previous stopped run of the same evaluation, or []."""
     if not os.path.exists(path):
@@ -82,12 +54,12 @@ def main(argv=None):
     if reason:
         raise cli.UserError('{}: {}'.format(args.method, reason))
     from data_util.dataset import Dataset
-    from evaluation import overlap_values, pair_record, report_text, summarize
+    from evaluation import MetricGraph, overlap_values, pair_record, report_text, summarize
     subset = int(args.val_subset) if args.val_subset.isdigit() else args.val_subset
     dataset = Dataset(args.dataset, batch_size=1, paired=args.paired, all_pairs=args.all_pairs)
     dataset.check([subset])
     metric = MetricGraph(dataset.image_size, list(dataset.segmentation_class_value.values())
-                         if dataset.segmentation_class_value else None)
+                         if dataset.segmentation_class_value else None, baselines.THREADS)
     class_names = list(dataset.segmentation_class_value) if dataset.segmentation_class_value else None
     values = overlap_values(dataset.segmentation_class_value, class_names)
     partial_path = args.output + '.partial.json'

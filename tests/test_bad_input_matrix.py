@@ -99,6 +99,12 @@ CASES = [
     Case('eval-nan-flow-multiplier', 'eval.py', given(*EVAL, '--flow_multiplier', 'nan'), '--flow_multiplier nan'),
     Case('eval-volume-scaled-to-one', 'eval.py', given(*EVAL, '-d', 'unit_val.json', '-v', 'val'),
          'look scaled to 0..1'),
+    Case('eval-export-with-repeats', 'eval.py', lambda inputs: ['-c', 'export32', '-d', inputs.spec, '-r', '2'],
+         '-r/--rep: export32 is an export, frozen'),
+    Case('eval-export-without-dataset', 'eval.py', given('-c', 'export32', '-v', 'test'),
+         '-d/--dataset: export32 is an export, which names no dataset'),
+    Case('eval-export-of-another-size', 'eval.py', lambda inputs: ['-c', 'export32', '-d', inputs.spec, '-v', 'test'],
+         'export32: the export is frozen at 32^3, the dataset'),
 
     Case('predict-unreadable-nifti', 'predict.py', given(*PREDICT, '--moving', 'garbage.nii.gz'),
          'garbage.nii.gz: cannot read image'),
@@ -282,7 +288,8 @@ def make_images(directory):
 
 @pytest.fixture(scope='module')
 def inputs(synthetic_spec, tmp_path_factory):
-    """The module directory: a tiny trained LDR run (weights/tiny), bad data sets and images,
+    """The module directory: a tiny trained LDR run (weights/tiny), an export's metadata at 32^3
+    (export32), bad data sets and images,
     and outputs that already exist. Returns a namespace with root and spec (the synthetic spec)."""
     root = str(tmp_path_factory.mktemp('bad_input'))
     proc = run_script('train.py', '-b', 'LDR', '-n', '1', '-d', synthetic_spec, '--batch', '1', '--round', '2',
@@ -297,6 +304,10 @@ def inputs(synthetic_spec, tmp_path_factory):
         for name, text in (('args.json', args_text), ('model-1.index', 'x'), ('model-1.data-00000-of-00001', 'x')):
             with open(os.path.join(root, 'weights', run, name), 'w') as f:
                 f.write(text)
+    os.makedirs(os.path.join(root, 'export32'))
+    with open(os.path.join(root, 'export32', 'export.json'), 'w') as f:   # its metadata alone: refused before use
+        json.dump({'format': 'frozen_graphdef', 'graph': 'model.pb', 'inputs': {'fixed': 'voxel1:0', 'moving': 'voxel2:0'},
+                   'output': 'flow:0', 'image_size': [32, 32, 32], 'warp': 'tf'}, f)
     os.makedirs(os.path.join(root, 'empty_dicom'))
     with open(os.path.join(root, 'bom.csv'), 'w', encoding='utf-8-sig') as f:
         f.write('id,image\nscan_a,absent.nii.gz\n')

@@ -87,6 +87,25 @@ def test_shipped_model_registers_s02_to_s01_as_committed(tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_of_the_shipped_export_recomputes_the_committed_record(tmp_path):
+    """eval.py -c models/lpba40-ldr on S02 -> S01, converted as the preset converts LPBA40, gives
+    the pair's Dice and folding of results/lpba40's evaluation of the run it was exported from."""
+    if not os.path.isdir(LPBA40):
+        pytest.skip('LPBA40 data absent at {} (tests/conftest.py LPBA40)'.format(LPBA40))
+    assert prepare.main(['--lpba40', LPBA40, '--ids', 'S01,S02', '--output', str(tmp_path / 'lpba.h5'),
+                         '--spec', str(tmp_path / 'lpba.json'), '--quiet']) == 0
+    proc = run_script('eval.py', '-c', SHIPPED, '-d', 'lpba.json', '-v', 'test', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (pair,) = json.loads((tmp_path / 'evaluate' / 'lpba40-ldr-export-test.json').read_text())['pairs']
+    with open(os.path.join(ROOT, 'results', 'lpba40', 'evaluate', 'ldr-1-s1-6000-test.json')) as f:
+        committed = {record['id2']: record for record in json.load(f)['pairs']}['lpba/S02']
+    assert (pair['id1'], pair['id2']) == (committed['id1'], committed['id2']) == ('lpba/S01', 'lpba/S02')
+    assert pair['overlap_on'] == 'original'
+    assert pair['dice'] == pytest.approx(committed['dice'], abs=1e-3)
+    assert pair['folding'] == pytest.approx(committed['folding'], abs=1e-4)
+
+
+@pytest.mark.slow
 def test_readme_python_example_runs_as_written(tmp_path):
     """The README's 'From Python' block, run in a directory holding fixed.nii.gz and moving.nii.gz."""
     if not os.path.isdir(LPBA40):

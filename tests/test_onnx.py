@@ -199,6 +199,27 @@ def test_predict_runs_onnx_by_default_without_tensorflow_and_matches_it(exported
 
 
 @pytest.mark.slow
+def test_eval_of_an_export_gives_the_records_of_its_checkpoint(exported, scaled_run, synthetic_spec, tmp_path):
+    """eval.py -c EXPORT (run by onnxruntime, as predict.py runs it) writes <export>-export-<subset>
+    files whose per-pair metrics are eval.py's of the checkpoint it was exported from."""
+    for source in (scaled_run, exported):
+        proc = run_script('eval.py', '-c', source, '-d', synthetic_spec, '-v', 'val', '--eval_output_dir', 'ev',
+                          cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    checkpoint = json.loads((tmp_path / 'ev' / 'run-1-val.json').read_text())
+    frozen = json.loads((tmp_path / 'ev' / 'exported-export-val.json').read_text())
+    assert frozen['runtime'] == 'onnxruntime' and frozen['checkpoint'] == str(exported)
+    assert frozen['parameters'] == checkpoint['parameters'] and frozen['rep'] == checkpoint['rep'] == 1
+    assert len(frozen['pairs']) == len(checkpoint['pairs']) == 2
+    for a, b in zip(frozen['pairs'], checkpoint['pairs']):
+        assert (a['id1'], a['id2']) == (b['id1'], b['id2'])
+        assert b['dice'] < 0.99 and b['jacobian_det'] > 0.01      # flows that move the labels
+        for key in ('dice', 'jacc', 'dice_grid', 'jacc_grid', 'folding'):
+            assert a[key] == pytest.approx(b[key], abs=2e-3), key
+        assert a['jacobian_det'] == pytest.approx(b['jacobian_det'], rel=1e-3)
+
+
+@pytest.mark.slow
 def test_load_model_runtimes(exported):
     assert registration.load_model(str(exported)).info['runtime'] == 'onnxruntime'
     assert registration.load_model(str(exported), runtime='tensorflow').info['runtime'] == 'tensorflow'
