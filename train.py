@@ -58,6 +58,9 @@ def build_parser():
     p.add_argument('--augment_affine', type=float, nargs=3, default=None, metavar=('DEGREES', 'SCALE', 'SHIFT'),
                    help='add a random affine map to the augmentation: rotations up to DEGREES about each axis, '
                         'scales exp(+-SCALE) per axis, shifts up to SHIFT voxels (e.g. 10 0.05 6)')
+    p.add_argument('--augment_gamma', type=float, default=None, metavar='G',
+                   help='give the fixed and the moving image each a random contrast during training: intensities '
+                        '(0..1) raised to a power between 1/G and G (G > 1; default: none)')
     p.add_argument('--seed', type=int, default=None, help='random seed of data order and augmentation')
     p.add_argument('--fast_reconstruction', action='store_true', help='require the compiled warp op')
     p.add_argument('--tf_warp', action='store_true', help='force the pure-TensorFlow warp')
@@ -167,7 +170,7 @@ def build_framework(args, net_args, image_size, dataset, devices):
     from network.framework import Framework
     if not (args.aldk or args.distill != 'none'):
         return Framework(net_args, image_size, dataset.segmentation_class_value, devices, augment=not args.no_augment,
-                         affine_augment=affine_range(args), augment_seed=args.seed)
+                         affine_augment=affine_range(args), augment_seed=args.seed, gamma_augment=args.augment_gamma)
     from network.aldk import DistillFramework
     teacher = load_teacher(args.teacher, image_size) if args.teacher else None
     if args.pretrained_flow_path and not (args.no_augment and args.augment_affine is None):
@@ -178,7 +181,8 @@ def build_framework(args, net_args, image_size, dataset, devices):
                                  stored_flows=bool(args.pretrained_flow_path), beta=args.beta, gamma=args.gamma,
                                  lamb=args.lamb, critic_every=args.critic_every,
                                  critic_lr_factor=args.critic_lr_factor, critic_units=args.critic_units,
-                                 affine_augment=affine_range(args), augment_seed=args.seed)
+                                 affine_augment=affine_range(args), augment_seed=args.seed,
+                                 gamma_augment=args.augment_gamma)
     source = ('teacher {} ({:,} parameters, frozen, not saved)'.format(args.teacher, teacher.parameter_count)
               if teacher else 'teacher flows of {}'.format(args.pretrained_flow_path))
     print('Distillation: {}, {}, beta {} gamma {} lamb {}{}'.format(
@@ -240,6 +244,8 @@ def main(argv=None):
         if not all(math.isfinite(v) and v >= 0 for v in args.augment_affine):
             raise cli.UserError('--augment_affine takes three finite values >= 0, got {}'.format(
                 ' '.join('{:g}'.format(v) for v in args.augment_affine)))
+    if args.augment_gamma is not None and not (math.isfinite(args.augment_gamma) and args.augment_gamma > 1):
+        raise cli.UserError('--augment_gamma {:g}: the largest power, a finite number > 1'.format(args.augment_gamma))
     if args.batch % len(devices):
         raise cli.UserError('--batch {} is not divisible by the {} devices of -g {}'.format(
             args.batch, len(devices), args.gpu))

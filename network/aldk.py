@@ -263,7 +263,8 @@ class DistillFramework(Framework):
                  augment=True, method='aldk', teacher=None, stored_flows=False, beta=DEFAULTS.beta,
                  gamma=DEFAULTS.gamma, lamb=DEFAULTS.lamb, critic_every=DEFAULTS.critic_every,
                  critic_lr_factor=DEFAULTS.critic_lr_factor, critic_units=DEFAULTS.critic_units,
-                 critic_channels=CRITIC_CHANNELS, scope='rcn', affine_augment=None, augment_seed=None):
+                 critic_channels=CRITIC_CHANNELS, scope='rcn', affine_augment=None, augment_seed=None,
+                 gamma_augment=None):
         if method not in METHODS:
             raise ConfigError('unknown distillation method {!r} (choose from {})'.format(method, ', '.join(METHODS)))
         if (teacher is None) == (not stored_flows):
@@ -288,7 +289,7 @@ class DistillFramework(Framework):
                                   if stored_flows else None)
         super().__init__(net_args, image_size, segmentation_class_value=segmentation_class_value, devices=devices,
                          augment=augment, validation=False, scope=scope, affine_augment=affine_augment,
-                         augment_seed=augment_seed)
+                         augment_seed=augment_seed, gamma_augment=gamma_augment)
 
     @property
     def training_state(self):

@@ -10,6 +10,11 @@ Affine (`AffineRange`): rotations about the three axes, per-axis scales and a sh
 uniformly per sample, as the flow (A - I)(p - c) + t about the volume centre c. It stands for
 what differs between a user's scans and the training pairs beyond anatomy: head tilt, size,
 position within the field of view. Its flow is added to the B-spline flow.
+
+Contrast (`random_gamma`, beyond the paper): an image in 0..1 raised to a random power gamma,
+log gamma uniform in (-log G, log G), drawn per sample and image, for the fixed and the moving
+image independently: the intensities of another sequence or scanner (gamma > 1 darkens the mid
+intensities, grey matter against white in a T1 brain), with black and white kept.
 """
 import collections
 
@@ -79,6 +84,13 @@ def random_affine_flow(batch, sizes, ranges, seed=None, key=None):
     shift = uniform(shape, None if seed is None else seed + 2, key, 3) * ranges.shift
     matrix = rotation_matrices(angles) * scales[:, None, :] - tf.eye(3)[None]
     return affine_flow(matrix, shift, sizes)
+
+
+def random_gamma(images, max_gamma, seed=None, key=None, draw=4):
+    """images [B, X, Y, Z, C] in 0..1 -> images ** gamma, one gamma per sample, log gamma ~
+    U(-log max_gamma, log max_gamma) (max_gamma >= 1); key, draw: see `uniform`."""
+    gamma = tf.exp(uniform(tf.shape(images)[:1], seed, key, draw) * float(np.log(max_gamma)))
+    return tf.pow(tf.maximum(images, 0.0), gamma[:, None, None, None, None])
 
 
 def invert_points(points, flow, iterations=5):

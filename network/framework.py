@@ -17,7 +17,7 @@ import numpy as np
 from errors import ConfigError
 
 from . import metrics
-from .augment import augment_moving
+from .augment import augment_moving, random_gamma
 from .cascade import RecursiveCascade
 from .module import count_parameters
 from .tfv1 import tf
@@ -56,7 +56,9 @@ class Framework:
     segmentation_class_value: {name: value} or None (binary 0/255 masks);
     devices: tower devices (the batch is split evenly across them); augment: random B-spline
     deformation of the moving image during training; affine_augment: an
-    ``augment.AffineRange`` adding a random affine map to it, or None; augment_seed: an int
+    ``augment.AffineRange`` adding a random affine map to it, or None; gamma_augment: the
+    largest contrast power G of ``augment.random_gamma`` applied to the fixed and the moving
+    image alike (each its own draw), or None; augment_seed: an int
     making the augmentation a function of (augment_seed, global step), so that a resumed run
     draws what the uninterrupted one would have drawn (None: TensorFlow's stateful draws).
 
@@ -67,13 +69,15 @@ class Framework:
     """
 
     def __init__(self, net_args, image_size, segmentation_class_value=None, devices=('/cpu:0',),
-                 augment=True, validation=False, scope='rcn', affine_augment=None, augment_seed=None):
+                 augment=True, validation=False, scope='rcn', affine_augment=None, augment_seed=None,
+                 gamma_augment=None):
         self.image_size = list(image_size)
         self.devices = list(devices)
         self.class_names = list(segmentation_class_value) if segmentation_class_value else None
         self.class_values = list(segmentation_class_value.values()) if segmentation_class_value else None
         self.augment = augment
         self.affine_augment = affine_augment
+        self.gamma_augment = gamma_augment
         self.augment_seed = augment_seed
         self.net = RecursiveCascade(scope, **net_args)
         if any(s % self.net.stride for s in self.image_size):
@@ -119,7 +123,7 @@ class Framework:
 
     def _tower_inputs(self):
         """Per tower the arguments of ``_build_tower``: (fixed, moving) [b, X, Y, Z, 1] in 0..1,
-        the moving one augmented when enabled."""
+        the moving one deformed and both given another contrast when enabled."""
         n = len(self.devices)
         fixed = tf.split(self.feeds['voxel1'] / 255.0, n)
         moving = tf.split(self.feeds['voxel2'] / 255.0, n)
@@ -127,15 +131,18 @@ class Framework:
         pts = tf.split(self.feeds['point2'], n)
         towers = []
         for i in range(n):
-            m = moving[i]
-            if self.augment:
-                key = None
-                if self.augment_seed is not None:
-                    key = tf.stack([tf.constant(self.augment_seed, tf.int64),
-                                    tf.cast(self.global_step, tf.int64) * 64 + 8 * i])
-                with tf.device(self.devices[i]):
+            f, m = fixed[i], moving[i]
+            key = None
+            if self.augment_seed is not None:
+                key = tf.stack([tf.constant(self.augment_seed, tf.int64),
+                                tf.cast(self.global_step, tf.int64) * 64 + 8 * i])
+            with tf.device(self.devices[i]):
+                if self.augment:
                     m, _, _ = augment_moving(m, seg[i], pts[i], self.affine_augment, key=key)
-            towers.append((fixed[i], m))
+                if self.gamma_augment:
+                    f = random_gamma(f, self.gamma_augment, key=key, draw=4)
+                    m = random_gamma(m, self.gamma_augment, key=key, draw=5)
+            towers.append((f, m))
         return towers
 
     def _build_tower(self, fixed, moving):

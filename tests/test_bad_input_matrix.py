@@ -56,6 +56,8 @@ CASES = [
     Case('train-spec-unknown-key', 'train.py', train('unknown_key.json'), "unknown key(s) 'image_szie'"),
     Case('train-spec-missing-subset', 'train.py', train('missing_subset.json'), "missing subset 'training'"),
     Case('train-atlas-not-in-files', 'train.py', train('atlas.json'), "atlas not in files: scan entry 'atlas/s000'"),
+    Case('train-augment-gamma-one', 'train.py', train(None, '--augment_gamma', '1'),
+         '--augment_gamma 1: the largest power, a finite number > 1'),
     Case('train-missing-spec', 'train.py', train('no_such_spec.json'), 'no_such_spec.json: cannot read'),
     Case('train-size-not-divisible', 'train.py', train('size40.json', '-b', 'VTN'),  # imports TensorFlow
          '40x40x40 is not divisible by 64'),

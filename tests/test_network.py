@@ -4,7 +4,8 @@ import pytest
 
 import cli
 from network import layers, losses, subnets
-from network.augment import AffineRange, bspline_basis, invert_points, random_affine_flow, random_ffd, rotation_matrices
+from network.augment import (AffineRange, bspline_basis, invert_points, random_affine_flow, random_ffd, random_gamma,
+                             rotation_matrices)
 from network.cascade import RecursiveCascade, make_net_args
 from network.module import count_parameters
 from network.tfv1 import tf
@@ -242,6 +243,50 @@ def test_random_affine_augmentation_is_a_bounded_affine_map():
         assert 0.1 < angle <= np.sqrt(3) * 10.0 + 1e-3
     zero = run_graph(lambda: random_affine_flow(1, sizes, AffineRange(0.0, 0.0, 0.0)))
     np.testing.assert_allclose(zero, 0.0, atol=1e-6)
+
+
+def _powers(images, out):
+    """Per sample the power p with out = images ** p, fitted on the voxels strictly inside (0, 1)."""
+    powers = []
+    for x, y in zip(images, out):
+        inside = (x > 0.05) & (x < 0.95)
+        ratio = np.log(y[inside]) / np.log(x[inside])
+        np.testing.assert_allclose(ratio, ratio.mean(), rtol=1e-4)      # one power per sample
+        powers.append(ratio.mean())
+    return np.array(powers)
+
+
+def test_random_gamma_raises_each_sample_to_its_own_bounded_power():
+    images = np.random.default_rng(2).uniform(0.0, 1.0, (6, 8, 7, 5, 1))
+    images[:, 0, 0, 0, 0], images[:, 0, 0, 1, 0] = 0.0, 1.0
+    key = np.array([7, 300], np.int64)
+    out = run_graph(lambda x: random_gamma(x, 1.6, key=tf.constant(key)), {'x': images})
+    powers = _powers(images, out)
+    assert np.all(np.abs(np.log(powers)) <= np.log(1.6) + 1e-5) and np.ptp(powers) > 0.05
+    assert np.all(out[:, 0, 0, 0, 0] == 0.0) and np.allclose(out[:, 0, 0, 1, 0], 1.0)
+    again = run_graph(lambda x: random_gamma(x, 1.6, key=tf.constant(key)), {'x': images})
+    np.testing.assert_array_equal(again, out)                           # stateless: the key decides
+    other = run_graph(lambda x: random_gamma(x, 1.6, key=tf.constant(key), draw=5), {'x': images})
+    assert np.abs(_powers(images, other) - powers).max() > 0.01
+
+
+def test_framework_gives_fixed_and_moving_their_own_contrast():
+    """With gamma_augment and no deformation, a tower's fixed and moving inputs are the fed
+    images / 255 raised to powers within [1/G, G], drawn apart for the two images."""
+    from network.framework import Framework
+    rng = np.random.default_rng(3)
+    feed = {k: rng.uniform(0.0, 255.0, (2, 16, 16, 16, 1)) for k in ('voxel1', 'voxel2')}
+    with tf.Graph().as_default():
+        fw = Framework(make_net_args('LDR', 1, extra={'affine': None}), [16] * 3, augment=False, augment_seed=4,
+                       gamma_augment=2.0)
+        (fixed, moving), = fw._tower_inputs()
+        with tf.Session() as sess:
+            sess.run(tf.global_variables_initializer())
+            f, m = sess.run([fixed, moving], {fw.feeds[k]: v for k, v in feed.items()})
+    fixed_powers, moving_powers = _powers(feed['voxel1'] / 255.0, f), _powers(feed['voxel2'] / 255.0, m)
+    for powers in (fixed_powers, moving_powers):
+        assert np.all(np.abs(np.log(powers)) <= np.log(2.0) + 1e-5)
+    assert np.abs(fixed_powers - moving_powers).min() > 1e-3
 
 
 def test_multiply_accumulate_count_of_convolutions():

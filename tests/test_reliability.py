@@ -262,11 +262,12 @@ def _logged_losses(log_dir):
 
 @pytest.mark.slow
 def test_resumed_run_follows_the_uninterrupted_loss_curve(synthetic_spec, tmp_path):
-    """Killed at step 6 and resumed with -c alone, a run with augmentation draws the pairs and the
-    deformations the uninterrupted run drew (data order and augmentation replayed from the seed
-    and the step): the losses of steps 7..12 agree within float tolerance."""
+    """Killed at step 6 and resumed with -c alone, a run with augmentation (deformations and
+    contrast) draws the pairs, deformations and contrasts the uninterrupted run drew (data order
+    and augmentation replayed from the seed and the step): the losses of steps 7..12 agree within
+    float tolerance."""
     flags = ['-b', 'LDR', '-d', synthetic_spec, '--batch', '1', '--round', '12', '--epochs', '1', '--val_steps', '0',
-             '--save_steps', '6', '--print_steps', '1', '--seed', '5', '--lr', '3e-4']
+             '--save_steps', '6', '--print_steps', '1', '--seed', '5', '--lr', '3e-4', '--augment_gamma', '1.5']
     straight = run_script('train.py', *flags, '--output', 'straight', cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-2000:]
     run_dir = _train_then_kill(tmp_path, 'cut', 6, flags)
