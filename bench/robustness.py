@@ -1,9 +1,10 @@
 """How a trained model copes with what users send: moving scans shifted, rotated, cut short,
 stored otherwise, acquired otherwise.
 
-    python -m bench.robustness -c weights/RUN [--lpba40 ../shared/data/LPBA40] [--pairs 9]
+    python -m bench.robustness -c weights/RUN [--lpba40 ../shared/data/LPBA40] [--pairs N] [--validation]
 
-Each LPBA40 test scan S02.. is registered to the atlas S01 through predict.py's own pipeline
+Each LPBA40 test scan S02..S10 (with --validation the validation scans S36..S40 instead, for
+choices that must not look at the test scans) is registered to the atlas S01 through predict.py's own pipeline
 (its preprocessing, network and displacement field; the model loaded once), first as it is and
 then perturbed the way scans from elsewhere differ: the moving scan's content (image and label
 map alike, resampled on its own grid) shifted by 10 mm, rotated by 10 degrees about the
@@ -40,6 +41,7 @@ STORED_ORIENTATION = 'SRA'
 SLICE_FACTOR = 3
 BIAS = 0.2
 NOISE = 0.04
+TEST, VALIDATION = tuple(range(2, 11)), tuple(range(36, 41))
 GAMMAS = (0.6, 1.6)
 HEADER_TURNS = {'90 deg (L-R axis)': ((1, 0, 0), (0, 0, -1), (0, 1, 0)),
                 '180 deg (A-P axis)': ((-1, 0, 0), (0, 1, 0), (0, 0, -1))}
@@ -163,7 +165,9 @@ def main(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-c', '--checkpoint', required=True, help='train.py run directory (or DIR:STEP) or export')
     p.add_argument('--lpba40', default=os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'LPBA40'))
-    p.add_argument('--pairs', type=cli.positive_int, default=9, help='test scans S02.. to use (default all 9)')
+    p.add_argument('--pairs', type=cli.positive_int, default=None, help='the first N scans only (default all)')
+    p.add_argument('--validation', action='store_true',
+                   help='register the validation scans S36..S40 instead of the test scans S02..S10')
     args = p.parse_args(argv)
     import SimpleITK as sitk
     import registration
@@ -185,16 +189,18 @@ def main(argv=None):
         print('S{:02d} {}: Dice {:.4f} (before {:.4f})'.format(i, name, dice['mean'], dice['mean_before']),
               flush=True)
 
-    for i in range(2, 2 + args.pairs):
-        image = sitk.ReadImage(os.path.join(root, 'test', 'S{:02d}.delineation.skullstripped.nii.gz'.format(i)))
+    folder, ids = ('train', VALIDATION) if args.validation else ('test', TEST)
+    ids = ids[:args.pairs]
+    for i in ids:
+        image = sitk.ReadImage(os.path.join(root, folder, 'S{:02d}.delineation.skullstripped.nii.gz'.format(i)))
         labels = label(i)
         for name, perturb in perturbations().items():
             record(i, name, fixed, fixed_seg, *perturb(image, labels))
         for name, perturb in pair_perturbations().items():
             record(i, name, *perturb(fixed, fixed_seg), *perturb(image, labels))
     base = np.mean([after for _, after in rows['as given']])
-    print('\nModel {} ({}^3), {} LPBA40 test scans to S01, Dice on S01\'s 1 mm grid:\n'.format(
-        args.checkpoint, model.image_size, args.pairs))
+    print('\nModel {} ({}^3), LPBA40 {} scans S{:02d}..S{:02d} to S01, Dice on S01\'s 1 mm grid:\n'.format(
+        args.checkpoint, model.image_size, 'validation' if args.validation else 'test', ids[0], ids[-1]))
     print('| perturbation | Dice before | Dice after | change vs as given |')
     print('|---|---:|---:|---:|')
     for name, values in rows.items():
