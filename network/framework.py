@@ -57,8 +57,8 @@ class Framework:
     devices: tower devices (the batch is split evenly across them); augment: random B-spline
     deformation of the moving image during training; affine_augment: an
     ``augment.AffineRange`` adding a random affine map to it, or None; gamma_augment: the
-    largest contrast power G of ``augment.random_gamma`` applied to the fixed and the moving
-    image alike (each its own draw), or None; augment_seed: an int
+    largest contrast power G of ``augment.random_gamma``, applied to the fixed and to the
+    moving image, each with its own draw, or None; augment_seed: an int
     making the augmentation a function of (augment_seed, global step), so that a resumed run
     draws what the uninterrupted one would have drawn (None: TensorFlow's stateful draws).
 
