@@ -125,7 +125,7 @@ def test_run_of_the_old_format_evaluates_predicts_and_resumes(old_run):
     resumed = json.loads((old_run / 'weights' / 'old' / 'args.json').read_text())
     assert resumed.pop('schema') == 2
     assert resumed == dict(old_settings(), epochs=2.0, checkpoint='weights/old', output=None, init_from=None,
-                              warmup=None)
+                              warmup=None, augment_gamma=None)
 
 
 @pytest.mark.parametrize('old, new, factors', [
