@@ -49,7 +49,7 @@ def test_eval_and_predict_agree_on_the_original_grid(tmp_path):
     for scan_id in TEST_IDS:
         moving, moving_seg = _paths(scan_id)
         proc = run_script('predict.py', '-c', 'weights/brain', '--fixed', fixed, '--moving', moving,
-                          '--fixed_seg', fixed_seg, '--moving_seg', moving_seg, '-o', scan_id, cwd=tmp_path)
+                          '--fixed_seg', fixed_seg, '--moving_seg', moving_seg, '-o', scan_id, '--outputs', 'seg', cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         report = json.loads((tmp_path / scan_id / 'predict.json').read_text())
         record = by_moving[scan_id]

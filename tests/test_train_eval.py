@@ -1,4 +1,4 @@
-"""train.py -> checkpoint -> eval.py end to end, resuming, and one-line errors on bad input."""
+"""train.py -> checkpoint -> eval.py end to end, and one-line errors on bad input (resuming: test_reliability.py)."""
 import json
 import os
 import shutil
@@ -46,12 +46,6 @@ def test_train_then_eval_improves_dice(synthetic_spec, tmp_path):
 
     again = run_script('eval.py', '-c', run_dir, '-v', 'val', cwd=tmp_path)
     assert again.returncode != 0 and 'exists' in error_lines(again)[-1]
-
-    resumed = run_script('train.py', '-c', run_dir, '--epochs', '1.1', '--round', '200', '--val_steps', '0',
-                         '--print_steps', '10', cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert 'Restored' in resumed.stdout and 'at step 200' in resumed.stdout
-    assert 'step 220/220' in resumed.stdout and (run_dir / 'model-220.index').exists()
 
 
 def _corrupt(spec, tmp_path):

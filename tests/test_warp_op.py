@@ -372,14 +372,14 @@ def asan_expected(asan_runtime, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('portable', [False, True], ids=['cpu_flags', 'portable'])
+@pytest.mark.parametrize('portable', [False, pytest.param(True, marks=pytest.mark.full)], ids=['cpu_flags', 'portable'])
 def test_kernels_stay_inside_their_tensors_under_address_sanitizer(library, asan_runtime, asan_expected, tmp_path,
                                                                    portable):
     """An AddressSanitizer build of the op runs forward and both gradients on shapes that reach
     every code path, with samples at the far corner, and matches the pure-TF warp
     (tests/asan_warp.py, in a child process with ASan preloaded). ASan aborts on any read or
     write outside a tensor. The portable build (no AVX2 flags) checks the code that other
-    CPUs run."""
+    CPUs run; it is in the full set (-m full), the default run checks the build of this CPU."""
     sanitized = str(tmp_path / 'warp_op_asan.so')
     flags = ['-fsanitize=address', '-fno-omit-frame-pointer']
     compiled = subprocess.run(build.command(sanitized, flags, portable), stdout=subprocess.PIPE,
