@@ -1,4 +1,7 @@
-"""Subnets, losses and the RCN builder on analytic cases and parameter counts."""
+"""Subnets, losses and the RCN builder on analytic cases and parameter counts; TensorFlow's import."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -9,6 +12,7 @@ from network.augment import (AffineRange, bspline_basis, invert_points, random_a
 from network.cascade import RecursiveCascade, make_net_args
 from network.module import count_parameters
 from network.tfv1 import tf
+from tests.conftest import ROOT
 from tests.helpers import run_graph
 
 
@@ -24,6 +28,17 @@ def _params(cls, size=64):
     (subnets.VTN, 28.2e6, 0.03), (subnets.VTNAffineStem, 14.2e6, 0.03), (subnets.LDROriginal, 0.28e6, 0.03)])
 def test_parameter_counts(cls, expected, tol):
     assert abs(_params(cls) - expected) / expected < tol
+
+
+def test_tensorflow_is_imported_without_keras_which_stays_importable():
+    """network.tfv1 keeps TensorFlow from importing Keras eagerly (a fresh process has no keras
+    module after it), and tf.keras still loads on demand afterwards."""
+    code = ('import sys; from network.tfv1 import tf; '
+            'print(sum(m.split(".")[0] == "keras" for m in sys.modules)); '
+            'import tensorflow; tensorflow.keras.layers.Dense; import keras.src.optimizers; print("keras ok")')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ['0', 'keras', 'ok'], proc.stdout
 
 
 def test_command_line_lists_every_base_network():
