@@ -10,6 +10,7 @@ project's own tools; reproduction.run runs it, reproduction.report reads what it
 import glob
 import json
 import os
+import re
 import sys
 import time
 
@@ -123,6 +124,11 @@ class Stage:
 
     def finished(self, ctx):
         return os.path.exists(self.record_path(ctx))
+
+    def reads(self):
+        """The training runs whose weights the command reads (its weights/<run> arguments): {run}."""
+        return {m.group(1) for token in self.command for m in [re.search(r'(?:^|=)weights/([^/:=\s]+)', str(token))]
+                if m}
 
 
 def python(*args):

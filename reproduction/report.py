@@ -21,6 +21,26 @@ def stage_records(ctx, stages):
     return {s.name: read_json(s.record_path(ctx)) for s in stages if s.finished(ctx)}
 
 
+def earlier_trainings(stages, records):
+    """Notes on finished training stages that read another stage's output (a teacher's weights, its
+    flows, a coarse phase's weights) made again after they finished (on another machine, which had
+    not their weights): they were trained from an earlier version of it than the one the tables
+    report. [str], one per such stage and output."""
+    producers = {output: stage for stage in stages for output in stage.outputs}
+    notes = []
+    for stage in stages:
+        finished = records.get(stage.name, {}).get('finished')
+        if stage.kind != 'train' or finished is None:
+            continue
+        for token in stage.command:
+            producer = producers.get(token)
+            remade = producer and records.get(producer.name, {}).get('finished', '')
+            if remade and remade > finished:
+                notes.append('{} was trained from {} as it was before stage {} made it again (finished {}), '
+                             'not from the one reported here'.format(stage.name, token, producer.name, remade))
+    return notes
+
+
 def method_entries(ctx, stages, records):
     """results.json 'methods': per evaluated method or baseline (keyed like 'aldk-1' or 'ants_syn') its
     label, status ('ok', 'pending', 'not installed') and, when evaluated, its evaluation summary
@@ -169,6 +189,11 @@ def signed(value, digits=2):
     return '-' if value is None else '{:+.{}f}'.format(value, digits)
 
 
+def render_notes(notes):
+    """A table's closing note lines for ``earlier_trainings``' notes ('' when none)."""
+    return ''.join('\nNote: {}.\n'.format(note) for note in notes)
+
+
 def render_table1(rows, meta):
     landmarks = any(r['landmark_dist'] is not None for r in rows)
     seeds = any(r['seeds'] and len(r['seeds']) > 1 for r in rows)
@@ -259,11 +284,12 @@ def write(ctx, stages):
             'pairs': max([e['pairs'] for e in evaluated], default=0), 'threads': a.threads}
     t1 = table1_rows(methods)
     t2 = table2_rows(methods, a.cascades)
+    notes = earlier_trainings(stages, records)
     results = {'name': a.name, 'command': [sys.executable] + ctx.argv, 'config': ctx.config, 'meta': meta,
                'versions': ctx.versions, 'stages': records, 'methods': methods, 'table1': t1, 'table2': t2,
-               'updated': datetime.datetime.now().isoformat(timespec='seconds')}
-    cli.write_atomic(ctx.path('table1.md'), render_table1(t1, meta))
-    cli.write_atomic(ctx.path('table2.md'), render_table2(t2, meta))
+               'notes': notes, 'updated': datetime.datetime.now().isoformat(timespec='seconds')}
+    cli.write_atomic(ctx.path('table1.md'), render_table1(t1, meta) + render_notes(notes))
+    cli.write_atomic(ctx.path('table2.md'), render_table2(t2, meta) + render_notes(notes))
     results['figures'] = {'figure1.png': figure1(ctx, methods), 'figure2.png': figure2(ctx, stages)}
     cli.write_json(ctx.path('results.json'), results)
     return results

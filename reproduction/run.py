@@ -9,13 +9,14 @@ after every stage, and ``--list``'s table of the stages and their state.
 Weights are not kept with the results (weights/ stays on the machine that trained them): on
 another machine a finished training stage whose weights a stage still to run reads (a teacher
 for distillation, runs figure 2 draws from their weights) is trained again, and the stages that read the earlier
-weights (its evaluations) run again with it, so that the tables describe the weights used.
+weights (its evaluations) run again with it, so that the tables describe the weights used. Other
+finished runs trained from the earlier weights (a teacher's other students) are kept, and the
+report says so under the tables (report.earlier_trainings).
 """
 import datetime
 import fnmatch
 import glob
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -126,12 +127,6 @@ def write_record(ctx, stage, command, code, seconds, resumed, log):
 
 
 
-def runs_read(stage):
-    """The training runs whose weights a stage's command reads (its weights/<run> arguments)."""
-    return {m.group(1) for token in stage.command for m in [re.search(r'(?:^|=)weights/([^/:=\s]+)', str(token))]
-            if m}
-
-
 def chosen_stages(ctx, stages):
     """The stages --only names (shell-style patterns of stage names; all stages without it), and
     the data stage, which every other one needs."""
@@ -151,12 +146,12 @@ def stale_stages(ctx, stages, chosen):
 
     stale = []
     while True:
-        pending = set().union(*[runs_read(s) for s in chosen if not s.finished(ctx)],
-                              *[runs_read(s) for s in stale if s.kind == 'train'])
+        pending = set().union(*[s.reads() for s in chosen if not s.finished(ctx)],
+                              *[s.reads() for s in stale if s.kind == 'train'])
         gone = {s.info['run'] for s in stages if s.kind == 'train' and s.finished(ctx) and s.info['run'] in pending
                 and not weights_here(s.info['run'])}
         found = [s for s in stages if s.finished(ctx) and (s.kind == 'train' and s.info['run'] in gone
-                                                            or s.kind != 'train' and runs_read(s) & gone)]
+                                                            or s.kind != 'train' and s.reads() & gone)]
         if found == stale:
             return stale
         stale = found

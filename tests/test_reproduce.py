@@ -256,7 +256,7 @@ def test_coarse_to_fine_trains_a_coarse_run_then_the_run_from_its_weights(tmp_pa
     assert option(coarse, '-d').endswith('lpba64.json') and option(fine, '-d').endswith('lpba.json')
     assert option(fine, '--init_from') == os.path.join('weights', 'voxelmorph-1-s2-coarse')
     assert '--init_from' not in coarse.command and (coarse.info['steps'], fine.info['steps']) == (4000, 2000)
-    assert run.runs_read(fine) == {'voxelmorph-1-s2-coarse'}
+    assert fine.reads() == {'voxelmorph-1-s2-coarse'}
     assert stages['eval-voxelmorph-1-s2'].outputs == [os.path.join('evaluate', 'voxelmorph-1-s2-2000-test.json')]
     assert 0 < coarse.info['cpu_hours'] < fine.info['cpu_hours']
     checkpoint = tmp_path / 'lpba40' / 'weights' / 'voxelmorph-1-s2'
@@ -301,7 +301,7 @@ def test_training_whose_weights_are_gone_runs_again_when_a_stage_to_do_reads_the
         if stage.name in done:
             os.makedirs(os.path.dirname(stage.record_path(ctx)), exist_ok=True)
             open(stage.record_path(ctx), 'w').write('{}')
-    assert run.runs_read(next(s for s in stages if s.name == 'aldk-1-s1')) == {'teacher-1'}
+    assert next(s for s in stages if s.name == 'aldk-1-s1').reads() == {'teacher-1'}
     again = {s.name for s in run.stale_stages(ctx, stages, stages)}
     assert again == {'teacher-1', 'eval-teacher-1', 'eval-teacher-1-all_pairs', 'ldr-1-s1', 'eval-ldr-1-s1',
                      'eval-ldr-1-s1-all_pairs', 'eval-ldr-1-s1-refine25'}  # sections-ldr-1-s1 reads ldr-1-s1
@@ -314,6 +314,36 @@ def test_training_whose_weights_are_gone_runs_again_when_a_stage_to_do_reads_the
     sections = next(s for s in stages if s.name == 'sections-ldr-1-s1')
     open(sections.record_path(ctx), 'w').write('{}')
     assert run.stale_stages(ctx, stages, stages) == []
+
+
+def test_runs_trained_from_a_teacher_trained_again_since_are_noted_under_the_tables(tmp_path, monkeypatch):
+    """A teacher finished after its students (trained again on another machine) leaves a note, in
+    results.json and under both tables, for each finished student it taught (online teacher:
+    weights/teacher-1; offline: the flows stage), and none for runs finished after it or for the
+    coarse phase that precedes its fine phase."""
+    monkeypatch.setattr(plan, 'MODELS', str(tmp_path / 'models'))
+    args = plan.resolve_args(reproduce.build_parser().parse_args(
+        ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'identity']))
+    stages = plan.plan(plan.Context(args))
+    records = {s.name: {'finished': '2026-12-01T10:00:00'} for s in stages}
+    assert report.earlier_trainings(stages, records) == []
+    records['teacher-1']['finished'] = '2026-12-09T10:00:00'
+    records['aldk-1-s1']['finished'] = '2026-12-09T12:00:00'
+    notes = report.earlier_trainings(stages, records)
+    assert [note.split()[0] for note in notes] == ['aldk-1-s2', 'l2-1-s1', 'l2-1-s2']
+    assert all('from weights/teacher-1 as it was before stage teacher-1 made it again (finished '
+               '2026-12-09T10:00:00)' in note for note in notes)
+    del records['l2-1-s2']                                       # not finished: nothing to note
+    assert len(report.earlier_trainings(stages, records)) == 2
+    assert report.render_notes(notes[:1]) == '\nNote: {}.\n'.format(notes[0]) and report.render_notes([]) == ''
+
+    offline = plan.resolve_args(reproduce.build_parser().parse_args(
+        ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'identity', '--teacher_flows', 'offline']))
+    stages = plan.plan(plan.Context(offline))
+    records = {s.name: {'finished': '2026-12-01T10:00:00'} for s in stages}
+    records['flows-1']['finished'] = '2026-12-09T10:00:00'
+    assert [n.split()[0] for n in report.earlier_trainings(stages, records)] == ['aldk-1-s1', 'aldk-1-s2', 'l2-1-s1',
+                                                                               'l2-1-s2']
 
 
 def test_figure2_draws_a_run_from_the_shipped_export_of_its_last_weights(tmp_path, monkeypatch):
