@@ -126,7 +126,6 @@ def write_record(ctx, stage, command, code, seconds, resumed, log):
     cli.write_json(stage.record_path(ctx), record)
 
 
-
 def chosen_stages(ctx, stages):
     """The stages --only names (shell-style patterns of stage names; all stages without it), and
     the data stage, which every other one needs."""
