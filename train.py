@@ -159,30 +159,30 @@ def load_teacher(spec, image_size):
     return Teacher(run.config.cascade_args(), run.prefix, run.config.image_size or image_size)
 
 
-def affine_range(args):
-    """--augment_affine as a network.augment.AffineRange, or None."""
+def augmentation(args):
+    """The augmentation keyword arguments of Framework and DistillFramework from the flags
+    (--no_augment, --augment_affine as a network.augment.AffineRange, --augment_gamma, --seed)."""
     from network.augment import AffineRange
-    return None if args.augment_affine is None else AffineRange(*args.augment_affine)
+    return {'augment': not args.no_augment, 'gamma_augment': args.augment_gamma, 'augment_seed': args.seed,
+            'affine_augment': None if args.augment_affine is None else AffineRange(*args.augment_affine)}
 
 
 def build_framework(args, net_args, image_size, dataset, devices):
     """The training Framework: plain, or DistillFramework for --aldk / --distill l2."""
     from network.framework import Framework
     if not (args.aldk or args.distill != 'none'):
-        return Framework(net_args, image_size, dataset.segmentation_class_value, devices, augment=not args.no_augment,
-                         affine_augment=affine_range(args), augment_seed=args.seed, gamma_augment=args.augment_gamma)
+        return Framework(net_args, image_size, dataset.segmentation_class_value, devices, **augmentation(args))
     from network.aldk import DistillFramework
     teacher = load_teacher(args.teacher, image_size) if args.teacher else None
     if args.pretrained_flow_path and not (args.no_augment and args.augment_affine is None):
         print('Stored teacher flows belong to un-augmented pairs: augmentation off')
         args.no_augment, args.augment_affine = True, None
     framework = DistillFramework(net_args, image_size, dataset.segmentation_class_value, devices,
-                                 augment=not args.no_augment, method='aldk' if args.aldk else 'l2', teacher=teacher,
+                                 method='aldk' if args.aldk else 'l2', teacher=teacher,
                                  stored_flows=bool(args.pretrained_flow_path), beta=args.beta, gamma=args.gamma,
                                  lamb=args.lamb, critic_every=args.critic_every,
                                  critic_lr_factor=args.critic_lr_factor, critic_units=args.critic_units,
-                                 affine_augment=affine_range(args), augment_seed=args.seed,
-                                 gamma_augment=args.augment_gamma)
+                                 **augmentation(args))
     source = ('teacher {} ({:,} parameters, frozen, not saved)'.format(args.teacher, teacher.parameter_count)
               if teacher else 'teacher flows of {}'.format(args.pretrained_flow_path))
     print('Distillation: {}, {}, beta {} gamma {} lamb {}{}'.format(
