@@ -44,22 +44,24 @@ PRESETS = {
     # scans and the atlas; 2 seeds per student; every test pair and the 72 inter-subject pairs; a
     # random affine map added to the B-spline augmentation (rotations up to 10 degrees, scales
     # exp(+-0.05), shifts up to 4 voxels = 6 mm) so that models take scans as users send them
-    # (bench/robustness.py measures it). VoxelMorph trains coarse-to-fine, 4000 of its 6000 steps at
-    # 64^3 (README "LPBA40": for the LDR student that gave the same test Dice for 40 % of the CPU
-    # time), so that its stage fits a session: at 128^3 throughout it took 2.6 hours.
+    # (bench/robustness.py measures it). VoxelMorph and the teacher train coarse-to-fine, the first
+    # 4000 of their 6000 and 8000 steps at 64^3 (README "LPBA40": for the LDR student that gave the
+    # same test Dice for 40 % of the CPU time; the teacher gained 1.4 validation points over 8000
+    # steps at 128^3 in 65 % of the time), so that each stage fits a session: at 128^3 throughout
+    # VoxelMorph took 2.6 hours, the teacher 2.4 on the Intel Xeon.
     # seconds_per_step: wall seconds of one step on 2 cores, validation and checkpoints included, as
     # this preset's own stages took them (their records in results/lpba40/stages: seconds over the
     # steps run; VoxelMorph at 128^3: the steps/s of its first attempt's log), for --list; 'coarse':
-    # the same at the coarse size.
+    # the same at the coarse size (the teacher's: its probe teacher-c2f-coarse, on the Intel Xeon).
     'lpba40': {'dataset': os.path.join(ROOT, 'datasets', 'lpba.json'),
                'lpba40': LPBA40_DIR if os.path.isdir(LPBA40_DIR) else None, 'name': 'lpba40',
                'steps': 6000, 'teacher_steps': 8000, 'batch': 1, 'lr': 5e-4, 'teacher_lr': 1e-4, 'val_steps': 500,
                'seeds': [1, 2], 'seed': 1, 'all_pairs': True, 'refine': 25,
-               'coarse_to_fine': ['voxelmorph'], 'coarse_dataset': os.path.join(ROOT, 'datasets', 'lpba64.json'),
+               'coarse_to_fine': ['teacher', 'voxelmorph'], 'coarse_dataset': os.path.join(ROOT, 'datasets', 'lpba64.json'),
                'coarse_steps': 4000,
                'train_flags': ['--data_args', "train_pairs='all'", '--augment_affine', '10', '0.05', '4'],
                'seconds_per_step': {'ldr': 0.39, 'teacher': 1.31, 'aldk': 0.87, 'l2': 0.47, 'voxelmorph': 1.57,
-                                    'coarse': {'voxelmorph': 0.57}}},
+                                    'coarse': {'teacher': 0.32, 'voxelmorph': 0.57}}},
 }
 FIGURE_PAIRS = 4
 FIGURE_METHODS = ('ldr', 'aldk', 'teacher', 'voxelmorph')   # figure 2's rows, in order: each at its first seed
@@ -124,6 +126,13 @@ class Stage:
 
     def finished(self, ctx):
         return os.path.exists(self.record_path(ctx))
+
+    def recipe_changed(self, ctx):
+        """Whether this finished training stage was trained for other steps or in another phase than
+        the plan's (its recipe revised since, e.g. the method moved to --coarse_to_fine). Records
+        written before phases existed have no 'phase': a single phase (None)."""
+        trained = read_json(self.record_path(ctx))['info']
+        return (trained['steps'], trained.get('phase')) != (self.info['steps'], self.info['phase'])
 
     def reads(self):
         """The training runs whose weights the command reads (its weights/<run> arguments): {run}."""
@@ -357,6 +366,10 @@ def plan(ctx):
     return stages
 
 
+# Settings a run's training recipe may change between sessions: the training stages they change are
+# trained again (run.stale_stages), with the stages that read their weights; the other settings
+# change every stage, so that a results directory made with other values of them is refused.
+RECIPE_KEYS = ('coarse_to_fine', 'coarse_steps')
 CONFIG_KEYS = ('demo', 'dataset', 'steps', 'teacher_steps', 'batch', 'lr', 'teacher_lr', 'subset', 'paired', 'teacher_flows',
                'student_net_args', 'seed', 'image_size', 'demo_scans', 'demo_test', 'threads', 'seeds', 'all_pairs',
                'train_flags', 'refine', 'coarse_to_fine', 'coarse_dataset', 'coarse_steps')
@@ -426,13 +439,19 @@ def check_coarse_to_fine(args):
 
 def check_config(ctx, store=True):
     """Store the run's settings (unless ``store`` is false); refuse to continue a run made with other
-    settings. A setting the stored config lacks (one added to reproduce.py since) is added to it."""
+    settings, but for RECIPE_KEYS (said in one line). A setting the stored config lacks (one added to
+    reproduce.py since) is added to it."""
     config = {k: getattr(ctx.args, k) for k in CONFIG_KEYS}
     config['dataset'] = project_relative(ctx.spec)
     config['coarse_dataset'] = ctx.coarse_spec and project_relative(ctx.coarse_spec)
     path = ctx.path('config.json')
     stored = read_json(path) if os.path.exists(path) else {}
     changed = [k for k in CONFIG_KEYS if k in stored and stored[k] != config[k]]
+    revised = [k for k in changed if k in RECIPE_KEYS]
+    if revised:
+        ctx.say('the training recipe changed since {} was made ({}): the training stages it changes run again'.format(
+            ctx.out, ', '.join('{} {!r} -> {!r}'.format(k, stored[k], config[k]) for k in revised)))
+    changed = [k for k in changed if k not in RECIPE_KEYS]
     if changed:
         raise cli.UserError('{} was made with other settings ({}); use another --name or remove it'.format(
             ctx.out, ', '.join('{} {!r} -> {!r}'.format(k, stored[k], config[k]) for k in changed)))

@@ -24,6 +24,7 @@ import time
 import cli
 import runs
 from reproduction import report
+from reproduction.plan import read_json
 
 ECHO_PREFIXES = ('step ', 'validation at', 'Finished', 'Graph built', 'Distillation', 'Teacher flows', 'wrote ',
                  'Evaluating', 'Restored', 'warning', 'error')
@@ -136,24 +137,44 @@ def chosen_stages(ctx, stages):
     return [s for s in stages if s.kind == 'data' or any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
 
 
+def revised_runs(ctx, chosen):
+    """{run}: the chosen finished training stages trained with another recipe than the plan's
+    (Stage.recipe_changed)."""
+    return {s.info['run'] for s in chosen if s.kind == 'train' and s.finished(ctx) and s.recipe_changed(ctx)}
+
+
 def stale_stages(ctx, stages, chosen):
-    """[stage] to run again: finished training stages whose weights are gone from weights/ while a
-    chosen stage still to run, or a stage run again, reads them (a student trained again needs its
-    teacher), and the finished stages that read those weights."""
+    """[stage] to run again: chosen finished training stages whose recipe changed since
+    (revised_runs), finished training stages whose weights are gone from weights/ while a chosen
+    stage still to run, or a stage run again, reads them (a student trained again needs its
+    teacher), and the finished stages that read the weights of either."""
     def weights_here(run):
         return os.path.isdir(ctx.path('weights', run)) and runs.list_checkpoints(ctx.path('weights', run))
 
+    revised = revised_runs(ctx, chosen)
     stale = []
     while True:
         pending = set().union(*[s.reads() for s in chosen if not s.finished(ctx)],
                               *[s.reads() for s in stale if s.kind == 'train'])
-        gone = {s.info['run'] for s in stages if s.kind == 'train' and s.finished(ctx) and s.info['run'] in pending
-                and not weights_here(s.info['run'])}
+        gone = revised | {s.info['run'] for s in stages if s.kind == 'train' and s.finished(ctx)
+                          and s.info['run'] in pending and not weights_here(s.info['run'])}
         found = [s for s in stages if s.finished(ctx) and (s.kind == 'train' and s.info['run'] in gone
                                                             or s.kind != 'train' and s.reads() & gone)]
         if found == stale:
             return stale
         stale = found
+
+
+def forget(ctx, stage):
+    """Remove a stage's record, and the evaluation files its record lists (with their text reports),
+    which describe weights it will replace: a run of other steps writes files of another name."""
+    if stage.kind in ('eval', 'sections'):
+        for output in read_json(stage.record_path(ctx))['outputs']:
+            stem = os.path.splitext(ctx.path(output))[0]
+            for path in (ctx.path(output), stem + '.txt'):
+                if os.path.isfile(path):
+                    os.remove(path)
+    os.remove(stage.record_path(ctx))
 
 
 def run_stages(ctx, stages):
@@ -162,11 +183,17 @@ def run_stages(ctx, stages):
     args = ctx.args
     chosen = chosen_stages(ctx, stages)
     os.makedirs(ctx.out, exist_ok=True)
+    revised = revised_runs(ctx, chosen)
     stale = stale_stages(ctx, stages, chosen)
     for stage in stale:
-        ctx.say('{}: run again: the weights it {} are not on this machine and a stage still to run needs them'.format(
-            stage.name, 'wrote' if stage.kind == 'train' else 'read'))
-        os.remove(stage.record_path(ctx))
+        if stage.kind == 'train' and stage.info['run'] in revised:
+            reason = 'trained with another recipe than the plan\'s'
+        else:
+            reason = 'the weights it {} are {}'.format('wrote' if stage.kind == 'train' else 'read', 'retrained' if
+                                                      stage.reads() & revised else 'not on this machine and a stage '
+                                                      'still to run needs them')
+        ctx.say('{}: run again: {}'.format(stage.name, reason))
+        forget(ctx, stage)
     ctx.versions = report.versions()
     ctx.say('reproduce {} -> {} ({} stages, {} finished)'.format(
         'demo' if args.demo else args.dataset, ctx.out, len(stages), sum(s.finished(ctx) for s in stages)))

@@ -33,6 +33,12 @@ def cascades_cell(value):
     return '-' if value is None else str(value)
 
 
+def finish(ctx, stage, **record):
+    """Write a stage's record as run.write_record does (its info and outputs; ``record`` overrides)."""
+    os.makedirs(os.path.dirname(stage.record_path(ctx)), exist_ok=True)
+    cli.write_json(stage.record_path(ctx), dict({'info': stage.info, 'outputs': stage.outputs}, **record))
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_then_resume(tmp_path):
     ants = baselines.missing('ants_syn') is None
@@ -200,8 +206,7 @@ def test_baseline_not_installed_keeps_its_finished_results(tmp_path, capsys):
     stages = plan.plan(ctx)
     atlas, all_pairs = [s for s in stages if s.kind == 'baseline']
     assert (atlas.name, all_pairs.name) == ('baseline-ants_syn', 'baseline-ants_syn-all_pairs')
-    os.makedirs(os.path.dirname(atlas.record_path(ctx)), exist_ok=True)
-    open(atlas.record_path(ctx), 'w').write('{}')
+    finish(ctx, atlas)
     summary = {'dice': {'mean': 0.69, 'std': 0.02}, 'seconds_per_pair': 60.0}
     os.makedirs(os.path.dirname(ctx.path(atlas.outputs[0])), exist_ok=True)
     cli.write_json(ctx.path(atlas.outputs[0]), {'summary': summary, 'pairs': [{}] * 9, 'parameters': None})
@@ -240,7 +245,7 @@ def test_lpba40_preset_plans_seeds_and_all_pairs(tmp_path):
 
 
 def test_coarse_to_fine_trains_a_coarse_run_then_the_run_from_its_weights(tmp_path):
-    """--coarse_to_fine (preset lpba40: VoxelMorph): '<run>-coarse' trains --coarse_steps on the
+    """--coarse_to_fine (preset lpba40: the teacher and VoxelMorph): '<run>-coarse' trains --coarse_steps on the
     coarse spec, then '<run>' the rest on the spec with --init_from; its evaluations name the fine
     run's final step; resuming the fine run drops --init_from; the coarse HDF5, when missing, is
     built at the coarse spec's size; --coarse_steps must leave steps for the fine phase."""
@@ -251,7 +256,8 @@ def test_coarse_to_fine_trains_a_coarse_run_then_the_run_from_its_weights(tmp_pa
     coarse, fine = stages['voxelmorph-1-s2-coarse'], stages['voxelmorph-1-s2']
     names = list(stages)
     assert names.index('voxelmorph-1-s2-coarse') + 1 == names.index('voxelmorph-1-s2')
-    assert 'teacher-1-coarse' not in stages and 'ldr-1-s1-coarse' not in stages
+    assert 'ldr-1-s1-coarse' not in stages and 'aldk-1-s1-coarse' not in stages
+    assert (stages['teacher-1-coarse'].info['steps'], stages['teacher-1'].info['steps']) == (4000, 4000)
     option = lambda stage, flag: stage.command[stage.command.index(flag) + 1]  # noqa: E731
     assert option(coarse, '-d').endswith('lpba64.json') and option(fine, '-d').endswith('lpba.json')
     assert option(fine, '--init_from') == os.path.join('weights', 'voxelmorph-1-s2-coarse')
@@ -278,7 +284,8 @@ def test_coarse_to_fine_trains_a_coarse_run_then_the_run_from_its_weights(tmp_pa
     data = [s for s in plan.plan(plan.Context(args)) if s.kind == 'data']
     assert [s.name for s in data][-1] == 'data-coarse'
     assert data[-1].command[-4:] == ['--output', str(tmp_path / 'missing64.h5'), '--image_size', '64']
-    with pytest.raises(cli.UserError, match='--coarse_steps must be between 0 and the steps of voxelmorph'):
+    with pytest.raises(cli.UserError, match=r'--coarse_steps must be between 0 and the steps of teacher voxelmorph '
+                                            r'\(6000\), got 6000'):
         parse('--preset', 'lpba40', '--results', str(tmp_path), '--coarse_steps', '6000')
     with pytest.raises(cli.UserError, match='coarse dataset spec nope.json not found'):
         parse('--preset', 'lpba40', '--results', str(tmp_path), '--coarse_dataset', 'nope.json')
@@ -299,8 +306,7 @@ def test_training_whose_weights_are_gone_runs_again_when_a_stage_to_do_reads_the
             'eval-ldr-1-s1-all_pairs', 'eval-ldr-1-s1-refine25'}
     for stage in stages:
         if stage.name in done:
-            os.makedirs(os.path.dirname(stage.record_path(ctx)), exist_ok=True)
-            open(stage.record_path(ctx), 'w').write('{}')
+            finish(ctx, stage)
     assert next(s for s in stages if s.name == 'aldk-1-s1').reads() == {'teacher-1'}
     again = {s.name for s in run.stale_stages(ctx, stages, stages)}
     assert again == {'teacher-1', 'eval-teacher-1', 'eval-teacher-1-all_pairs', 'ldr-1-s1', 'eval-ldr-1-s1',
@@ -311,9 +317,57 @@ def test_training_whose_weights_are_gone_runs_again_when_a_stage_to_do_reads_the
         (teacher / ('model-8000' + suffix)).write_text('')
     assert {s.name for s in run.stale_stages(ctx, stages, stages)} == {'ldr-1-s1', 'eval-ldr-1-s1', 'eval-ldr-1-s1-all_pairs',
                                                              'eval-ldr-1-s1-refine25'}
-    sections = next(s for s in stages if s.name == 'sections-ldr-1-s1')
-    open(sections.record_path(ctx), 'w').write('{}')
+    finish(ctx, next(s for s in stages if s.name == 'sections-ldr-1-s1'))
     assert run.stale_stages(ctx, stages, stages) == []
+
+
+def test_a_revised_recipe_trains_the_stages_it_changes_again(tmp_path, capsys):
+    """A results directory made before the preset's teacher went coarse-to-fine: the changed
+    setting is said in one line (another learning rate is still refused); the teacher, trained
+    for 8000 steps in one phase, trains again when chosen, with its evaluations and figure 2's
+    sections, whose earlier files go with their records; VoxelMorph's recipe, unchanged, and the
+    stages not chosen stay."""
+    parse = lambda *a: plan.resolve_args(reproduce.build_parser().parse_args(  # noqa: E731
+        ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'none'] + list(a)))
+    old = plan.Context(parse('--coarse_to_fine', 'voxelmorph'))
+    old_stages = plan.plan(old)
+    plan.check_config(old)
+    for stage in old_stages:
+        finish(old, stage)
+    teacher = next(s for s in old_stages if s.name == 'teacher-1')
+    assert (teacher.info['steps'], teacher.info['phase']) == (8000, None)
+    finish(old, teacher, info={k: v for k, v in teacher.info.items() if k != 'phase'})  # a record from before phases
+    evaluation = next(s for s in old_stages if s.name == 'eval-teacher-1')
+    assert evaluation.outputs == [os.path.join('evaluate', 'teacher-1-8000-test.json')]
+    for suffix in ('.json', '.txt'):
+        os.makedirs(old.path('evaluate'), exist_ok=True)
+        open(old.path('evaluate', 'teacher-1-8000-test' + suffix), 'w').write('{}')
+
+    ctx = plan.Context(parse())
+    stages = plan.plan(ctx)
+    plan.check_config(ctx)
+    out = capsys.readouterr().out
+    assert "the training recipe changed since {} was made (coarse_to_fine ['voxelmorph'] -> ['teacher', " \
+           "'voxelmorph']): the training stages it changes run again".format(ctx.out) in out
+    assert plan.read_json(ctx.path('config.json'))['coarse_to_fine'] == ['teacher', 'voxelmorph']
+    other = plan.Context(parse('--teacher_lr', '3e-4'))
+    plan.plan(other)
+    with pytest.raises(cli.UserError, match=r'made with other settings \(teacher_lr 0.0001 -> 0.0003\)'):
+        plan.check_config(other, store=False)
+
+    by_name = {s.name: s for s in stages}
+    assert by_name['teacher-1'].recipe_changed(ctx) and not by_name['voxelmorph-1-s1'].recipe_changed(ctx)
+    assert not by_name['voxelmorph-1-s1-coarse'].recipe_changed(ctx) and not by_name['ldr-1-s1'].recipe_changed(ctx)
+    ctx.args.only = ['teacher-1*', 'eval-teacher-1*']
+    chosen = run.chosen_stages(ctx, stages)
+    assert {s.name for s in run.stale_stages(ctx, stages, chosen)} == {'teacher-1', 'eval-teacher-1',
+                                                                       'eval-teacher-1-all_pairs', 'sections-teacher-1'}
+    ctx.args.only = ['voxelmorph-*']
+    assert run.stale_stages(ctx, stages, run.chosen_stages(ctx, stages)) == []
+    run.forget(ctx, by_name['eval-teacher-1'])
+    assert not by_name['eval-teacher-1'].finished(ctx) and os.listdir(ctx.path('evaluate')) == []
+    run.forget(ctx, by_name['teacher-1'])
+    assert not by_name['teacher-1'].finished(ctx) and by_name['teacher-1-coarse'].info['phase'] == 'coarse'
 
 
 def test_runs_trained_from_a_teacher_trained_again_since_are_noted_under_the_tables(tmp_path, monkeypatch):
@@ -375,8 +429,7 @@ def test_figure2_draws_a_run_from_the_shipped_export_of_its_last_weights(tmp_pat
     stages = plan.plan(ctx)
     for stage in stages:
         if stage.name in ('ldr-1-s1', 'eval-ldr-1-s1'):
-            os.makedirs(os.path.dirname(stage.record_path(ctx)), exist_ok=True)
-            open(stage.record_path(ctx), 'w').write('{}')
+            finish(ctx, stage)
     assert run.stale_stages(ctx, stages, [s for s in stages if s.name == 'sections-ldr-1-s1']) == []
 
 
@@ -446,8 +499,7 @@ def test_only_runs_the_chosen_stages_and_what_they_need_again(tmp_path):
     done = {'teacher-1', 'eval-teacher-1', 'sections-teacher-1', 'aldk-1-s1', 'eval-aldk-1-s1'}
     for stage in stages:
         if stage.name in done:
-            os.makedirs(os.path.dirname(stage.record_path(ctx)), exist_ok=True)
-            open(stage.record_path(ctx), 'w').write('{}')
+            finish(ctx, stage)
     data = [s.name for s in stages if s.kind == 'data']  # ['data'] where datasets/lpba.h5 is not built yet
     chosen = run.chosen_stages(ctx, stages)
     assert [s.name for s in chosen] == data + ['sections-aldk-1-s1']
