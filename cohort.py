@@ -163,6 +163,8 @@ def register_read_pair(model, pair, images, preprocessed, args, fmt, clock, prog
                             refine=args.refine, progress=bar and (lambda i: bar.update()), **args.refine_options)
     if bar:
         bar.close()
+    for line in registration.outside_warnings(result.report, {'fixed': pair.fixed, 'moving': pair.moving}):
+        cli.progress_write('warning: ' + line)
     extension = FORMATS[fmt]
     outputs = {}
     if 'warped' in args.outputs:

@@ -35,7 +35,11 @@ FreeSurfer .mgz -> .nii.gz; or --format):
                            file's grid (with both label maps; after and before registration,
                            i.e. warped vs identity-resampled moving labels), displacement
                            statistics, the fraction of folding voxels, wall / CPU seconds per
-                           stage: read, preprocess, load_model, network, resample, write
+                           stage: read, preprocess, load_model, network, resample, write; for a
+                           model of a fixed field of view (the shipped one: 192 mm), the fraction
+                           of each image's foreground outside it, which the network does not see
+                           (a warning names the image when it exceeds 5 %: e.g. a head scan with
+                           its neck given to a model of skull-stripped brains)
 Everything is written into a temporary directory beside OUTDIR and renamed at the end, so a
 failure leaves nothing behind. An existing OUTDIR is refused unless --force (and then only
 an earlier predict.py output directory or an empty one is replaced).

@@ -34,6 +34,7 @@ import dataclasses
 import importlib.util
 import os
 import time
+import typing
 
 import numpy as np
 
@@ -44,6 +45,7 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models
 PREPROCESSING_KEYS = ('modality', 'percentiles', 'window', 'threshold', 'margin', 'field_of_view')
 STAGES = ('read', 'load_model', 'preprocess', 'network', 'refine', 'resample', 'write')
 RUNTIMES = ('auto', 'onnx', 'tensorflow')
+OUTSIDE_WARNING = 0.05   # foreground fraction outside the model's field of view that predict.py warns of
 
 
 class Stopwatch:
@@ -281,17 +283,46 @@ def read_label_map(label, image, name):
     return label
 
 
+class Preprocessed(typing.NamedTuple):
+    """A pair on its preprocessed grids (`preprocess_pair`): volumes uint8 [N, N, N], their
+    `Geometry`s, and ``outside``: {'fixed': f, 'moving': f}, the fraction of each image's
+    foreground outside its grid's cube (`data_util.images.foreground_outside`) for a model with
+    a fixed field of view, else None (its crop box holds the whole foreground)."""
+    fixed_volume: np.ndarray
+    moving_volume: np.ndarray
+    fixed_geometry: object
+    moving_geometry: object
+    outside: dict
+
+
 def preprocess_pair(fixed, moving, options):
     """Both images (sitk.Image) on their own preprocessed grids (`data_util.images.preprocess`
-    with `preprocessing_options`, no label maps): (fixed volume, moving volume, fixed Geometry,
-    moving Geometry), volumes uint8 [N, N, N]; UserError when an image cannot be preprocessed."""
-    from data_util.images import PrepareError, preprocess
+    with `preprocessing_options`, no label maps): a `Preprocessed`; UserError when an image
+    cannot be preprocessed."""
+    from data_util.images import PrepareError, foreground_outside, preprocess
     try:
         fixed_volume, _, fixed_geometry = preprocess(fixed, None, **options)
         moving_volume, _, moving_geometry = preprocess(moving, None, **options)
     except PrepareError as e:
         raise cli.UserError(str(e))
-    return fixed_volume, moving_volume, fixed_geometry, moving_geometry
+    outside = None
+    if options.get('field_of_view'):
+        outside = {name: round(foreground_outside(image, geometry, options['modality'], options['threshold']), 4)
+                   for name, image, geometry in (('fixed', fixed, fixed_geometry), ('moving', moving, moving_geometry))}
+    return Preprocessed(fixed_volume, moving_volume, fixed_geometry, moving_geometry, outside)
+
+
+def outside_warnings(report, paths):
+    """One line per image of a registered pair (report: `Result.report`; paths: {'fixed': path,
+    'moving': path}) whose foreground lies more than OUTSIDE_WARNING outside the model's field of
+    view, saying what that means."""
+    outside = report.get('foreground_outside_field_of_view') or {}
+    side = report['preprocessing'].get('field_of_view')
+    return ['{}: {:.0f} % of its foreground lies outside the model\'s {:g} mm field of view (a cube around its centre '
+            'of mass), which the network does not see: the displacement there is the cube border\'s; crop the scan '
+            'to the anatomy the model was trained on (a brain model: skull-stripped brains)'.format(
+                paths[name], 100 * outside[name], side)
+            for name in ('fixed', 'moving') if outside.get(name, 0.0) > OUTSIDE_WARNING]
 
 
 def geometry_record(image):
@@ -373,7 +404,7 @@ class Model:
         if preprocessed is None:
             with clock.stage('preprocess'):
                 preprocessed = preprocess_pair(fixed, moving, self.preprocessing)
-        fixed_volume, moving_volume, fixed_geometry, moving_geometry = preprocessed
+        fixed_volume, moving_volume, fixed_geometry, moving_geometry, outside = preprocessed
         with clock.stage('network'):
             flow = np.asarray(self.network.flow(fixed_volume, moving_volume))
         expected = (self.image_size,) * 3 + (3,)
@@ -390,6 +421,7 @@ class Model:
                   'default_value': default_value, 'field_dtype': field_dtype, 'refinement': refinement,
                   'fixed_geometry': geometry_record(fixed), 'moving_geometry': geometry_record(moving),
                   'preprocessed_grids': {'fixed': _geometry_dict(fixed_geometry), 'moving': _geometry_dict(moving_geometry)},
+                  'foreground_outside_field_of_view': outside,
                   'field_convention': 'u(x) = x_moving - x_fixed in mm, components along physical x, y, z (LPS, '
                                       'ITK order), on the fixed file\'s grid; warped = sitk.Resample(moving, fixed, '
                                       'sitk.DisplacementFieldTransform(field)); outside the fixed preprocessed cube '

@@ -65,6 +65,7 @@ DEFAULT_PERCENTILES = (0.5, 99.5)
 DEFAULT_CT_WINDOW = (50.0, 400.0)
 CT_FOREGROUND_HU = -500.0
 MIN_COMPONENT_FRACTION = 0.01
+COVERAGE_SPACING = 2.0   # mm: the voxel size foreground_outside measures the foreground at
 SPACING_TOLERANCE = 1e-3
 ORIGIN_TOLERANCE = 0.01
 DIRECTION_TOLERANCE = 1e-3
@@ -432,6 +433,27 @@ def preprocess(image, label=None, image_size=DEFAULT_IMAGE_SIZE, modality='mr',
                                               sitk.sitkNearestNeighbor, 0,
                                               label_image.GetPixelID()))
     return volume, segmentation, geometry
+
+
+def foreground_outside(image, geometry, modality='mr', threshold=None):
+    """The fraction (0..1) of a scan's foreground that lies outside its preprocessed grid's cube
+    (the network never sees it: its flow there is the border's, extended). The foreground is
+    preprocess's (threshold or Otsu, components of at least 1 % of the largest one), found on
+    the image shrunk to voxels of about COVERAGE_SPACING mm, which is cheap and plenty for a
+    fraction. image: sitk.Image as given to `preprocess`; geometry: its `Geometry`."""
+    raw = sitk.Cast(image, sitk.sitkFloat32)
+    factors = [max(1, int(COVERAGE_SPACING // s)) for s in raw.GetSpacing()]
+    coarse = sitk.Shrink(raw, factors) if max(factors) > 1 else raw
+    mask = _foreground_mask(coarse, modality, threshold)
+    _, labels = _components(mask, MIN_COMPONENT_FRACTION)
+    kept = np.isin(to_array(sitk.ConnectedComponent(mask)), labels)
+    if not kept.any():
+        return 0.0
+    direction = np.reshape(coarse.GetDirection(), (3, 3))
+    points = np.asarray(coarse.GetOrigin()) + (np.argwhere(kept) * np.asarray(coarse.GetSpacing())) @ direction.T
+    voxels = geometry.physical_to_voxel(points)
+    inside = np.all((voxels > -0.5) & (voxels < np.asarray(geometry.grid_size) - 0.5), axis=1)
+    return float(1.0 - inside.mean())
 
 
 def check_options(percentiles=DEFAULT_PERCENTILES, window=DEFAULT_CT_WINDOW, threshold=None,

@@ -104,14 +104,24 @@ class KnownFlow:
     def __init__(self, paths, modality):
         from data_util.images import read_image
         options = registration.preprocessing_options(None, self.image_size, {'modality': modality})
-        _, _, self.fixed_geometry, self.moving_geometry = registration.preprocess_pair(
-            read_image(paths['fixed']), read_image(paths['moving']), options)
+        pair = registration.preprocess_pair(read_image(paths['fixed']), read_image(paths['moving']), options)
+        self.fixed_geometry, self.moving_geometry = pair.fixed_geometry, pair.moving_geometry
 
     def flow(self, fixed, moving):
         n = self.image_size
         grid = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing='ij'), -1).reshape(-1, 3)
         target = self.moving_geometry.physical_to_voxel(true_map(self.fixed_geometry.voxel_to_physical(grid)))
         return (target - grid).reshape(n, n, n, 3).astype(np.float32)
+
+
+class ZeroFlow:
+    """A stand-in network of a fixed 60 mm field of view (its preprocessing record) returning no motion."""
+
+    image_size = 16
+    info = {'kind': 'zero flow (test)', 'preprocessing': {'field_of_view': 60.0, 'threshold': 50.0}}
+
+    def flow(self, fixed, moving):
+        return np.zeros((self.image_size,) * 3 + (3,), np.float32)
 
 
 def predict_args(paths, output, *extra):
@@ -189,6 +199,30 @@ def test_known_affine_field_maps_points(tmp_path, extension, modality):
     assert set(report['dice']['per_label']) == {'1', '2', '3', '4', '5'}
 
 
+def test_foreground_outside_the_field_of_view_is_reported_and_warned_of(tmp_path, capsys):
+    """A scan reaching far beyond the model's field of view (a bar 140 mm long, 60 mm seen) is
+    warned of in one line naming its file, and predict.json holds both images' fractions; a
+    scan inside it is not."""
+    paths = {}
+    for name, length in (('fixed', 20), ('moving', 70)):
+        intensity = np.zeros((80, 24, 24), np.float32)
+        intensity[5:5 + length, 7:17, 7:17] = 100.0
+        image = sitk.GetImageFromArray(intensity.transpose(2, 1, 0))
+        image.SetSpacing((2.0, 2.0, 2.0))
+        paths[name] = str(tmp_path / (name + '.nii.gz'))
+        sitk.WriteImage(image, paths[name])
+    args = predict.build_parser().parse_args(['-c', 'zero', '--fixed', paths['fixed'], '--moving', paths['moving'],
+                                              '-o', str(tmp_path / 'out'), '--outputs', 'warped'])
+    report = predict.predict(args, network=ZeroFlow())
+    outside = report['foreground_outside_field_of_view']
+    assert outside['fixed'] == 0.0 and abs(outside['moving'] - (1 - 60 / 140)) < 0.02
+    assert json.loads((tmp_path / 'out' / 'predict.json').read_text())['foreground_outside_field_of_view'] == outside
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning:')]
+    assert warnings == ['warning: ' + registration.outside_warnings(report, paths)[0]]
+    assert warnings[0].startswith('warning: {}: 57 % of its foreground lies outside the model\'s 60 mm field of '
+                                  'view'.format(paths['moving']))
+
+
 def test_failure_leaves_nothing_and_force_replaces(tmp_path, monkeypatch):
     paths = write_pair(tmp_path, '.nii.gz', ct=False)
     model = KnownFlow(paths, 'mr')
@@ -251,7 +285,8 @@ def test_export_runs_without_network_code(tiny_run, tmp_path):
             'network.cascade', 'network.framework', 'network.subnets', 'network.aldk', 'network.losses', 'train')))
         from data_util.images import read_image
         options = registration.preprocessing_options(None, 64)
-        fixed, moving, _, _ = registration.preprocess_pair(read_image({fixed!r}), read_image({moving!r}), options)
+        pair = registration.preprocess_pair(read_image({fixed!r}), read_image({moving!r}), options)
+        fixed, moving = pair.fixed_volume, pair.moving_volume
         frozen = registration.ExportedNetwork('exported').flow(fixed, moving)
         restored = registration.CheckpointNetwork({run!r}, 64).flow(fixed, moving)
         print('max flow difference:', abs(frozen - restored).max(), 'max flow:', abs(restored).max())

@@ -290,6 +290,40 @@ def test_field_of_view_centres_on_the_centroid():
         images.preprocess(image, image_size=16, field_of_view=float('nan'))
 
 
+def test_foreground_outside_the_field_of_view_against_numpy():
+    """images.foreground_outside: the fraction of the foreground voxels (components of at least
+    1 % of the largest) whose centres fall outside the preprocessed cube, as counted voxel by
+    voxel in NumPy from the grid's geometry; exact at 2 mm voxels, close at 1 mm (measured on
+    the image shrunk to 2 mm); 0 when the cube holds the whole foreground."""
+    def bar(spacing, speck):
+        scale = int(2 / spacing)
+        intensity = np.zeros((80 * scale, 30 * scale, 30 * scale), np.float32)
+        intensity[5 * scale:75 * scale, 10 * scale:20 * scale, 10 * scale:20 * scale] = 100.0   # 140 mm long
+        intensity[2 * scale, 2 * scale, 2 * scale] = 100.0 * speck   # below 1 % of the bar: not foreground
+        image = sitk.GetImageFromArray(intensity.transpose(2, 1, 0))
+        image.SetSpacing((spacing,) * 3)
+        image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+        image.SetOrigin((3.0, -7.0, 11.0))
+        return image
+
+    def reference(image, geometry):
+        mask = sitk.GetArrayFromImage(image).transpose(2, 1, 0) > 50
+        direction = np.reshape(image.GetDirection(), (3, 3))
+        points = np.asarray(image.GetOrigin()) + (np.argwhere(mask) * np.asarray(image.GetSpacing())) @ direction.T
+        voxels = geometry.physical_to_voxel(points)
+        return 1.0 - np.all((voxels > -0.5) & (voxels < 15.5), axis=1).mean()
+
+    for spacing, tolerance in ((2.0, 1e-12), (1.0, 0.02)):
+        image = bar(spacing, speck=True)
+        _, _, geometry = images.preprocess(image, image_size=16, field_of_view=60.0, threshold=50.0)
+        outside = images.foreground_outside(image, geometry, threshold=50.0)
+        expected = reference(bar(spacing, speck=False), geometry)
+        assert abs(expected - (1 - 60.0 / 140.0)) < 0.02
+        assert abs(outside - expected) <= tolerance, (spacing, outside, expected)
+        _, _, whole = images.preprocess(image, image_size=16, field_of_view=200.0, threshold=50.0)
+        assert images.foreground_outside(image, whole, threshold=50.0) == 0.0
+
+
 def _run_cli(args, cwd):
     return subprocess.run([sys.executable, '-m', 'data_util.prepare'] + args, cwd=cwd,
                           capture_output=True, text=True)
