@@ -186,12 +186,12 @@ def run_stages(ctx, stages):
     revised = revised_runs(ctx, chosen)
     stale = stale_stages(ctx, stages, chosen)
     for stage in stale:
-        if stage.kind == 'train' and stage.info['run'] in revised:
-            reason = 'trained with another recipe than the plan\'s'
+        if stage.kind == 'train':
+            reason = 'trained with another recipe than the plan\'s' if stage.info['run'] in revised else \
+                'the weights it wrote are not on this machine and a stage still to run needs them'
         else:
-            reason = 'the weights it {} are {}'.format('wrote' if stage.kind == 'train' else 'read', 'retrained' if
-                                                      stage.reads() & revised else 'not on this machine and a stage '
-                                                      'still to run needs them')
+            reason = 'the weights it read are trained again ({})'.format(
+                'another recipe' if stage.reads() & revised else 'not on this machine')
         ctx.say('{}: run again: {}'.format(stage.name, reason))
         forget(ctx, stage)
     ctx.versions = report.versions()
