@@ -3,15 +3,18 @@
 Owns the stage's subprocess (its log under stage_logs/, the lines echoed to the console), a
 training stage's resuming from its last checkpoint (train.py -c) and the pruning of its
 intermediate checkpoints, the stage's record stages/<stage>.json (its 'finished' marker: a stage
-is finished when its record exists, whatever its command), the run loop that rewrites the report
-after every stage, and ``--list``'s table of the stages and their state.
+is finished when its record exists, whatever its command, but for a revised training recipe,
+below), the run loop that rewrites the report after every stage, and ``--list``'s table of the
+stages and their state.
 
 Weights are not kept with the results (weights/ stays on the machine that trained them): on
 another machine a finished training stage whose weights a stage still to run reads (a teacher
 for distillation, runs figure 2 draws from their weights) is trained again, and the stages that read the earlier
 weights (its evaluations) run again with it, so that the tables describe the weights used. Other
 finished runs trained from the earlier weights (a teacher's other students) are kept, and the
-report says so under the tables (report.earlier_trainings).
+report says so under the tables (report.earlier_trainings). The same holds for a chosen training
+stage whose recipe changed since it finished (plan.RECIPE_KEYS: e.g. a method moved to
+coarse-to-fine): it trains again, and the stages that read its weights run again.
 """
 import datetime
 import fnmatch
