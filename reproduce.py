@@ -123,6 +123,10 @@ def build_parser():
     p.add_argument('--only', nargs='+', default=None, metavar='STAGE',
                    help="run only these stages (names or shell patterns, e.g. 'baseline-*' 'voxelmorph-*'), with "
                         "the training a chosen stage needs again; the report still covers every finished stage")
+    p.add_argument('--again', nargs='+', default=[], metavar='STAGE',
+                   help="run these finished stages again (names or shell patterns), with the stages that read what "
+                        "they wrote: e.g. a student trained from a teacher trained again since (the note under the "
+                        "tables names such runs)")
     p.add_argument('--list', action='store_true', help='print the stages and whether they are finished, then exit')
     return p
 

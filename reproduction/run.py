@@ -130,31 +130,42 @@ def write_record(ctx, stage, command, code, seconds, resumed, log):
     cli.write_json(stage.record_path(ctx), record)
 
 
-def chosen_stages(ctx, stages):
-    """The stages --only names (shell-style patterns of stage names; all stages without it), and
-    the data stage, which every other one needs."""
-    patterns = ctx.args.only or ['*']
+def named_stages(stages, patterns, option):
+    """The stages matching any of the shell-style name patterns; UserError for a pattern matching none."""
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(s.name, pattern) for s in stages):
-            raise cli.UserError('--only {!r} matches no stage of this plan (--list shows them)'.format(pattern))
-    return [s for s in stages if s.kind == 'data' or any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+            raise cli.UserError('{} {!r} matches no stage of this plan (--list shows them)'.format(option, pattern))
+    return [s for s in stages if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
 
 
-def revised_runs(ctx, chosen):
-    """{run}: the chosen finished training stages trained with another recipe than the plan's
-    (Stage.recipe_changed)."""
-    return {s.info['run'] for s in chosen if s.kind == 'train' and s.finished(ctx) and s.recipe_changed(ctx)}
+def chosen_stages(ctx, stages):
+    """The stages --only names (all stages without it), and the data stage, which every other one needs."""
+    named = named_stages(stages, ctx.args.only or ['*'], '--only')
+    return [s for s in stages if s.kind == 'data' or s in named]
+
+
+def asked_again(ctx, stages):
+    """The finished stages --again names."""
+    return [s for s in named_stages(stages, ctx.args.again, '--again') if s.finished(ctx)]
+
+
+def revised_runs(ctx, stages, chosen):
+    """{run}: the finished training stages --again names, and the chosen ones trained with another
+    recipe than the plan's (Stage.recipe_changed)."""
+    asked = {s.info['run'] for s in asked_again(ctx, stages) if s.kind == 'train'}
+    return asked | {s.info['run'] for s in chosen if s.kind == 'train' and s.finished(ctx) and s.recipe_changed(ctx)}
 
 
 def stale_stages(ctx, stages, chosen):
-    """[stage] to run again: chosen finished training stages whose recipe changed since
-    (revised_runs), finished training stages whose weights are gone from weights/ while a chosen
-    stage still to run, or a stage run again, reads them (a student trained again needs its
-    teacher), and the finished stages that read the weights of either."""
+    """[stage] to run again: the finished stages --again names, chosen finished training stages
+    whose recipe changed since (revised_runs), finished training stages whose weights are gone
+    from weights/ while a chosen stage still to run, or a stage run again, reads them (a student
+    trained again needs its teacher), and the finished stages that read the weights of any."""
     def weights_here(run):
         return os.path.isdir(ctx.path('weights', run)) and runs.list_checkpoints(ctx.path('weights', run))
 
-    revised = revised_runs(ctx, chosen)
+    revised = revised_runs(ctx, stages, chosen)
+    asked = asked_again(ctx, stages)
     stale = []
     while True:
         pending = set().union(*[s.reads() for s in chosen if not s.finished(ctx)],
@@ -162,7 +173,7 @@ def stale_stages(ctx, stages, chosen):
         gone = revised | {s.info['run'] for s in stages if s.kind == 'train' and s.finished(ctx)
                           and s.info['run'] in pending and not weights_here(s.info['run'])}
         found = [s for s in stages if s.finished(ctx) and (s.kind == 'train' and s.info['run'] in gone
-                                                            or s.kind != 'train' and s.reads() & gone)]
+                                                            or s.kind != 'train' and (s.reads() & gone or s in asked))]
         if found == stale:
             return stale
         stale = found
@@ -186,15 +197,18 @@ def run_stages(ctx, stages):
     args = ctx.args
     chosen = chosen_stages(ctx, stages)
     os.makedirs(ctx.out, exist_ok=True)
-    revised = revised_runs(ctx, chosen)
+    asked = asked_again(ctx, stages)
+    revised = revised_runs(ctx, stages, chosen)
     stale = stale_stages(ctx, stages, chosen)
     for stage in stale:
-        if stage.kind == 'train':
+        if stage in asked:
+            reason = '--again names it'
+        elif stage.kind == 'train':
             reason = 'trained with another recipe than the plan\'s' if stage.info['run'] in revised else \
                 'the weights it wrote are not on this machine and a stage still to run needs them'
         else:
             reason = 'the weights it read are trained again ({})'.format(
-                'another recipe' if stage.reads() & revised else 'not on this machine')
+                'named by --again or of another recipe' if stage.reads() & revised else 'not on this machine')
         ctx.say('{}: run again: {}'.format(stage.name, reason))
         forget(ctx, stage)
     ctx.versions = report.versions()

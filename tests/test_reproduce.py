@@ -326,7 +326,7 @@ def test_a_revised_recipe_trains_the_stages_it_changes_again(tmp_path, capsys):
     setting is said in one line (another learning rate is still refused); the teacher, trained
     for 8000 steps in one phase, trains again when chosen, with its evaluations and figure 2's
     sections, whose earlier files go with their records; VoxelMorph's recipe, unchanged, and the
-    stages not chosen stay."""
+    stages not chosen stay; --again trains a student of the earlier teacher again."""
     parse = lambda *a: plan.resolve_args(reproduce.build_parser().parse_args(  # noqa: E731
         ['--preset', 'lpba40', '--results', str(tmp_path), '--baselines', 'none'] + list(a)))
     old = plan.Context(parse('--coarse_to_fine', 'voxelmorph'))
@@ -364,6 +364,18 @@ def test_a_revised_recipe_trains_the_stages_it_changes_again(tmp_path, capsys):
                                                                        'eval-teacher-1-all_pairs', 'sections-teacher-1'}
     ctx.args.only = ['voxelmorph-*']
     assert run.stale_stages(ctx, stages, run.chosen_stages(ctx, stages)) == []
+    ctx.args.again = ['l2-1-s1']   # a student of the earlier teacher, asked for again: with its evaluations,
+    l2 = {'l2-1-s1', 'eval-l2-1-s1', 'eval-l2-1-s1-all_pairs'}
+    assert {s.name for s in run.stale_stages(ctx, stages, run.chosen_stages(ctx, stages))} == l2 | {
+        'teacher-1', 'eval-teacher-1', 'eval-teacher-1-all_pairs', 'sections-teacher-1'}  # and its teacher, not here
+    teacher = tmp_path / 'lpba40' / 'weights' / 'teacher-1'
+    teacher.mkdir(parents=True)
+    for suffix in ('.index', '.data-00000-of-00001', '.complete'):
+        (teacher / ('model-4000' + suffix)).write_text('')
+    assert {s.name for s in run.stale_stages(ctx, stages, run.chosen_stages(ctx, stages))} == l2
+    ctx.args.again = ['l3-*']
+    with pytest.raises(cli.UserError, match=r"--again 'l3-\*' matches no stage of this plan"):
+        run.stale_stages(ctx, stages, run.chosen_stages(ctx, stages))
     run.forget(ctx, by_name['eval-teacher-1'])
     assert not by_name['eval-teacher-1'].finished(ctx) and os.listdir(ctx.path('evaluate')) == []
     run.forget(ctx, by_name['teacher-1'])
