@@ -41,6 +41,35 @@ def earlier_trainings(stages, records):
     return notes
 
 
+def timing_machines(methods, records):
+    """{CPU name: [method label]} of the machines that timed table 1's rows (their evaluation stages'
+    records; 'not recorded' for records older than the CPU field), when more than one did, else {}:
+    seconds per pair compare only within a machine."""
+    machines = {}
+    for entry in methods.values():
+        if entry.get('status') == 'ok':
+            cpus = {(records[name].get('versions') or {}).get('cpu') or 'not recorded' for name in entry['eval_stages']}
+            for cpu in sorted(cpus):
+                machines.setdefault(cpu, []).append(entry['label'])
+    return machines if len(machines) > 1 else {}
+
+
+def render_machines(machines):
+    """table 1's closing note on timings from several machines ('' when one timed them all)."""
+    if not machines:
+        return ''
+    return '\nNote: CPU s/pair were measured on {} machines, which compare only within one: {}.\n'.format(
+        len(machines), '; '.join('{}: {}'.format(cpu, ', '.join(labels)) for cpu, labels in machines.items()))
+
+
+def qualified(label, qualifier):
+    """A method label with a qualifier in its trailing parenthesis, or in a new one:
+    ('VTN + affine (teacher)', 'coarse-to-fine') -> 'VTN + affine (teacher, coarse-to-fine)'."""
+    if label.endswith(')'):
+        return '{}, {})'.format(label[:-1], qualifier)
+    return '{} ({})'.format(label, qualifier)
+
+
 def method_entries(ctx, stages, records):
     """results.json 'methods': per evaluated method or baseline (keyed like 'aldk-1' or 'ants_syn') its
     label, status ('ok', 'pending', 'not installed') and, when evaluated, its evaluation summary
@@ -64,8 +93,10 @@ def method_entries(ctx, stages, records):
                 continue
             evaluations = [s for s in stages if s.kind == 'eval' and s.info['method'] == method
                            and s.info['cascades'] == n and s.info.get('refine', 0) == refine]
-            label = LEARNED[method][0] + (' (coarse-to-fine)' if method in ctx.args.coarse_to_fine else '') + (
-                ' + {} refinement iterations'.format(refine) if refine else '')
+            label = LEARNED[method][0]
+            if method in ctx.args.coarse_to_fine:
+                label = qualified(label, 'coarse-to-fine')
+            label += ' + {} refinement iterations'.format(refine) if refine else ''
             entry = {'label': label, 'method': method, 'cascades': n, 'kind': 'learned', 'status': 'pending',
                      'refine': refine}
             entries[key] = add_evaluations(ctx, entry, evaluations, records)
@@ -285,10 +316,12 @@ def write(ctx, stages):
     t1 = table1_rows(methods)
     t2 = table2_rows(methods, a.cascades)
     notes = earlier_trainings(stages, records)
+    machines = timing_machines(methods, records)
     results = {'name': a.name, 'command': [sys.executable] + ctx.argv, 'config': ctx.config, 'meta': meta,
                'versions': ctx.versions, 'stages': records, 'methods': methods, 'table1': t1, 'table2': t2,
-               'notes': notes, 'updated': datetime.datetime.now().isoformat(timespec='seconds')}
-    cli.write_atomic(ctx.path('table1.md'), render_table1(t1, meta) + render_notes(notes))
+               'notes': notes, 'timing_machines': machines,
+               'updated': datetime.datetime.now().isoformat(timespec='seconds')}
+    cli.write_atomic(ctx.path('table1.md'), render_table1(t1, meta) + render_machines(machines) + render_notes(notes))
     cli.write_atomic(ctx.path('table2.md'), render_table2(t2, meta) + render_notes(notes))
     results['figures'] = {'figure1.png': figure1(ctx, methods), 'figure2.png': figure2(ctx, stages)}
     cli.write_json(ctx.path('results.json'), results)

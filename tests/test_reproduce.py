@@ -584,3 +584,21 @@ def test_figure2_draws_the_runs_whose_sections_exist_in_figure_order(tmp_path):
     write('aldk', ['S01 S04', 'S01 S05'])
     with pytest.raises(ValueError, match='other pairs'):
         report.figure2(ctx, stages)
+
+
+def test_table1_names_the_machines_when_several_timed_it():
+    """Timings from several machines (each evaluation record's CPU; 'not recorded' for old records)
+    get a note under table 1 naming which rows each timed; from one machine, none. A qualifier
+    joins a label's trailing parenthesis."""
+    methods = {'a': {'status': 'ok', 'label': 'A', 'eval_stages': ['e-a']},
+               'b': {'status': 'ok', 'label': 'B', 'eval_stages': ['e-b1', 'e-b2']},
+               'c': {'status': 'pending', 'label': 'C', 'eval_stages': ['e-c']}}
+    records = {'e-a': {'versions': {'cpu': 'Intel'}}, 'e-b1': {'versions': {'cpu': 'AMD'}}, 'e-b2': {}}
+    machines = report.timing_machines(methods, records)
+    assert machines == {'Intel': ['A'], 'AMD': ['B'], 'not recorded': ['B']}
+    assert report.render_machines(machines) == ('\nNote: CPU s/pair were measured on 3 machines, which compare only '
+                                                'within one: Intel: A; AMD: B; not recorded: B.\n')
+    records['e-b1'] = records['e-b2'] = {'versions': {'cpu': 'Intel'}}
+    assert report.timing_machines(methods, records) == {} and report.render_machines({}) == ''
+    assert report.qualified('VTN + affine (teacher)', 'coarse-to-fine') == 'VTN + affine (teacher, coarse-to-fine)'
+    assert report.qualified('VoxelMorph + affine', 'coarse-to-fine') == 'VoxelMorph + affine (coarse-to-fine)'
