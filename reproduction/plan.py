@@ -52,7 +52,9 @@ PRESETS = {
     # seconds_per_step: wall seconds of one step on 2 cores, validation and checkpoints included, as
     # this preset's own stages took them (their records in results/lpba40/stages: seconds over the
     # steps run; VoxelMorph at 128^3: the steps/s of its first attempt's log), for --list; 'coarse':
-    # the same at the coarse size (the teacher's: its probe teacher-c2f-coarse, on the Intel Xeon).
+    # the same at the coarse size. Machines: the AMD EPYC for the students and the teacher's 128^3
+    # step (its stage at 128^3 throughout, records at commit ef6005f); the Intel Xeon for
+    # VoxelMorph at 64^3 and the teacher's 64^3 step (teacher-1-coarse: 1289 s for 4000 steps).
     'lpba40': {'dataset': os.path.join(ROOT, 'datasets', 'lpba.json'),
                'lpba40': LPBA40_DIR if os.path.isdir(LPBA40_DIR) else None, 'name': 'lpba40',
                'steps': 6000, 'teacher_steps': 8000, 'batch': 1, 'lr': 5e-4, 'teacher_lr': 1e-4, 'val_steps': 500,
