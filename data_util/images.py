@@ -441,9 +441,8 @@ def foreground_outside(image, geometry, modality='mr', threshold=None):
     preprocess's (threshold or Otsu, components of at least 1 % of the largest one), found on
     the image shrunk to voxels of about COVERAGE_SPACING mm, which is cheap and plenty for a
     fraction. image: sitk.Image as given to `preprocess`; geometry: its `Geometry`."""
-    raw = sitk.Cast(image, sitk.sitkFloat32)
-    factors = [max(1, int(COVERAGE_SPACING // s)) for s in raw.GetSpacing()]
-    coarse = sitk.Shrink(raw, factors) if max(factors) > 1 else raw
+    factors = [max(1, int(COVERAGE_SPACING // s)) for s in image.GetSpacing()]
+    coarse = sitk.Cast(sitk.Shrink(image, factors) if max(factors) > 1 else image, sitk.sitkFloat32)
     mask = _foreground_mask(coarse, modality, threshold)
     _, labels = _components(mask, MIN_COMPONENT_FRACTION)
     kept = np.isin(to_array(sitk.ConnectedComponent(mask)), labels)
